@@ -1,0 +1,117 @@
+"""Weight-less model folders for ``--load-format dummy`` runs, offline.
+
+``python -m sfi_sglang.dummy_model OUT --preset qwen3-4b`` writes config.json with the
+preset's shapes and a byte-level tokenizer (one token per byte; ids mean nothing
+beyond that), enough for sglang to start, for timing and for plumbing tests.
+``--random-weights`` also saves random weights (small presets) for output checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+_QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+    "rope_theta": 1000000, "rope_scaling": None, "rms_norm_eps": 1e-6, "attention_bias": False,
+    "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "use_sliding_window": False,
+    "sliding_window": None, "torch_dtype": "bfloat16", "bos_token_id": 256, "eos_token_id": 258,
+}
+PRESETS = {
+    "qwen3-4b": {**_QWEN3, "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 9728, "vocab_size": 151936,
+                 "max_position_embeddings": 131072, "max_window_layers": 36, "tie_word_embeddings": True},
+    "qwen3-8b": {**_QWEN3, "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
+                 "max_position_embeddings": 131072, "max_window_layers": 36, "tie_word_embeddings": False},
+    # Tiny: CPU tests. GQA 2, 2 layers, fp32.
+    "tiny": {**_QWEN3, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 320,
+             "max_position_embeddings": 4096, "max_window_layers": 2, "tie_word_embeddings": False,
+             "torch_dtype": "float32"},
+    # Small: GPU plumbing checks (head_dim 128, as FlashInfer kernels need). GQA 4, 2 layers.
+    "small": {**_QWEN3, "hidden_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 1024, "vocab_size": 320,
+              "max_position_embeddings": 32768, "max_window_layers": 2, "tie_word_embeddings": False},
+}
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values (ByteLevel pre-tokenizer)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def tokenizer_json() -> dict:
+    vocab = {s: i for i, s in enumerate(_byte_symbols())}
+    added = []
+    for i, s in enumerate(SPECIALS, start=256):
+        vocab[s] = i
+        added.append({"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})
+    level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **level}, "post_processor": None,
+        "decoder": {"type": "ByteLevel", **level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": []},
+    }
+
+
+def write_dummy_model(out: str, preset: str = "qwen3-4b", **overrides) -> str:
+    """Write config + tokenizer for ``preset`` (with config ``overrides``) into ``out``; returns ``out``."""
+    config = {**PRESETS[preset], **overrides}
+    os.makedirs(out, exist_ok=True)
+    files = {
+        "config.json": config,
+        "generation_config.json": {"bos_token_id": 256, "eos_token_id": 258},
+        "tokenizer.json": tokenizer_json(),
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config["max_position_embeddings"],
+            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+            "clean_up_tokenization_spaces": False,
+        },
+    }
+    for name, data in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(data, f, indent=1)
+    return out
+
+
+def write_random_weights(out: str, seed: int = 0) -> None:
+    """Save random weights for the config in ``out``, scaled so that attention is peaked and
+    outputs depend on the context (sglang's dummy loader gives near-uniform attention)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(out)
+    model = AutoModelForCausalLM.from_config(config, dtype=config.dtype or torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.normal_(0.0, 0.6)
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                p.normal_(0.0, 1.0)
+    model.save_pretrained(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-4b")
+    p.add_argument("--random-weights", action="store_true", help="also save peaked random weights")
+    args = p.parse_args()
+    write_dummy_model(args.out, args.preset)
+    if args.random_weights:
+        write_random_weights(args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

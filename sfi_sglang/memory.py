@@ -1,0 +1,60 @@
+"""Per-request selection state in static GPU buffers, indexed by sglang's req-pool slot.
+
+sglang gives every running request a row of ``req_to_token`` (its req-pool slot);
+SFI keeps its state in the same rows, so nothing is allocated per request and a
+finished or aborted request leaves nothing behind: the next request that gets the
+slot resets it at its prefill.
+
+Per slot: ``hi`` is where the live tail starts (every token from ``hi`` on is
+attended to by fast steps), ``count`` how many positions of ``[min(sinks, hi), hi)``
+are selected (the same for every layer and KV head), ``steps`` the decode steps since
+the last slow step, ``ready`` whether a selection exists. ``pos[layer, slot, head]``
+holds the selected positions (ascending; entries past ``count`` are unused).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sfi_sglang.config import SFIConfig
+
+
+class SelectionStore:
+    def __init__(self, cfg: SFIConfig, num_layers: int, num_slots: int, kv_heads: int, device: torch.device | str):
+        self.cfg = cfg
+        self.kv_heads = kv_heads
+        self.pos = torch.zeros(num_layers, num_slots, kv_heads, cfg.topk, dtype=torch.int32, device=device)
+        self.hi = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.count = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.steps = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.ready = torch.zeros(num_slots, dtype=torch.bool, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pos, self.hi, self.count, self.steps, self.ready))
+
+    def bounds(self, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidate region ``[lo, hi)`` and selected count for a selection made at these lengths."""
+        lo = seq_lens.clamp(max=self.cfg.sinks)
+        hi = torch.maximum(lo, seq_lens - self.cfg.recent)
+        return lo, hi, (hi - lo).clamp(max=self.cfg.topk)
+
+    def start(self, slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Mark new selections for ``slots`` at these lengths (positions are written per layer)."""
+        _, hi, count = self.bounds(seq_lens)
+        self.hi[slots] = hi.to(torch.int32)
+        self.count[slots] = count.to(torch.int32)
+        self.steps[slots] = 0
+        self.ready[slots] = True
+
+    def clear(self, slots: torch.Tensor) -> None:
+        self.ready[slots] = False
+        self.steps[slots] = 0
+
+    def advance(self, slots: torch.Tensor, seq_lens: torch.Tensor, slow: torch.Tensor) -> None:
+        """After a decode step is planned: slow rows start a new selection, fast rows count a step."""
+        _, hi, count = self.bounds(seq_lens)
+        self.hi[slots] = torch.where(slow, hi.to(torch.int32), self.hi[slots])
+        self.count[slots] = torch.where(slow, count.to(torch.int32), self.count[slots])
+        self.steps[slots] = torch.where(slow, torch.zeros_like(self.steps[slots]), self.steps[slots] + 1)
+        self.ready[slots] = True

@@ -1,0 +1,58 @@
+"""What SFI can serve: read the model's attention layers once and refuse what it cannot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SFIUnsupportedError(ValueError):
+    """The model or server setup cannot be served by the sfi backend."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    sm_scale: float
+    logit_cap: float
+
+
+def attention_shape(runner) -> AttentionShape:
+    """Shapes shared by all attention layers of ``runner.model`` (per TP rank), or a clear error."""
+    from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+
+    if getattr(runner, "use_mla_backend", False):
+        raise SFIUnsupportedError("sfi does not support MLA models (e.g. DeepSeek); use a dense backend")
+    if runner.model_config.is_encoder_decoder:
+        raise SFIUnsupportedError("sfi does not support encoder-decoder models")
+    layers = [m for m in runner.model.modules() if isinstance(m, RadixAttention)]
+    if not layers:
+        raise SFIUnsupportedError("sfi found no attention layers in the model")
+    for m in layers:
+        if m.sliding_window_size is not None and m.sliding_window_size > 0:
+            raise SFIUnsupportedError(
+                f"sfi does not support sliding-window attention (layer {m.layer_id} has window {m.sliding_window_size})"
+            )
+        if m.is_cross_attention or m.attn_type != AttentionType.DECODER:
+            raise SFIUnsupportedError(f"sfi supports causal decoder self-attention only (layer {m.layer_id})")
+    first = layers[0]
+    for m in layers:
+        same = (m.tp_q_head_num, m.tp_k_head_num, m.head_dim, m.v_head_dim, m.scaling, m.logit_cap) == (
+            first.tp_q_head_num, first.tp_k_head_num, first.head_dim, first.v_head_dim, first.scaling, first.logit_cap
+        )
+        if not same:
+            raise SFIUnsupportedError(f"sfi needs the same attention shape in every layer (layer {m.layer_id} differs)")
+    if first.tp_q_head_num % first.tp_k_head_num:
+        raise SFIUnsupportedError("sfi needs query heads to be a multiple of KV heads")
+    return AttentionShape(
+        num_layers=len(layers),
+        q_heads=first.tp_q_head_num,
+        kv_heads=first.tp_k_head_num,
+        head_dim=first.head_dim,
+        v_head_dim=first.v_head_dim,
+        sm_scale=first.scaling,
+        logit_cap=float(first.logit_cap or 0.0),
+    )

@@ -1,0 +1,36 @@
+"""Server flags the sfi backend cannot serve: one clear error each, at startup, in the launcher."""
+
+from __future__ import annotations
+
+import logging
+
+from sfi_sglang.config import SFIConfig
+from sfi_sglang.model_check import SFIUnsupportedError
+
+logger = logging.getLogger("sfi_sglang")
+
+# SFI keeps a selection per running request (layers x KV heads x topk positions);
+# sglang's own default (up to 4096 requests on small models) would cost GBs of it.
+DEFAULT_MAX_RUNNING_REQUESTS = 256
+
+
+def check_server_args(server_args, uses_sfi_decode: bool) -> None:
+    SFIConfig.from_env()  # raises SFIConfigError naming the bad field
+    if server_args.speculative_algorithm is not None:
+        raise SFIUnsupportedError("sfi does not support speculative decoding (--speculative-algorithm)")
+    kv_dtype = str(server_args.kv_cache_dtype or "auto")
+    if kv_dtype.startswith("fp8") or kv_dtype.startswith("fp4"):
+        raise SFIUnsupportedError(f"sfi does not support a quantized KV cache (--kv-cache-dtype {kv_dtype})")
+    if getattr(server_args, "enable_unified_memory", False):
+        raise SFIUnsupportedError("sfi does not support --enable-unified-memory (virtual KV slot ids)")
+    if server_args.dcp_size and server_args.dcp_size > 1:
+        raise SFIUnsupportedError("sfi does not support decode context parallelism (--dcp-size > 1)")
+    if server_args.max_running_requests is None:
+        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+        logger.info("SFI: --max-running-requests defaults to %d under sfi", DEFAULT_MAX_RUNNING_REQUESTS)
+    graphs = server_args.cuda_graph_config.decode
+    if uses_sfi_decode and graphs.backend != "disabled":
+        from sglang.srt.model_executor.cuda_graph_config import Backend
+
+        logger.warning("SFI: decode CUDA graphs are not supported by sfi yet; disabling them")
+        graphs.backend = Backend.DISABLED

@@ -1,0 +1,47 @@
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STUBS = os.path.join(HERE, "stubs")
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer Qwen3 with peaked random weights (see sfi_sglang.dummy_model)."""
+    from sfi_sglang.dummy_model import write_dummy_model, write_random_weights
+
+    out = write_dummy_model(str(tmp_path_factory.mktemp("tiny")), "tiny")
+    write_random_weights(out)
+    return out
+
+
+def engine_env(sfi_config: str) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([STUBS, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        SGLANG_USE_CPU_ENGINE="1",
+        SFI_CONFIG=sfi_config,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    return env
+
+
+sys.path.insert(0, HERE)

@@ -1,0 +1,82 @@
+"""Bad SFI config, unsupported models and incompatible server flags: one clear error each."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import engine_env
+
+from sfi_sglang.model_check import SFIUnsupportedError, attention_shape
+from sfi_sglang.server_checks import check_server_args
+
+PARSE = (
+    "from sglang.srt.plugins import load_plugins; load_plugins(); "
+    "from sglang.srt.server_args import prepare_server_args; "
+    "a = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', 'sfi', '--device', 'cpu']); "
+    "print('PARSED', a.cuda_graph_config.decode.backend, a.max_running_requests)"
+)
+
+
+def parse_server_args(model: str, sfi_config: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; " + PARSE, model], env=engine_env(sfi_config),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_launch_parses_sfi_and_disables_decode_graphs(tiny_model):
+    proc = parse_server_args(tiny_model, "")
+    assert "PARSED disabled 256" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_launch_rejects_bad_config_naming_the_field(tiny_model):
+    proc = parse_server_args(tiny_model, '{"topk": -3}')
+    assert proc.returncode != 0
+    assert "SFI config field 'topk' must be > 0, got -3" in proc.stderr
+
+
+def server_args(**kw):
+    base = dict(speculative_algorithm=None, kv_cache_dtype="auto", enable_unified_memory=False, dcp_size=1,
+                max_running_requests=64, cuda_graph_config=SimpleNamespace(decode=SimpleNamespace(backend="disabled")))
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"speculative_algorithm": "EAGLE"}, "speculative decoding"),
+    ({"kv_cache_dtype": "fp8_e4m3"}, "quantized KV cache"),
+    ({"enable_unified_memory": True}, "--enable-unified-memory"),
+    ({"dcp_size": 2}, "decode context parallelism"),
+])
+def test_incompatible_flags(flags, message, monkeypatch):
+    monkeypatch.delenv("SFI_CONFIG", raising=False)
+    with pytest.raises(SFIUnsupportedError, match=message):
+        check_server_args(server_args(**flags), uses_sfi_decode=True)
+
+
+def runner_with(*layers, use_mla: bool = False):
+    model = torch.nn.ModuleList(layers)
+    return SimpleNamespace(use_mla_backend=use_mla, model=model,
+                           model_config=SimpleNamespace(is_encoder_decoder=False))
+
+
+def attn(layer_id=0, **kw):
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    return RadixAttention(num_heads=8, head_dim=64, scaling=0.125, num_kv_heads=2, layer_id=layer_id, **kw)
+
+
+def test_supported_model_shape():
+    shape = attention_shape(runner_with(attn(0), attn(1)))
+    assert (shape.num_layers, shape.q_heads, shape.kv_heads, shape.head_dim) == (2, 8, 2, 64)
+
+
+@pytest.mark.parametrize("runner, message", [
+    (lambda: runner_with(attn(), use_mla=True), "MLA"),
+    (lambda: runner_with(attn(0), attn(1, sliding_window_size=128)), "sliding-window"),
+    (lambda: runner_with(attn(is_cross_attention=True)), "causal decoder self-attention"),
+    (lambda: runner_with(), "no attention layers"),
+])
+def test_unsupported_models(runner, message):
+    with pytest.raises(SFIUnsupportedError, match=message):
+        attention_shape(runner())
