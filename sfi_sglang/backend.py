@@ -56,7 +56,7 @@ class SFIBackend(AttentionBackend):
         )
         vocab = runner.model_config.vocab_size
         self.is_boundary = boundary_table(cfg, vocab, _derived_boundary_ids(runner, cfg), self.device)
-        self.stats = SFIStats(self.device)
+        self.stats = SFIStats(self.device, export=bool(getattr(runner.server_args, "enable_metrics", False)))
         self.sparse = None
         if self.device.type == "cuda":
             ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=self.device)

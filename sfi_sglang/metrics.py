@@ -1,6 +1,10 @@
 """SFI counters: slow steps, fast steps, refreshes and kept tokens, accumulated on the device.
 
 Accumulating on the device costs no host sync per step; ``snapshot`` syncs once.
+Every ``log_interval`` decode steps the counters are logged and, when the server runs
+with ``--enable-metrics``, added to Prometheus counters ``sglang:sfi_<field>_total``,
+which sglang's ``/metrics`` endpoint exports (it collects scheduler processes'
+metrics in multiprocess mode).
 """
 
 from __future__ import annotations
@@ -14,9 +18,24 @@ logger = logging.getLogger("sfi_sglang")
 FIELDS = ("slow_steps", "fast_steps", "refreshes", "kept_tokens", "context_tokens")
 
 
+HELP = {
+    "slow_steps": "Decode rows that ran a slow (dense) SFI step.",
+    "fast_steps": "Decode rows that ran a fast (sparse) SFI step.",
+    "refreshes": "SFI selections built (slow steps and prefill bootstraps).",
+    "kept_tokens": "Tokens attended per KV head, summed over fast rows.",
+    "context_tokens": "Context length, summed over fast rows.",
+}
+
+
 class SFIStats:
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, export: bool = False, counter_cls=None):
         self._acc = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
+        self._exported = dict.fromkeys(FIELDS, 0)
+        self._counters = None
+        if export:
+            if counter_cls is None:
+                from prometheus_client import Counter as counter_cls
+            self._counters = {f: counter_cls(f"sglang:sfi_{f}", HELP[f]) for f in FIELDS}
         self.decode_steps = 0
 
     def add_decode(self, slow: torch.Tensor, kept: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -41,7 +60,12 @@ class SFIStats:
         return vals
 
     def log(self) -> None:
+        """Log the totals and export what was added since the last call."""
         s = self.snapshot()
+        if self._counters is not None:
+            for f in FIELDS:
+                self._counters[f].inc(s[f] - self._exported[f])
+                self._exported[f] = s[f]
         logger.info(
             "SFI: slow rows %d, fast rows %d (slow frac %.3f), refreshes %d, "
             "mean kept tokens per fast row and KV head %.1f (%.1f%% of context)",

@@ -1,7 +1,8 @@
 """Greedy generation with a dense backend and with sfi on the same model, one process.
 
 Run by tests/test_e2e_cpu.py in a subprocess (sglang spawns its own workers) and on
-the GPU machine. Prints one JSON line: the greedy tokens per backend.
+the GPU machine. Prints one JSON line: the greedy tokens per backend, where they diverge, and the largest
+logprob difference of the sampled tokens over the common prefix.
 
 usage: python tests/engine_compare.py MODEL_DIR DENSE_BACKEND [--device cpu] [--load-format dummy] [--prompts N] ...
 """
@@ -26,14 +27,14 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def generate(model: str, backend: str, args, input_ids: list[list[int]]) -> list[list[int]]:
+def generate(model: str, backend: str, args, input_ids: list[list[int]]) -> list[dict]:
     import sglang as sgl
 
     kw = dict(
         model_path=model, attention_backend=backend, load_format=args.load_format, device=args.device,
         random_seed=0, mem_fraction_static=args.mem_fraction, max_total_tokens=args.max_total_tokens,
         cuda_graph_backend_prefill="disabled", log_level=args.log_level,
-        disable_overlap_schedule=args.disable_overlap,
+        disable_overlap_schedule=args.disable_overlap, max_running_requests=args.max_running_requests,
     )
     if args.device == "cpu":
         kw.update(cuda_graph_backend_decode="disabled")
@@ -41,9 +42,17 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]]) -> list
         kw.update(cuda_graph_max_bs_decode=8)
     engine = sgl.Engine(**kw)
     try:
-        sampling = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
-        outs = engine.generate(input_ids=input_ids, sampling_params=sampling)
-        return [o["output_ids"] for o in outs]
+        # Different lengths: requests leave at different steps and, with a small
+        # --max-running-requests, queued ones join a running batch and reuse req-pool slots.
+        sampling = [
+            {"temperature": 0.0, "max_new_tokens": args.new_tokens + 8 * i, "ignore_eos": True}
+            for i in range(len(input_ids))
+        ]
+        outs = engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        return [
+            {"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"]["output_token_logprobs"]]}
+            for o in outs
+        ]
     finally:
         engine.shutdown()
 
@@ -61,11 +70,30 @@ def main() -> None:
     p.add_argument("--max-total-tokens", type=int, default=None)
     p.add_argument("--disable-overlap", action="store_true")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--max-running-requests", type=int, default=None)
     args = p.parse_args()
     ids = prompts(args.prompts, args.prompt_len)
     dense = generate(args.model, args.dense, args, ids)
     sfi = generate(args.model, "sfi", args, ids)
-    print("RESULT " + json.dumps({"dense": dense, "sfi": sfi, "sfi_config": os.environ.get("SFI_CONFIG", "")}))
+    print("RESULT " + json.dumps({
+        "dense": [d["ids"] for d in dense], "sfi": [s["ids"] for s in sfi],
+        "first_divergence": [first_divergence(d["ids"], s["ids"]) for d, s in zip(dense, sfi)],
+        "max_logprob_diff": max_logprob_diff(dense, sfi), "sfi_config": os.environ.get("SFI_CONFIG", ""),
+    }))
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def max_logprob_diff(dense: list[dict], sfi: list[dict]) -> float:
+    """Largest |logprob difference| of the sampled token, over each pair's common prefix."""
+    diffs = [0.0]
+    for d, s in zip(dense, sfi):
+        n = first_divergence(d["ids"], s["ids"])
+        n = len(d["ids"]) if n is None else n + 1
+        diffs += [abs(x - y) for x, y in zip(d["logprobs"][:n], s["logprobs"][:n])]
+    return max(diffs)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,22 @@
+import torch
+from prometheus_client import CollectorRegistry, Counter
+
+from sfi_sglang.metrics import SFIStats
+
+
+def test_counters_accumulate_and_export_deltas():
+    registry = CollectorRegistry()
+    stats = SFIStats("cpu", export=True, counter_cls=lambda name, doc: Counter(name, doc, registry=registry))
+    slow = torch.tensor([True, False, False])
+    stats.add_decode(slow, kept=torch.tensor([100, 40, 50]), seq_lens=torch.tensor([100, 400, 500]))
+    stats.add_refreshes(2)
+    stats.log()
+    stats.add_decode(~slow, kept=torch.tensor([30, 400, 500]), seq_lens=torch.tensor([101, 400, 500]))
+    stats.log()
+
+    s = stats.snapshot()
+    assert (s["slow_steps"], s["fast_steps"], s["refreshes"]) == (3, 3, 5)
+    assert s["kept_tokens"] == 40 + 50 + 30 and s["context_tokens"] == 400 + 500 + 101
+    assert abs(s["slow_step_frac"] - 0.5) < 1e-9 and abs(s["mean_kept_tokens"] - 40) < 1e-9
+    get = lambda f: registry.get_sample_value(f"sglang:sfi_{f}_total")  # noqa: E731
+    assert (get("slow_steps"), get("fast_steps"), get("refreshes"), get("kept_tokens")) == (3, 3, 5, 120)
