@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512], help="SFI topk values")
     p.add_argument("--refresh", type=int, nargs="+", default=[32], help="SFI max_fast_steps values")
     p.add_argument("--recent", type=int, default=64)
+    p.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for every sweep point")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.json"))
@@ -207,7 +208,7 @@ def main() -> None:
     for refresh in args.refresh:
         for budget in args.budgets:
             cfg = {"topk": budget, "recent": args.recent, "max_fast_steps": refresh,
-                   "min_refresh_gap": min(24, refresh), "log_interval": 0}
+                   "min_refresh_gap": min(24, refresh), "log_interval": 0, **json.loads(args.config)}
             res = run_worker({**spec, "backend": "sfi"}, {**env, "SFI_CONFIG": json.dumps(cfg)})
             hits = passkey_hits(res)
             for pc in res["per_context"]:
@@ -224,7 +225,8 @@ def main() -> None:
     import torch
 
     result = {"model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-              "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent, "sinks": 4,
+              "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent,
+              "config": json.loads(args.config),
               "passkey_cases": cases, "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

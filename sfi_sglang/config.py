@@ -46,8 +46,11 @@ class SFIConfig:
     """Last prompt queries used to build the first selection at the end of a prefill (0: first decode step is slow)."""
     alpha: float = 0.5
     """Power-mean order used to aggregate attention over a KV head's query group."""
-    prior_lambda_max: float = 0.25
-    """Largest weight of the key-norm / position prior mixed into the score (0 disables priors)."""
+    prior_lambda_max: float = 0.0
+    """Largest weight of the key-norm / position prior mixed into the score (0: no prior).
+
+    Off by default: the reference uses 0.25, but on SmolLM2-135M it raised the
+    teacher-forced KL 4x (benchmarks/results/fidelity_prior_on.json)."""
     dense_backend: str = "auto"
     """SGLang backend for prefill/extend: auto = flashinfer on CUDA, torch_native on CPU."""
     log_interval: int = 1000
