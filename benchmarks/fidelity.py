@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512], help="SFI topk values")
     p.add_argument("--refresh", type=int, nargs="+", default=[32], help="SFI max_fast_steps values")
     p.add_argument("--recent", type=int, default=64)
+    p.add_argument("--show-passkeys", action="store_true", help="print each passkey answer, dense and sfi")
     p.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for every sweep point")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
@@ -211,6 +212,9 @@ def main() -> None:
                    "min_refresh_gap": min(24, refresh), "log_interval": 0, **json.loads(args.config)}
             res = run_worker({**spec, "backend": "sfi"}, {**env, "SFI_CONFIG": json.dumps(cfg)})
             hits = passkey_hits(res)
+            if args.show_passkeys:
+                for k, o, d in zip(keys, res.get("passkey_outputs", []), dense.get("passkey_outputs", [])):
+                    print("PASSKEY", k, repr(tok.decode(d)), repr(tok.decode(o)), flush=True)
             for pc in res["per_context"]:
                 in_ctx = [i for i, c in enumerate(cases) if c["length"] == pc["context"]]
                 rows.append({

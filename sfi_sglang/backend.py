@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -109,9 +110,7 @@ class SFIBackend(AttentionBackend):
         st.start(slots, seq_lens)
         lo, hi, _ = st.bounds(seq_lens)
         ext_lens = fb.extend_seq_lens_cpu
-        starts = [0]
-        for n in ext_lens[:-1]:
-            starts.append(starts[-1] + n)
+        starts = accumulate([0, *ext_lens[:-1]])
         out = []
         for slot, start, n, a, b in zip(slots.tolist(), starts, ext_lens, lo.tolist(), hi.tolist()):
             w = min(self.cfg.prefill_queries, n)
