@@ -1,0 +1,112 @@
+"""The Selector: top-k positions and group scores, against explicit-loop references."""
+
+import math
+
+import pytest
+import torch
+
+from sfi_sglang.selector import group_scores, mix_prior, prior, topk_positions
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- topk_positions -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hkv, n, k, lo", [(1, 10, 3, 0), (2, 37, 8, 4), (4, 5, 5, 100), (3, 6, 50, 7)])
+def test_topk_positions_shape_and_order(hkv, n, k, lo):
+    scores = torch.rand(hkv, n, generator=gen(n))
+    out = topk_positions(scores, k, lo)
+    assert out.dtype == torch.int32
+    assert out.shape == (hkv, min(k, n))
+    for h in range(hkv):
+        row = out[h].tolist()
+        assert row == sorted(set(row))  # ascending, no duplicates
+        assert all(lo <= p < lo + n for p in row)
+        # exactly the k best scores (scores are distinct with probability 1)
+        best = sorted(range(n), key=lambda i: -float(scores[h, i]))[: min(k, n)]
+        assert row == sorted(i + lo for i in best)
+
+
+def test_topk_positions_ties_go_to_earlier_positions():
+    assert topk_positions(torch.zeros(2, 10), 3, 5).tolist() == [[5, 6, 7]] * 2
+    s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0], [3.0, 1.0, 1.0, 3.0, 1.0, 1.0]])
+    assert topk_positions(s, 2, 0).tolist() == [[1, 2], [0, 3]]
+    assert topk_positions(s, 3, 10).tolist() == [[11, 12, 13], [10, 11, 13]]
+
+
+# ---- group_scores -------------------------------------------------------------------------
+
+
+def loop_group_mean(q, keys, scale):
+    """Mean over a KV head's query group (all W rows, all G heads) of softmax(q.k * scale), float64."""
+    w, hq, d = q.shape
+    n, hkv, _ = keys.shape
+    g = hq // hkv
+    out = torch.zeros(hkv, n, dtype=torch.float64)
+    for h in range(hkv):
+        for r in range(w):
+            for qh in range(h * g, (h + 1) * g):
+                logits = [float(q[r, qh].double() @ keys[i, h].double()) * scale for i in range(n)]
+                m = max(logits)
+                e = [math.exp(x - m) for x in logits]
+                for i in range(n):
+                    out[h, i] += e[i] / sum(e) / (w * g)
+    return out
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+@pytest.mark.parametrize("w", [1, 2])
+def test_group_scores_alpha1_is_group_mean_softmax(ratio, w):
+    hkv, d, n = 2, 8, 13
+    q = torch.randn(w, hkv * ratio, d, generator=gen(ratio * 10 + w))
+    keys = torch.randn(n, hkv, d, generator=gen(ratio * 10 + w + 1))
+    scale = 1 / math.sqrt(d)
+    f = group_scores(q, keys, scale, alpha=1.0, lambda_max=0.0)
+    assert f.shape == (hkv, n)
+    torch.testing.assert_close(f.double(), loop_group_mean(q, keys, scale), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(f.sum(-1), torch.ones(hkv), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("alpha, lam", [(0.5, 0.0), (0.5, 0.25), (1.0, 0.9), (0.2, 0.5)])
+def test_group_scores_rows_sum_to_one(alpha, lam):
+    q = torch.randn(2, 8, 16, generator=gen(3))
+    keys = torch.randn(40, 2, 16, generator=gen(4))
+    f = group_scores(q, keys, 0.25, alpha=alpha, lambda_max=lam)
+    assert f.shape == (2, 40)
+    assert (f >= 0).all()
+    torch.testing.assert_close(f.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
+
+
+def test_prior_rows_sum_to_one():
+    for n in (1, 2, 17):
+        r = prior(torch.randn(n, 3, 8, generator=gen(n)))
+        assert r.shape == (3, n)
+        assert torch.isfinite(r).all() and (r >= 0).all()
+        torch.testing.assert_close(r.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def implied_lambda(f, r, mix):
+    """Recover lam from mix = (1 - lam) f + lam r (least squares per row)."""
+    d = r - f
+    return ((mix - f) * d).sum(-1) / (d * d).sum(-1)
+
+
+@pytest.mark.parametrize("lambda_max", [0.0, 0.1, 0.25, 0.99])
+def test_mix_prior_lambda_in_range(lambda_max):
+    g = gen(int(lambda_max * 100))
+    f = torch.rand(64, 20, generator=g, dtype=torch.float64) ** 4
+    r = torch.rand(64, 20, generator=g, dtype=torch.float64)
+    f, r = f / f.sum(-1, keepdim=True), r / r.sum(-1, keepdim=True)
+    mix = mix_prior(f, r, lambda_max)
+    lam = implied_lambda(f, r, mix)
+    assert (lam >= -1e-9).all() and (lam <= lambda_max + 1e-9).all()
+    torch.testing.assert_close(mix.sum(-1), torch.ones(64, dtype=torch.float64))
+    # lam is the clipped minimiser of sum(mix^2)
+    d = r - f
+    best = ((f * f).sum(-1) - (f * r).sum(-1)) / (d * d).sum(-1)
+    torch.testing.assert_close(lam, best.clamp(0, lambda_max))
+    # identical f and r: mix is f
+    torch.testing.assert_close(mix_prior(f, f, lambda_max), f)
