@@ -156,7 +156,9 @@ class SFIBackend(AttentionBackend):
             if r.hi <= r.lo:
                 continue
             keys = kbuf[self.req_to_token[r.slot, r.lo : r.hi].long()]
-            scores = group_scores(q3[r.q_rows], keys, sh.sm_scale, cfg.alpha, cfg.prior_lambda_max, sh.logit_cap)
+            scores = group_scores(
+                q3[r.q_rows], keys, sh.sm_scale, cfg.alpha, cfg.prior_lambda_max, sh.logit_cap, cfg.neighbor_window
+            )
             sel = topk_positions(scores, cfg.topk, r.lo)
             pos[r.slot, :, : sel.shape[1]] = sel
 

@@ -51,13 +51,16 @@ class SFIConfig:
 
     Off by default: the reference uses 0.25, but on SmolLM2-135M it raised the
     teacher-forced KL 4x (benchmarks/results/fidelity_prior_on.json)."""
+    neighbor_window: int = 0
+    """Let a token's score be the best within +-this many positions, so selections keep
+    whole neighbourhoods (spans) of strongly attended tokens (0: off)."""
     dense_backend: str = "auto"
     """SGLang backend for prefill/extend: auto = flashinfer on CUDA, torch_native on CPU."""
     log_interval: int = 1000
     """Log counters every this many decode steps (0: never)."""
 
     _positive = ("topk", "max_fast_steps")
-    _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "log_interval")
+    _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

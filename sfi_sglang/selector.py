@@ -4,8 +4,9 @@ For one request and one layer: softmax each query head's logits over the
 candidate region ``[lo, hi)`` (sinks and the live tail are kept anyway and do not
 compete), aggregate the probabilities of a KV head's query group with a power mean
 (order ``alpha``), mix in a prior on key norms and positions with the closed-form
-weight of the reference code (clipped to ``prior_lambda_max``), and keep the top-k
-per KV head. Ties go to the earlier position. This is the torch reference; a fused
+weight of the reference code (clipped to ``prior_lambda_max``), optionally spread
+each score to its neighbours (``neighbor_window``, so spans are kept), and keep the
+top-k per KV head. Ties go to the earlier position. This is the torch reference; a fused
 GPU kernel must match it.
 """
 
@@ -45,6 +46,13 @@ def mix_prior(f: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tens
     return (1 - lam) * f + lam * r
 
 
+def spread_to_neighbors(scores: torch.Tensor, window: int) -> torch.Tensor:
+    """Average of each score and the best score within +-window: a peak still ranks
+    first, then its neighbours, so top-k keeps spans around strongly attended tokens."""
+    pooled = torch.nn.functional.max_pool1d(scores.unsqueeze(1), 2 * window + 1, stride=1, padding=window)
+    return 0.5 * (scores + pooled.squeeze(1))
+
+
 def group_scores(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -52,6 +60,7 @@ def group_scores(
     alpha: float,
     lambda_max: float,
     logit_cap: float = 0.0,
+    neighbor_window: int = 0,
 ) -> torch.Tensor:
     """Aggregated score per KV head and candidate.
 
@@ -69,6 +78,8 @@ def group_scores(
     f = f / f.sum(dim=-1, keepdim=True)
     if lambda_max > 0:
         f = mix_prior(f, prior(keys), lambda_max)
+    if neighbor_window > 0:
+        f = spread_to_neighbors(f, neighbor_window)
     return f
 
 

@@ -25,6 +25,7 @@ def test_defaults_are_valid():
         ("max_fast_steps", 0),
         ("min_refresh_gap", SFIConfig().max_fast_steps + 1),
         ("prefill_queries", 17),
+        ("neighbor_window", -1),
         ("alpha", 0),
         ("alpha", 1.5),
         ("prior_lambda_max", 1.0),

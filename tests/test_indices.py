@@ -165,3 +165,18 @@ def test_full_lists_equal_plain_dense_attention(ratio):
             p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), keys) * scale, dim=-1)
             want = torch.einsum("hn,nhd->hd", p, vals)
             torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_advance_moves_slow_rows_to_a_new_selection():
+    store, _, slots, seq_lens, _ = make_state()
+    slow = torch.tensor([i % 2 == 0 for i in range(len(slots))])
+    before = {name: getattr(store, name)[slots].clone() for name in ("hi", "count", "steps")}
+    store.advance(slots, seq_lens, slow)
+    _, hi, count = store.bounds(seq_lens)
+    for i in range(len(slots)):
+        s = slots[i]
+        if slow[i]:
+            assert (store.hi[s], store.count[s], store.steps[s]) == (hi[i], count[i], 0)
+        else:
+            assert (store.hi[s], store.count[s]) == (before["hi"][i], before["count"][i])
+            assert store.steps[s] == before["steps"][i] + 1

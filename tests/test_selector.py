@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sfi_sglang.selector import group_scores, mix_prior, prior, topk_positions
+from sfi_sglang.selector import group_scores, mix_prior, prior, topk_positions, spread_to_neighbors
 
 
 def gen(seed: int) -> torch.Generator:
@@ -110,3 +110,12 @@ def test_mix_prior_lambda_in_range(lambda_max):
     torch.testing.assert_close(lam, best.clamp(0, lambda_max))
     # identical f and r: mix is f
     torch.testing.assert_close(mix_prior(f, f, lambda_max), f)
+
+
+def test_neighbor_window_keeps_spans():
+    scores = torch.tensor([[0, 0, 0, 1.0, 0, 0, 0, 0.5, 0, 0]])
+    spread = spread_to_neighbors(scores, 1)
+    assert topk_positions(spread, 1, lo=0).tolist() == [[3]]  # the peak still ranks first
+    assert topk_positions(spread, 4, lo=0).tolist() == [[2, 3, 4, 7]]  # then its neighbours
+    plain = set(topk_positions(scores, 4, lo=0).tolist()[0])
+    assert {3, 7} <= plain and not {2, 4} & plain  # without the window, neighbours lose to ties
