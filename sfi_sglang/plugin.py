@@ -48,10 +48,10 @@ def _register() -> None:
         _check_server_args,
         HookType.AFTER,
     )
-    HookRegistry.register("sglang.srt.utils.common.support_triton", _support_triton, HookType.REPLACE)
+    HookRegistry.register("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND)
 
 
-def _support_triton(backend: str) -> bool:
+def _support_triton(original, backend: str) -> bool:
     """sglang picks Triton or torch helpers by backend name; for sfi, answer as its dense backend."""
     if backend == NAME:
         from sglang.srt.utils.common import is_cpu
@@ -59,7 +59,7 @@ def _support_triton(backend: str) -> bool:
         from sfi_sglang.config import SFIConfig
 
         backend = SFIConfig.from_env().resolve_dense_backend("cpu" if is_cpu() else "cuda")
-    return backend not in ("torch_native", "intel_amx")
+    return original(backend)
 
 
 def _check_server_args(result, server_args, *args, **kwargs):
