@@ -55,7 +55,7 @@ class SFIConfig:
     """Let a token's score be the best within +-this many positions, so selections keep
     whole neighbourhoods (spans) of strongly attended tokens (0: off, as the reference).
 
-    On SmolLM2-135M, 2 cut KL by up to 40% at 1K/4K contexts and retrieved 7/9 passkeys
+    On SmolLM2-135M, 2 cut KL by up to 45% at 4K contexts and retrieved 7/9 passkeys
     instead of 3/9 at budget 128 (benchmarks/results/fidelity_window0.json vs fidelity.json)."""
     dense_backend: str = "auto"
     """SGLang backend for prefill/extend: auto = flashinfer on CUDA, torch_native on CPU."""
