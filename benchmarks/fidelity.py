@@ -83,7 +83,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
 def worker(spec: dict) -> dict:
     """Run one backend: teacher-forced log-probs (dense: saved; sfi: compared) and passkeys."""
     import torch
-    from sglang.benchmark.one_batch import decode, extend, load_model, prepare_synthetic_inputs_for_latency_test
+    from sglang.benchmark.one_batch import load_model, prepare_synthetic_inputs_for_latency_test
     from sglang.srt.entrypoints.engine import _set_envs_and_config
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import PortArgs, ServerArgs

@@ -107,8 +107,7 @@ class SFIBackend(AttentionBackend):
         if self.cfg.prefill_queries == 0:
             st.clear(slots)
             return []
-        st.start(slots, seq_lens)
-        lo, hi, _ = st.bounds(seq_lens)
+        lo, hi = st.start(slots, seq_lens)
         ext_lens = fb.extend_seq_lens_cpu
         starts = accumulate([0, *ext_lens[:-1]])
         out = []

@@ -39,13 +39,15 @@ class SelectionStore:
         hi = torch.maximum(lo, seq_lens - self.cfg.recent)
         return lo, hi, (hi - lo).clamp(max=self.cfg.topk)
 
-    def start(self, slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Mark new selections for ``slots`` at these lengths (positions are written per layer)."""
-        _, hi, count = self.bounds(seq_lens)
+    def start(self, slots: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mark new selections for ``slots`` at these lengths (positions are written per layer);
+        returns their candidate regions ``(lo, hi)``."""
+        lo, hi, count = self.bounds(seq_lens)
         self.hi[slots] = hi.to(torch.int32)
         self.count[slots] = count.to(torch.int32)
         self.steps[slots] = 0
         self.ready[slots] = True
+        return lo, hi
 
     def clear(self, slots: torch.Tensor) -> None:
         self.ready[slots] = False

@@ -4,8 +4,6 @@ the package. It implements the one op the CPU decode path calls; every other nam
 raises when called, so a path that needs a real kernel fails loudly.
 """
 
-import torch
-
 
 def assign_req_to_token_pool_cpu(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len):
     offset = 0
