@@ -1,13 +1,18 @@
 """The ``sfi`` attention backend: dense prefill through a wrapped SGLang backend,
-slow/fast decode through per-(request, KV head) index lists.
+slow/fast decode through one kernel that derives every row's token lists on the device.
 
-Per decode step (``init_forward_metadata``): the policy marks slow rows, the index
-builder lays out every row's lists (slow: whole context, fast: sinks + selected +
-live tail) and the state advances. Per layer (``forward_decode``): write this
-step's K/V, attend over the lists, and let the Selector refresh the slow rows'
-selections from their dense attention. Per prefill (``forward_extend``): the wrapped
-backend does the work, then the Selector builds the first selection from the last
-prompt queries so that decoding starts on fast steps.
+Decode step, metadata (outside the CUDA graph, no host sync): first the
+Selector rebuilds the selections of the rows that were slow in the previous
+step, from the queries that step saved (the host learns which rows they were
+from an asynchronous copy of the slow mask); then the policy marks this step's
+slow rows and the selection state advances. Decode step, per layer (inside the
+graph): write this step's K/V, save the query for the Selector, and attend
+(slow rows: whole context; fast rows: sinks + selected + live tail). A slow
+step's selection is used from the next step on, as in the reference.
+
+Prefill (``forward_extend``): the wrapped backend does the work, then the
+Selector builds the first selection from the last prompt queries, so that
+decoding starts on fast steps.
 """
 
 from __future__ import annotations
@@ -15,30 +20,36 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Callable, Sequence
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.indices import DecodeLayout, build_layout, layer_indices
+from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
+from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
+from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.memory import SelectionStore
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
-from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table, slow_rows
-from sfi_sglang.selector import group_scores, topk_positions
-from sfi_sglang.kernels.sparse_decode import FlashInferSparseDecode, sparse_decode_ref
+from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
+from sfi_sglang.selector import aggregate, topk_positions
 
 logger = logging.getLogger("sfi_sglang")
+
+# Scratch budget of one Selector call (logits and softmax temporaries), in float32 elements.
+SELECTOR_SCRATCH = 64 * 2**20
 
 
 @dataclass
 class _Refresh:
-    """One request whose selection is rebuilt in this forward pass (host-side ints)."""
+    """Requests whose selections are rebuilt from given query rows."""
 
-    slot: int
-    q_rows: slice  # rows of this forward's q that score the candidates
-    lo: int
-    hi: int
+    slots: torch.Tensor  # [S] req-pool slots (device)
+    q_rows: torch.Tensor  # [S, W] rows of the query tensor that score the candidates (device)
+    lo: torch.Tensor  # [S] candidate region start (device, int32)
+    hi: torch.Tensor  # [S] candidate region end (device, int32)
+    width: int  # longest region
 
 
 class SFIBackend(AttentionBackend):
@@ -52,125 +63,173 @@ class SFIBackend(AttentionBackend):
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self.shape: AttentionShape = attention_shape(runner)
         self.start_layer = getattr(self.token_to_kv_pool, "start_layer", 0) or 0
-        self.store = SelectionStore(
-            cfg, self.shape.num_layers, self.req_to_token.shape[0], self.shape.kv_heads, self.device
-        )
+        rows = self.req_to_token.shape[0]
+        self.store = SelectionStore(cfg, self.shape.num_layers, rows, self.shape.kv_heads, self.device)
         vocab = runner.model_config.vocab_size
         self.is_boundary = boundary_table(cfg, vocab, _derived_boundary_ids(runner, cfg), self.device)
         self.stats = SFIStats(self.device, export=bool(getattr(runner.server_args, "enable_metrics", False)))
-        self.sparse = None
-        if self.device.type == "cuda":
-            ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=self.device)
-            self.sparse = FlashInferSparseDecode(
-                ws, self.shape.q_heads // self.shape.kv_heads, self.shape.head_dim,
-                self.token_to_kv_pool.get_key_buffer(self.start_layer).dtype,
-                self.shape.sm_scale, self.shape.logit_cap,
-            )
-        self.layout: DecodeLayout | None = None
-        self.refreshes: list[_Refresh] = []
+        self.on_cuda = self.device.type == "cuda"
+        self._alloc_rows(rows)
+        self.pending: tuple[int, torch.Tensor] | None = None  # previous decode step: (rows, seq lens on host)
+        self.extend_refresh: _Refresh | None = None
         logger.info(
-            "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, selection state %.1f MiB, config %s",
+            "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, selection state %.1f MiB, "
+            "saved queries %.1f MiB, config %s",
             type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,
-            int(self.is_boundary.sum()), self.store.nbytes / 2**20, cfg.to_dict(),
+            int(self.is_boundary.sum()), self.store.nbytes / 2**20, self.q_hist.nbytes / 2**20, cfg.to_dict(),
         )
+
+    def _alloc_rows(self, rows: int) -> None:
+        """Static per-batch-row buffers (their addresses are baked into captured graphs)."""
+        sh = self.shape
+        dtype = self.token_to_kv_pool.get_key_buffer(self.start_layer).dtype
+        self.q_hist = torch.zeros(sh.num_layers, rows, sh.q_heads, sh.head_dim, dtype=dtype, device=self.device)
+        self.slow = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self.prev_slots = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.slow_host = torch.zeros(rows, dtype=torch.bool, pin_memory=self.on_cuda)
+        self.slow_ready = torch.cuda.Event() if self.on_cuda else None
 
     # ---- metadata ---------------------------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch) -> None:
-        mode = forward_batch.forward_mode
-        if mode.is_decode():
-            self._plan_decode(forward_batch)
+        if forward_batch.forward_mode.is_decode():
+            self.init_forward_metadata_out_graph(forward_batch)
             return
+        self._refresh_previous_slow_rows()
         self.dense.init_forward_metadata(forward_batch)
-        self.layout = None
-        self.refreshes = self._plan_extend(forward_batch) if mode.is_extend() else []
+        self.extend_refresh = self._plan_extend(forward_batch) if forward_batch.forward_mode.is_extend() else None
 
-    def _plan_decode(self, fb) -> None:
-        slots, seq_lens, st = fb.req_pool_indices, fb.seq_lens, self.store
-        slow = slow_rows(fb.input_ids, st.ready[slots], st.steps[slots], self.is_boundary, self.cfg)
-        self.layout = build_layout(st, self.req_to_token, slots, seq_lens, slow)
-        self.stats.add_decode(slow, self.layout.kept, seq_lens)
-        st.advance(slots, seq_lens, slow)
-        rows = slow.nonzero().flatten()
-        his = st.hi[slots[rows]].tolist()
-        self.refreshes = [
-            _Refresh(slot, slice(i, i + 1), min(hi, self.cfg.sinks), hi)
-            for i, slot, hi in zip(rows.tolist(), slots[rows].tolist(), his)
-        ]
-        if self.sparse is not None:
-            self.sparse.plan(self.layout.kv_indptr, self.layout.base.to(torch.int32))
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """Decode metadata; also run before every graph replay. Device work only, no host sync."""
+        self._refresh_previous_slow_rows()
+        fb = forward_batch
+        bs = fb.batch_size
+        real = bs - (getattr(fb, "num_padding", 0) or 0)
+        plan = plan_step if self.on_cuda else plan_step_ref
+        plan(self.store, self.stats, self.is_boundary, fb.input_ids, fb.req_pool_indices, fb.seq_lens, real,
+             self.slow[:bs], self.prev_slots)
+        if not in_capture and real > 0:
+            self.slow_host[:real].copy_(self.slow[:real], non_blocking=True)
+            if self.slow_ready is not None:
+                self.slow_ready.record()
+            host_lens = fb.seq_lens_cpu[:real] if fb.seq_lens_cpu is not None else fb.seq_lens[:real].cpu()
+            self.pending = (real, host_lens.clone())
         if self.cfg.log_interval and self.stats.decode_steps % self.cfg.log_interval == 0:
             self.stats.log()
 
-    def _plan_extend(self, fb) -> list[_Refresh]:
-        slots, seq_lens, st = fb.req_pool_indices, fb.seq_lens, self.store
+    def _refresh_previous_slow_rows(self) -> None:
+        """Rebuild, for every layer, the selections of the previous decode step's slow rows."""
+        if self.pending is None:
+            return
+        real, seq_lens = self.pending
+        self.pending = None
+        if self.slow_ready is not None:
+            self.slow_ready.synchronize()  # recorded before the previous step's forward: long done
+        rows = self.slow_host[:real].nonzero().flatten()
+        lo, hi, _ = self.store.bounds(seq_lens[rows])
+        keep = hi > lo
+        if not keep.any():
+            return
+        rows_d = self._to_device(rows[keep])
+        r = _Refresh(self.prev_slots[rows_d], rows_d.unsqueeze(1), self._to_device(lo[keep].int()),
+                     self._to_device(hi[keep].int()), int((hi - lo)[keep].max()))
+        self._select(range(self.shape.num_layers), self.q_hist.__getitem__, r)
+        self.stats.add_refreshes(len(rows_d))
+
+    def _plan_extend(self, fb) -> _Refresh | None:
+        slots, st = fb.req_pool_indices, self.store
         if self.cfg.prefill_queries == 0:
             st.clear(slots)
-            return []
-        lo, hi = st.start(slots, seq_lens)
-        ext_lens = fb.extend_seq_lens_cpu
-        starts = accumulate([0, *ext_lens[:-1]])
-        out = []
-        for slot, start, n, a, b in zip(slots.tolist(), starts, ext_lens, lo.tolist(), hi.tolist()):
-            w = min(self.cfg.prefill_queries, n)
-            out.append(_Refresh(slot, slice(start + n - w, start + n), a, b))
-        self.stats.add_refreshes(len(out))
-        return out
+            return None
+        st.start(slots, fb.seq_lens)
+        lo, hi, _ = st.bounds(torch.as_tensor(fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()))
+        ext = list(fb.extend_seq_lens_cpu)
+        ends = list(accumulate(ext))
+        # last `prefill_queries` prompt rows of each request (a shorter extend repeats its first row)
+        q_rows = [[max(e - i, e - n) for i in range(self.cfg.prefill_queries, 0, -1)] for e, n in zip(ends, ext)]
+        keep = (hi > lo).tolist()
+        if not any(keep):
+            return None
+        keep_t = torch.tensor(keep)
+        self.stats.add_refreshes(sum(keep))
+        return _Refresh(
+            slots[self._to_device(keep_t.nonzero().flatten())],
+            self._to_device(torch.tensor(q_rows)[keep_t]),
+            self._to_device(lo[keep_t].int()), self._to_device(hi[keep_t].int()), int((hi - lo)[keep_t].max()),
+        )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Small host tensor -> device without a stream sync (pinned, asynchronous copy)."""
+        if not self.on_cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # ---- forward ----------------------------------------------------------------------------
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        self._refresh(q, layer)
+        if self.extend_refresh is not None:
+            sh = self.shape
+            q3 = q.reshape(-1, sh.q_heads, sh.head_dim)
+            self._select([layer.layer_id - self.start_layer], lambda _: q3, self.extend_refresh)
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         if save_kv_cache and k is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
-        sh = self.shape
-        kbuf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        vbuf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        idx = layer_indices(self.layout, self.store, self.req_to_token, layer.layer_id - self.start_layer)
-        bsz = forward_batch.batch_size
-        if self.sparse is not None:
-            qv = q.reshape(bsz * sh.kv_heads, sh.q_heads // sh.kv_heads, sh.head_dim)
-            out = self.sparse.run(qv, kbuf.view(-1, 1, 1, sh.head_dim), vbuf.view(-1, 1, 1, sh.v_head_dim), idx)
-        else:
-            out = sparse_decode_ref(
-                q.reshape(bsz, sh.q_heads, sh.head_dim), kbuf.view(-1, sh.head_dim), vbuf.view(-1, sh.v_head_dim),
-                self.layout.kv_indptr, idx, sh.sm_scale, sh.logit_cap,
-            )
-        self._refresh(q, layer)
+        sh, st = self.shape, self.store
+        bs = forward_batch.batch_size
+        li = layer.layer_id - self.start_layer
+        q3 = q.reshape(bs, sh.q_heads, sh.head_dim)
+        self.q_hist[li, :bs].copy_(q3)
+        attend = sfi_decode if self.on_cuda else sfi_decode_ref
+        out = attend(
+            q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], self.slow[:bs],
+            st.hi, st.count, st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
+        )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
 
-    def _refresh(self, q: torch.Tensor, layer) -> None:
-        """Rebuild this layer's selection of every planned request from its queries' dense attention."""
-        if not self.refreshes:
-            return
-        sh, cfg = self.shape, self.cfg
-        kbuf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        pos = self.store.pos[layer.layer_id - self.start_layer]
-        q3 = q.reshape(-1, sh.q_heads, sh.head_dim)
-        for r in self.refreshes:
-            if r.hi <= r.lo:
-                continue
-            keys = kbuf[self.req_to_token[r.slot, r.lo : r.hi].long()]
-            scores = group_scores(
-                q3[r.q_rows], keys, sh.sm_scale, cfg.alpha, cfg.prior_lambda_max, sh.logit_cap, cfg.neighbor_window
-            )
-            sel = topk_positions(scores, cfg.topk, r.lo)
-            pos[r.slot, :, : sel.shape[1]] = sel
+    def _select(self, layers: Sequence[int], q_of: Callable[[int], torch.Tensor], r: _Refresh) -> None:
+        """Selector: for each layer ``l``, queries ``q_of(l)[r.q_rows]`` -> ``store.pos[l]`` of ``r.slots``.
+
+        Layers are batched (one pass of the score/top-k ops over many layers) within a
+        scratch budget, since a refresh after a slow step covers every layer at once.
+        """
+        cfg, sh = self.cfg, self.shape
+        logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
+        unit = sh.q_heads * r.q_rows.shape[1] * max(r.width, 1)  # logits of one (layer, request)
+        rows = max(1, min(r.slots.shape[0], SELECTOR_SCRATCH // unit))
+        per = max(1, SELECTOR_SCRATCH // (unit * rows))
+        layers = list(layers)
+        for a in range(0, r.slots.shape[0], rows):
+            slots, lo, hi, q_rows = r.slots[a:a + rows], r.lo[a:a + rows], r.hi[a:a + rows], r.q_rows[a:a + rows]
+            for b in range(0, len(layers), per):
+                group = layers[b:b + per]
+                parts = [
+                    logits_fn(q_of(l)[q_rows], self.token_to_kv_pool.get_key_buffer(l + self.start_layer),
+                              self.req_to_token, slots, lo, hi, r.width, sh.sm_scale, sh.logit_cap,
+                              norms=cfg.prior_lambda_max > 0)
+                    for l in group
+                ]
+                logits = torch.cat([p[0] for p in parts])
+                log_norm = torch.cat([p[1] for p in parts]) if cfg.prior_lambda_max > 0 else None
+                g = len(group)
+                scores = aggregate(logits, (hi - lo).repeat(g), cfg.alpha, cfg.prior_lambda_max, log_norm,
+                                   cfg.neighbor_window)
+                sel = (topk_positions(scores, cfg.topk) + lo.repeat(g).view(-1, 1, 1)).view(g, len(slots), sh.kv_heads, -1)
+                idx = self._to_device(torch.tensor(group)).view(-1, 1)
+                self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
 
     # ---- plumbing ---------------------------------------------------------------------------
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise RuntimeError(
-            "sfi does not run inside decode CUDA graphs yet; start the server with "
-            "--cuda-graph-backend-decode disabled (sfi's plugin sets this by default)"
-        )
+        """Decode needs no per-graph state beyond the per-row buffers, sized here if graphs run larger batches."""
+        if max_bs > self.slow.shape[0]:
+            self._alloc_rows(max_bs)
 
     def get_cuda_graph_seq_len_fill_value(self):
-        return self.dense.get_cuda_graph_seq_len_fill_value()
+        return 1
 
     def support_triton(self):
         return self.dense.support_triton()

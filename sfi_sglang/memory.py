@@ -39,6 +39,12 @@ class SelectionStore:
         hi = torch.maximum(lo, seq_lens - self.cfg.recent)
         return lo, hi, (hi - lo).clamp(max=self.cfg.topk)
 
+    def kept(self, slots: torch.Tensor, seq_lens: torch.Tensor, slow: torch.Tensor) -> torch.Tensor:
+        """Tokens each row attends to per KV head this step (before ``advance``)."""
+        hi, cnt = self.hi[slots].long(), self.count[slots].long()
+        n = seq_lens.long()
+        return torch.where(slow, n, hi.clamp(max=self.cfg.sinks) + cnt + n - hi)
+
     def start(self, slots: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mark new selections for ``slots`` at these lengths (positions are written per layer);
         returns their candidate regions ``(lo, hi)``."""

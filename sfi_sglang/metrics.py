@@ -29,7 +29,7 @@ HELP = {
 
 class SFIStats:
     def __init__(self, device: torch.device | str, export: bool = False, counter_cls=None):
-        self._acc = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
+        self.acc = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
         self._exported = dict.fromkeys(FIELDS, 0)
         self._counters = None
         if export:
@@ -37,21 +37,21 @@ class SFIStats:
                 from prometheus_client import Counter as counter_cls
             self._counters = {f: counter_cls(f"sglang:sfi_{f}", HELP[f]) for f in FIELDS}
         self.decode_steps = 0
+        self._decode_fields = torch.tensor([0, 1, 3, 4], device=device)
 
     def add_decode(self, slow: torch.Tensor, kept: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """One decode step: per-row slow flags, tokens kept per KV head, context lengths."""
         fast = ~slow
-        self._acc += torch.stack(
-            [slow.sum(), fast.sum(), slow.sum(), (kept * fast).sum(), (seq_lens.long() * fast).sum()]
-        )
+        vals = torch.stack([slow.sum(), fast.sum(), (kept.long() * fast).sum(), (seq_lens.long() * fast).sum()])
+        self.acc.index_add_(0, self._decode_fields, vals)
         self.decode_steps += 1
 
     def add_refreshes(self, n: int) -> None:
-        """Selections built outside decode slow steps (prefill bootstrap)."""
-        self._acc[2] += n
+        """Selections built (after a slow step, or at the end of a prefill)."""
+        self.acc[2] += n
 
     def snapshot(self) -> dict[str, float]:
-        vals = dict(zip(FIELDS, self._acc.tolist()))
+        vals = dict(zip(FIELDS, self.acc.tolist()))
         rows = vals["slow_steps"] + vals["fast_steps"]
         vals["slow_step_frac"] = vals["slow_steps"] / rows if rows else 0.0
         fast = vals["fast_steps"]

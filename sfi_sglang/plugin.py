@@ -71,5 +71,5 @@ def _check_server_args(result, server_args, *args, **kwargs):
         return result
     from sfi_sglang.server_checks import check_server_args
 
-    check_server_args(server_args, uses_sfi_decode=decode == NAME)
+    check_server_args(server_args)
     return result

@@ -14,7 +14,7 @@ logger = logging.getLogger("sfi_sglang")
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 
-def check_server_args(server_args, uses_sfi_decode: bool) -> None:
+def check_server_args(server_args) -> None:
     SFIConfig.from_env()  # raises SFIConfigError naming the bad field
     if server_args.speculative_algorithm is not None:
         raise SFIUnsupportedError("sfi does not support speculative decoding (--speculative-algorithm)")
@@ -28,9 +28,3 @@ def check_server_args(server_args, uses_sfi_decode: bool) -> None:
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.info("SFI: --max-running-requests defaults to %d under sfi", DEFAULT_MAX_RUNNING_REQUESTS)
-    graphs = server_args.cuda_graph_config.decode
-    if uses_sfi_decode and graphs.backend != "disabled":
-        from sglang.srt.model_executor.cuda_graph_config import Backend
-
-        logger.warning("SFI: decode CUDA graphs are not supported by sfi yet; disabling them")
-        graphs.backend = Backend.DISABLED

@@ -4,6 +4,11 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Triton kernels run in the interpreter without a GPU; it is chosen when a kernel is
+# defined, so this must precede any import of sfi_sglang.kernels.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 STUBS = os.path.join(HERE, "stubs")
 
 
@@ -33,7 +38,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def engine_env(sfi_config: str) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(
         PYTHONPATH=os.pathsep.join([STUBS, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         SGLANG_USE_CPU_ENGINE="1",

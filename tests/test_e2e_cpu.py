@@ -43,7 +43,7 @@ def test_full_budget_equals_dense(tiny_model):
     assert [len(o) for o in res["sfi"]] == [16, 24, 32, 40, 48]
     assert len(set(tuple(o[:16]) for o in res["dense"])) == 5, "outputs should depend on the prompt"
     slow, fast, refreshes, _ = stats[-1]
-    assert fast > 0 and slow > 0 and refreshes >= slow
+    assert fast > 0 and slow > 0 and refreshes > 5  # 5 prefills + refreshes after slow steps
 
 
 def test_small_budget_is_sparse(tiny_model):

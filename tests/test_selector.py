@@ -1,11 +1,12 @@
-"""The Selector: top-k positions and group scores, against explicit-loop references."""
+"""The Selector (scores, priors, top-k) and its logits kernel, against explicit-loop references."""
 
 import math
 
 import pytest
 import torch
 
-from sfi_sglang.selector import group_scores, mix_prior, prior, topk_positions, spread_to_neighbors
+from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
+from sfi_sglang.selector import aggregate, mix_prior, prior, spread_to_neighbors, topk_positions
 
 
 def gen(seed: int) -> torch.Generator:
@@ -18,7 +19,7 @@ def gen(seed: int) -> torch.Generator:
 @pytest.mark.parametrize("hkv, n, k, lo", [(1, 10, 3, 0), (2, 37, 8, 4), (4, 5, 5, 100), (3, 6, 50, 7)])
 def test_topk_positions_shape_and_order(hkv, n, k, lo):
     scores = torch.rand(hkv, n, generator=gen(n))
-    out = topk_positions(scores, k, lo)
+    out = topk_positions(scores, k) + lo
     assert out.dtype == torch.int32
     assert out.shape == (hkv, min(k, n))
     for h in range(hkv):
@@ -31,10 +32,16 @@ def test_topk_positions_shape_and_order(hkv, n, k, lo):
 
 
 def test_topk_positions_ties_go_to_earlier_positions():
-    assert topk_positions(torch.zeros(2, 10), 3, 5).tolist() == [[5, 6, 7]] * 2
+    assert topk_positions(torch.zeros(2, 10), 3).tolist() == [[0, 1, 2]] * 2
     s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0], [3.0, 1.0, 1.0, 3.0, 1.0, 1.0]])
-    assert topk_positions(s, 2, 0).tolist() == [[1, 2], [0, 3]]
-    assert topk_positions(s, 3, 10).tolist() == [[11, 12, 13], [10, 11, 13]]
+    assert topk_positions(s, 2).tolist() == [[1, 2], [0, 3]]
+    assert topk_positions(s, 3).tolist() == [[1, 2, 3], [0, 1, 3]]
+
+
+def test_topk_positions_short_region_comes_first():
+    """Masked candidates (-1) lose to every real one, so a short region is kept whole, first."""
+    s = torch.tensor([[[0.0, 0.5, 0.1, -1.0, -1.0, -1.0]]])
+    assert topk_positions(s, 5)[0, 0, :3].tolist() == [0, 1, 2]
 
 
 # ---- group_scores -------------------------------------------------------------------------
@@ -57,35 +64,80 @@ def loop_group_mean(q, keys, scale):
     return out
 
 
+def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
+    """Selector scores [Hkv, n] of one request whose candidates are ``keys [n, Hkv, D]``."""
+    n, hkv, d = keys.shape
+    req_to_token = torch.arange(n, dtype=torch.int32).view(1, n)
+    one = torch.zeros(1, dtype=torch.int64)
+    logits, log_norm = candidate_logits_ref(q.unsqueeze(0), keys, req_to_token, one, one, one + n, n, scale,
+                                            norms=lam > 0)
+    return aggregate(logits, one + n, alpha, lam, log_norm, window)[0]
+
+
 @pytest.mark.parametrize("ratio", [1, 2, 4])
 @pytest.mark.parametrize("w", [1, 2])
-def test_group_scores_alpha1_is_group_mean_softmax(ratio, w):
+def test_scores_alpha1_are_group_mean_softmax(ratio, w):
     hkv, d, n = 2, 8, 13
     q = torch.randn(w, hkv * ratio, d, generator=gen(ratio * 10 + w))
     keys = torch.randn(n, hkv, d, generator=gen(ratio * 10 + w + 1))
     scale = 1 / math.sqrt(d)
-    f = group_scores(q, keys, scale, alpha=1.0, lambda_max=0.0)
+    f = scores_of(q, keys, scale, alpha=1.0)
     assert f.shape == (hkv, n)
     torch.testing.assert_close(f.double(), loop_group_mean(q, keys, scale), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(f.sum(-1), torch.ones(hkv), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("alpha, lam", [(0.5, 0.0), (0.5, 0.25), (1.0, 0.9), (0.2, 0.5)])
-def test_group_scores_rows_sum_to_one(alpha, lam):
+def test_scores_rows_sum_to_one(alpha, lam):
     q = torch.randn(2, 8, 16, generator=gen(3))
     keys = torch.randn(40, 2, 16, generator=gen(4))
-    f = group_scores(q, keys, 0.25, alpha=alpha, lambda_max=lam)
+    f = scores_of(q, keys, 0.25, alpha=alpha, lam=lam)
     assert f.shape == (2, 40)
     assert (f >= 0).all()
     torch.testing.assert_close(f.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
 
 
+def test_batched_scores_equal_one_request_at_a_time():
+    """Padding a shorter region to the batch width changes nothing inside it and masks the rest."""
+    hkv, d, lens = 2, 8, [5, 17, 1, 9]
+    pool = torch.randn(100, hkv, d, generator=gen(8))
+    req_to_token = torch.randperm(100, generator=gen(9))[:80].view(4, 20).to(torch.int32)
+    q = torch.randn(4, 2, hkv * 3, d, generator=gen(10))
+    slots, lo = torch.tensor([2, 0, 3, 1]), torch.tensor([3, 0, 2, 4])
+    hi = lo + torch.tensor(lens)
+    logits, log_norm = candidate_logits_ref(q, pool, req_to_token, slots, lo, hi, max(lens), 0.3, norms=True)
+    f = aggregate(logits, hi - lo, 0.5, 0.25, log_norm, 2)
+    for i, n in enumerate(lens):
+        keys = pool[req_to_token[slots[i], lo[i]:hi[i]].long()]
+        torch.testing.assert_close(f[i, :, :n], scores_of(q[i], keys, 0.3, 0.5, 0.25, 2))
+        assert (f[i, :, n:] == -1).all()
+
+
+@pytest.mark.parametrize("ratio, w, cap", [(1, 1, 0.0), (3, 2, 0.0), (4, 1, 3.0), (8, 2, 0.0)])
+def test_triton_logits_match_reference(ratio, w, cap):
+    hkv, d = 2, 16
+    pool = torch.randn(300, hkv, d, generator=gen(ratio))
+    req_to_token = torch.randperm(300, generator=gen(1))[:240].view(3, 80).to(torch.int32)
+    q = torch.randn(3, w, hkv * ratio, d, generator=gen(2))
+    slots, lo, hi = torch.tensor([1, 2, 0]), torch.tensor([0, 4, 7]), torch.tensor([70, 5, 77])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
+    q, pool, req_to_token, slots, lo, hi = (t.to(dev) for t in (q, pool, req_to_token, slots, lo, hi))
+    args = (q, pool, req_to_token, slots, lo, hi, 70, 0.2, cap)
+    want, want_norm = candidate_logits_ref(*args, norms=True)
+    got, got_norm = candidate_logits(*args, norms=True)
+    tol = 1e-5 if dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    valid = torch.arange(70, device=dev) < (hi - lo).unsqueeze(-1)
+    torch.testing.assert_close(got_norm[valid.unsqueeze(1).expand_as(got_norm)],
+                               want_norm[valid.unsqueeze(1).expand_as(want_norm)], atol=1e-5, rtol=1e-5)
+
+
 def test_prior_rows_sum_to_one():
     for n in (1, 2, 17):
-        r = prior(torch.randn(n, 3, 8, generator=gen(n)))
-        assert r.shape == (3, n)
-        assert torch.isfinite(r).all() and (r >= 0).all()
-        torch.testing.assert_close(r.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+        r = prior(torch.randn(1, 3, 20, generator=gen(n)), torch.tensor([n]))
+        assert r.shape == (1, 3, 20)
+        assert torch.isfinite(r).all() and (r >= 0).all() and (r[..., n:] == 0).all()
+        torch.testing.assert_close(r.sum(-1), torch.ones(1, 3), atol=1e-5, rtol=0)
 
 
 def implied_lambda(f, r, mix):
@@ -115,7 +167,7 @@ def test_mix_prior_lambda_in_range(lambda_max):
 def test_neighbor_window_keeps_spans():
     scores = torch.tensor([[0, 0, 0, 1.0, 0, 0, 0, 0.5, 0, 0]])
     spread = spread_to_neighbors(scores, 1)
-    assert topk_positions(spread, 1, lo=0).tolist() == [[3]]  # the peak still ranks first
-    assert topk_positions(spread, 4, lo=0).tolist() == [[2, 3, 4, 7]]  # then its neighbours
-    plain = set(topk_positions(scores, 4, lo=0).tolist()[0])
+    assert topk_positions(spread, 1).tolist() == [[3]]  # the peak still ranks first
+    assert topk_positions(spread, 4).tolist() == [[2, 3, 4, 7]]  # then its neighbours
+    plain = set(topk_positions(scores, 4).tolist()[0])
     assert {3, 7} <= plain and not {2, 4} & plain  # without the window, neighbours lose to ties

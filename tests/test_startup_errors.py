@@ -25,9 +25,9 @@ def parse_server_args(model: str, sfi_config: str) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=600)
 
 
-def test_launch_parses_sfi_and_disables_decode_graphs(tiny_model):
+def test_launch_parses_sfi_keeping_decode_graphs(tiny_model):
     proc = parse_server_args(tiny_model, "")
-    assert "PARSED disabled 256" in proc.stdout, proc.stderr[-3000:]
+    assert "PARSED full 256" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_launch_rejects_bad_config_naming_the_field(tiny_model):
@@ -38,7 +38,7 @@ def test_launch_rejects_bad_config_naming_the_field(tiny_model):
 
 def server_args(**kw):
     base = dict(speculative_algorithm=None, kv_cache_dtype="auto", enable_unified_memory=False, dcp_size=1,
-                max_running_requests=64, cuda_graph_config=SimpleNamespace(decode=SimpleNamespace(backend="disabled")))
+                max_running_requests=64)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -51,7 +51,7 @@ def server_args(**kw):
 def test_incompatible_flags(flags, message, monkeypatch):
     monkeypatch.delenv("SFI_CONFIG", raising=False)
     with pytest.raises(SFIUnsupportedError, match=message):
-        check_server_args(server_args(**flags), uses_sfi_decode=True)
+        check_server_args(server_args(**flags))
 
 
 def runner_with(*layers, use_mla: bool = False):

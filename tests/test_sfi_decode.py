@@ -1,4 +1,4 @@
-"""Index lists (build_layout + layer_indices) and sparse_decode_ref, against plain-Python references."""
+"""SFI decode attention (torch reference and Triton kernel) against plain-Python references."""
 
 import math
 import random
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.indices import build_layout, layer_indices
-from sfi_sglang.kernels.sparse_decode import sparse_decode_ref
+from sfi_sglang.kernels import sfi_decode as sfi_decode_mod
+from sfi_sglang.kernels.sfi_decode import sfi_decode_ref, token_positions
 from sfi_sglang.memory import SelectionStore
 
 CFG = SFIConfig(sinks=2, topk=5, recent=4, max_fast_steps=8, min_refresh_gap=2)
@@ -60,31 +60,36 @@ def expected_positions(store, slot, n, slow, layer, h):
     return list(range(lo)) + selected + list(range(hi, n))
 
 
-def actual_lists(layout, store, req_to_token, layer):
-    """Decode kv_indices into per-list (kv slot, head) pairs."""
-    idx = layer_indices(layout, store, req_to_token, layer)
-    assert idx.dtype == torch.int32 and layout.kv_indptr.dtype == torch.int32
-    ptr = layout.kv_indptr.tolist()
-    hkv = store.kv_heads
-    return [[(int(x) // hkv, int(x) % hkv) for x in idx[a:b]] for a, b in zip(ptr[:-1], ptr[1:])]
+def pool(hkv, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(NUM_SLOTS * MAX_LEN, hkv, d, generator=g).to(dtype)
+    v = torch.randn(NUM_SLOTS * MAX_LEN, hkv, d + 3, generator=g).to(dtype)  # Dv != D on purpose
+    return k, v
+
+
+def attend(q, keys, values, scale):
+    """softmax(q . k * scale) @ V for one query head, float64."""
+    w = torch.softmax((keys.double() @ q.double()) * scale, dim=0)
+    return w @ values.double()
+
+
+def decode(fn, store, req_to_token, slots, seq_lens, slow, k, v, q, scale, layer, cap=0.0):
+    return fn(q, k, v, req_to_token, slots, seq_lens, slow, store.hi, store.count, store.pos[layer],
+              CFG.sinks, scale, cap)
 
 
 @pytest.mark.parametrize("hkv", [1, 2, 3])
-def test_index_lists_match_plain_python(hkv):
+def test_token_lists_are_the_requests_own_tokens_without_duplicates(hkv):
     store, req_to_token, slots, seq_lens, slow = make_state(hkv=hkv, seed=hkv)
-    layout = build_layout(store, req_to_token, slots, seq_lens, slow)
-    assert layout.kv_indptr.numel() == len(REQUESTS) * hkv + 1
+    kept = store.kept(slots, seq_lens, slow)
     for layer in range(LAYERS):
-        lists = actual_lists(layout, store, req_to_token, layer)
         for b, (slot, _, n, is_slow) in enumerate(REQUESTS):
-            own = {int(x) for x in req_to_token[slot, :n]}
             for h in range(hkv):
-                got = lists[b * hkv + h]
-                pos = expected_positions(store, slot, n, is_slow, layer, h)
-                assert got == [(int(req_to_token[slot, p]), h) for p in pos], (layer, b, h)
-                assert all(kv in own for kv, _ in got)  # only this request's own tokens
-                assert len(set(got)) == len(got)  # no duplicates
-                assert int(layout.kept[b]) == len(got)
+                got = token_positions(is_slow, n, int(store.hi[slot]), int(store.count[slot]), CFG.sinks,
+                                      store.pos[layer, slot, h]).tolist()
+                assert got == expected_positions(store, slot, n, is_slow, layer, h)
+                assert len(set(got)) == len(got) and all(0 <= p < n for p in got)
+                assert int(kept[b]) == len(got)
 
 
 def test_selection_sizes_of_the_cases():
@@ -95,76 +100,62 @@ def test_selection_sizes_of_the_cases():
         assert (int(store.hi[slot]), int(store.count[slot])) == (hi, cnt)
 
 
-def test_layers_differ_only_in_selected_entries():
-    store, req_to_token, slots, seq_lens, slow = make_state(seed=5)
-    layout = build_layout(store, req_to_token, slots, seq_lens, slow)
-    a, b = (layer_indices(layout, store, req_to_token, layer) for layer in (0, 1))
-    assert torch.equal(a[~layout.is_sel], b[~layout.is_sel])
-    assert torch.equal(a[~layout.is_sel], layout.base[~layout.is_sel].to(torch.int32))
-
-
-# ---- sparse_decode_ref --------------------------------------------------------------------
-
-
-def make_pool(hkv, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(NUM_SLOTS * MAX_LEN, hkv, d, generator=g)
-    v = torch.randn(NUM_SLOTS * MAX_LEN, hkv, d + 3, generator=g)  # Dv != D on purpose
-    return k, v
-
-
-def attend(q, keys, values, scale):
-    """softmax(q . k * scale) @ V for one query head, float64."""
-    w = torch.softmax((keys.double() @ q.double()) * scale, dim=0)
-    return w @ values.double()
-
-
-def run_decode(store, req_to_token, slots, seq_lens, slow, k_pool, v_pool, q, scale, layer):
-    layout = build_layout(store, req_to_token, slots, seq_lens, slow)
-    idx = layer_indices(layout, store, req_to_token, layer)
-    return sparse_decode_ref(
-        q, k_pool.reshape(-1, k_pool.shape[-1]), v_pool.reshape(-1, v_pool.shape[-1]),
-        layout.kv_indptr, idx, scale,
-    )
-
-
 @pytest.mark.parametrize("ratio", [1, 3, 4])
 def test_fast_step_equals_dense_attention_over_the_same_tokens(ratio):
     hkv, d, layer = 2, 16, 1
     store, req_to_token, slots, seq_lens, slow = make_state(hkv=hkv, seed=10 + ratio)
-    k_pool, v_pool = make_pool(hkv, d, seed=ratio)
+    k, v = pool(hkv, d, seed=ratio)
     q = torch.randn(len(REQUESTS), hkv * ratio, d, generator=torch.Generator().manual_seed(99))
     scale = 1 / math.sqrt(d)
-    out = run_decode(store, req_to_token, slots, seq_lens, slow, k_pool, v_pool, q, scale, layer)
+    out = decode(sfi_decode_ref, store, req_to_token, slots, seq_lens, slow, k, v, q, scale, layer)
     assert out.shape == (len(REQUESTS), hkv * ratio, d + 3) and out.dtype == q.dtype
     for b, (slot, _, n, is_slow) in enumerate(REQUESTS):
         for qh in range(hkv * ratio):
             h = qh // ratio
             kv = req_to_token[slot, expected_positions(store, slot, n, is_slow, layer, h)].long()
-            want = attend(q[b, qh], k_pool[kv, h], v_pool[kv, h], scale)
-            torch.testing.assert_close(out[b, qh].double(), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[b, qh].double(), attend(q[b, qh], k[kv, h], v[kv, h], scale),
+                                       atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("ratio", [1, 3, 4])
-def test_full_lists_equal_plain_dense_attention(ratio):
-    hkv, d = 2, 8
-    store, req_to_token, slots, seq_lens, _ = make_state(hkv=hkv, seed=20 + ratio)
-    # every row slow, plus the fast rows whose selection covers the whole candidate region
+def test_slow_rows_and_covering_selections_equal_plain_dense_attention():
+    hkv, d, ratio = 2, 8, 3
+    store, req_to_token, slots, seq_lens, _ = make_state(hkv=hkv, seed=23)
+    # fast rows whose selection covers the whole candidate region attend to everything too
     covering = torch.tensor([int(store.count[s]) == int(store.hi[s]) - min(CFG.sinks, int(store.hi[s]))
                              for s in slots.tolist()])
     assert covering.any() and not covering.all()
-    k_pool, v_pool = make_pool(hkv, d, seed=ratio + 7)
+    k, v = pool(hkv, d, seed=7)
     q = torch.randn(len(REQUESTS), hkv * ratio, d, generator=torch.Generator().manual_seed(ratio))
-    scale = 0.3
     for slow in (torch.ones(len(REQUESTS), dtype=torch.bool), ~covering):
-        out = run_decode(store, req_to_token, slots, seq_lens, slow, k_pool, v_pool, q, scale, 0)
+        out = decode(sfi_decode_ref, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.3, 0)
         for b, (slot, _, n, _) in enumerate(REQUESTS):
             kv = req_to_token[slot, :n].long()
-            keys = k_pool[kv].repeat_interleave(ratio, dim=1).double()  # [n, Hq, D]
-            vals = v_pool[kv].repeat_interleave(ratio, dim=1).double()
-            p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), keys) * scale, dim=-1)
-            want = torch.einsum("hn,nhd->hd", p, vals)
-            torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
+            keys = k[kv].repeat_interleave(ratio, dim=1).double()  # [n, Hq, D]
+            vals = v[kv].repeat_interleave(ratio, dim=1).double()
+            p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), keys) * 0.3, dim=-1)
+            torch.testing.assert_close(out[b].double(), torch.einsum("hn,nhd->hd", p, vals), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hkv, ratio, min_chunk, cap, dtype", [
+    (2, 1, 512, 0.0, torch.float32),
+    (2, 3, 8, 0.0, torch.float32),  # many splits per list, lengths not multiples of the block
+    (1, 4, 16, 5.0, torch.float32),  # logit soft cap
+    (1, 8, 8, 0.0, torch.float16),
+])
+def test_triton_kernel_matches_reference(hkv, ratio, min_chunk, cap, dtype, monkeypatch):
+    monkeypatch.setattr(sfi_decode_mod, "MIN_CHUNK", min_chunk)
+    store, req_to_token, slots, seq_lens, slow = make_state(hkv=hkv, seed=30 + ratio)
+    k, v = pool(hkv, 16, seed=ratio, dtype=dtype)
+    q = torch.randn(len(REQUESTS), hkv * ratio, 16, generator=torch.Generator().manual_seed(5)).to(dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
+    for name in ("hi", "count", "pos"):
+        setattr(store, name, getattr(store, name).to(dev))
+    req_to_token, slots, seq_lens, slow, k, v, q = (t.to(dev) for t in (req_to_token, slots, seq_lens, slow, k, v, q))
+    for layer in (0, 2):
+        want = decode(sfi_decode_ref, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap)
+        got = decode(sfi_decode_mod.sfi_decode, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap)
+        tol = 1e-5 if dtype == torch.float32 and dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 def test_advance_moves_slow_rows_to_a_new_selection():

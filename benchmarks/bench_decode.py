@@ -1,0 +1,178 @@
+"""Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
+
+    python benchmarks/bench_decode.py [--model qwen3-4b] [--contexts 8192,32768] [--batches 1,4,16]
+        [--output-len 512] [--refresh 16,32] [--out benchmarks/results/decode_throughput.json]
+
+Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``) in
+its own process on the same dummy-weight model config, batches and contexts, with
+decode CUDA graphs on. Dummy weights write no sentences, so sfi's slow steps are
+forced every R steps (``max_fast_steps = R - 1``, boundary trigger off): R=16 is the
+worst case the issue asks for, R=32 the usual one. Decode step time is the mean over
+all decode steps (slow steps and Selector refreshes included), not the median.
+Prints a table with the ratio sfi / best dense backend, the ideal ratio from bytes
+moved, and the fraction of HBM copy bandwidth (measured in this run) each step uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from sfi_sglang.config import SFIConfig  # noqa: E402
+from sfi_sglang.dummy_model import PRESETS, write_dummy_model  # noqa: E402
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), best of 10."""
+    n = int(gib * 2**30) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        best = min(best, s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / best
+
+
+def has_fa3() -> bool:
+    try:
+        return importlib.util.find_spec("sgl_kernel.flash_attn") is not None
+    except ImportError:
+        return False
+
+
+def model_bytes(cfg: dict) -> tuple[int, int]:
+    """(weight bytes, KV bytes per token) of a bf16 Qwen3-style config."""
+    h, hq, hkv, d, i, v, layers = (cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                   "head_dim", "intermediate_size", "vocab_size", "num_hidden_layers"))
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * i + 2 * h + 2 * d
+    params = layers * per_layer + v * h * (1 if cfg["tie_word_embeddings"] else 2) + h
+    return 2 * params, 2 * 2 * layers * hkv * d
+
+
+def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None) -> tuple[list[dict], str]:
+    """One one-batch process; returns its result rows and log."""
+    res = tempfile.mktemp(suffix=".jsonl")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
+    if sfi_cfg is not None:
+        env["SFI_CONFIG"] = json.dumps(sfi_cfg)
+    cmd = [sys.executable, "-m", "sfi_sglang.bench_one_batch", "--model-path", model, "--load-format", "dummy",
+           "--attention-backend", backend, "--cuda-graph-backend-prefill", "disabled",
+           "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(max(args.contexts) + args.output_len + 64),
+           "--batch-size", *map(str, args.batches), "--input-len", *map(str, args.contexts),
+           "--output-len", str(args.output_len), "--run-name", name, "--result-filename", res]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        log, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        log, rc = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"), "timeout"
+    rows = [json.loads(line) for line in open(res)] if os.path.exists(res) else []
+    if rc != 0:
+        print(f"[{name}] exit {rc}:\n{log[-3000:]}", file=sys.stderr)
+    return rows, log
+
+
+def slow_frac_from_log(log: str) -> float | None:
+    """Slow-step fraction from sfi's last cumulative counter line."""
+    found = re.findall(r"slow frac ([0-9.]+)", log)
+    return float(found[-1]) if found else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-4b", choices=[p for p in PRESETS if p.startswith("qwen3")])
+    ap.add_argument("--contexts", default="8192,32768", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--batches", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--output-len", default=512, type=int)
+    ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--dense", default="flashinfer,triton,fa3")
+    ap.add_argument("--mem-fraction", default=0.85, type=float)
+    ap.add_argument("--timeout", default=900, type=int)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_throughput.json"))
+    args = ap.parse_args()
+
+    model = write_dummy_model(tempfile.mkdtemp(prefix="sfi-bench-"), args.model)
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    w_bytes, kv_tok = model_bytes(PRESETS[args.model])
+    print(f"{gpu}: copy bandwidth {bw / 1e12:.2f} TB/s; {args.model}: weights {w_bytes / 1e9:.2f} GB, KV {kv_tok // 1024} KiB/token")
+
+    runs = []  # (name, backend, sfi config, refresh)
+    for dense in args.dense.split(","):
+        if dense == "fa3" and not has_fa3():
+            print("fa3: not installed here, skipped")
+            continue
+        runs.append((dense, dense, None, None))
+    base = SFIConfig()
+    for r in args.refresh:
+        cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1), "boundary": False,
+               "log_interval": 64}
+        runs.append((f"sfi_R{r}", "sfi", cfg, r))
+    runs.sort(key=lambda run: run[0] in args.dense.split(",")[1:])  # first dense, sfi, then the other dense
+
+    rows = []
+    for name, backend, cfg, r in runs:
+        results, log = run_backend(name, backend, model, args, cfg)
+        frac = slow_frac_from_log(log) if cfg else 0.0
+        for res in results:
+            bs, ctx = res["batch_size"], res["input_len"]
+            steps = res["output_len"] - 1
+            step_s = (res["total_latency"] - res["prefill_latency"]) / steps
+            if cfg:  # tokens read per KV head: slow steps the context, fast steps the memory
+                kept = base.sinks + base.topk + base.recent + r / 2
+                read = ctx / r + min(kept, ctx) * (r - 1) / r
+            else:
+                read = ctx
+            moved = w_bytes + bs * kv_tok * (read + steps / 2)
+            rows.append({
+                "gpu": gpu, "model": args.model, "backend": name, "batch": bs, "context": ctx,
+                "output_len": res["output_len"], "refresh_every": r, "decode_tok_s": bs / step_s,
+                "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / step_s / bw,
+                "bytes_moved": moved,
+            })
+            print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s")
+
+    table(rows)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": datetime.date.today().isoformat(), "copy_bandwidth_bytes_s": bw,
+                   "weight_bytes": w_bytes, "kv_bytes_per_token": kv_tok, "rows": rows}, f, indent=1)
+    print("wrote", args.out)
+
+
+def table(rows: list[dict]) -> None:
+    """Per (batch, context): best dense backend vs each sfi setting, measured and ideal ratio."""
+    print(f"\n{'batch':>5} {'ctx':>6} {'best dense':>16} {'sfi':>8} {'tok/s':>9} {'ratio':>6} {'ideal':>6} "
+          f"{'slow':>6} {'%HBM':>5}")
+    for bs, ctx in sorted({(r["batch"], r["context"]) for r in rows}):
+        at = [r for r in rows if (r["batch"], r["context"]) == (bs, ctx)]
+        dense = [r for r in at if r["refresh_every"] is None]
+        if not dense:
+            continue
+        best = max(dense, key=lambda r: r["decode_tok_s"])
+        for r in (r for r in at if r["refresh_every"] is not None):
+            print(f"{bs:>5} {ctx:>6} {best['backend']:>9} {best['decode_tok_s']:6.0f} {r['backend']:>8} "
+                  f"{r['decode_tok_s']:9.1f} {r['decode_tok_s'] / best['decode_tok_s']:6.2f} "
+                  f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} {100 * r['hbm_frac']:5.1f}")
+
+
+if __name__ == "__main__":
+    main()

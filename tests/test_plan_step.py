@@ -1,0 +1,44 @@
+"""The one-launch decode plan (Triton) against its torch composition."""
+
+import pytest
+import torch
+
+from sfi_sglang.config import SFIConfig
+from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
+from sfi_sglang.memory import SelectionStore
+from sfi_sglang.metrics import SFIStats
+
+CFG = SFIConfig(sinks=3, topk=20, recent=5, max_fast_steps=6, min_refresh_gap=2)
+SLOTS, VOCAB = 12, 50
+
+
+def state(seed: int, dev: str):
+    g = torch.Generator().manual_seed(seed)
+    store = SelectionStore(CFG, 2, SLOTS, 2, dev)
+    store.ready.copy_(torch.rand(SLOTS, generator=g) < 0.8)
+    store.steps.copy_(torch.randint(0, 8, (SLOTS,), generator=g))
+    hi = torch.randint(0, 30, (SLOTS,), generator=g)
+    store.hi.copy_(hi)
+    store.count.copy_(torch.minimum(hi, torch.randint(0, 20, (SLOTS,), generator=g)))
+    table = (torch.rand(VOCAB, generator=g) < 0.3).to(dev)
+    return store, SFIStats(dev), table
+
+
+@pytest.mark.parametrize("bs, real", [(1, 1), (7, 7), (8, 5), (16, 0)])
+def test_triton_plan_matches_reference(bs, real):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
+    g = torch.Generator().manual_seed(bs * 10 + real)
+    slots = torch.cat([torch.randperm(SLOTS - 1, generator=g)[:real] + 1, torch.zeros(bs - real, dtype=torch.long)])
+    seq_lens = torch.cat([torch.randint(31, 60, (real,), generator=g), torch.ones(bs - real, dtype=torch.long)])
+    ids = torch.randint(0, VOCAB + 5, (bs,), generator=g)  # ids past the table are clamped
+    outs = []
+    for fn in (plan_step_ref, plan_step):
+        store, stats, table = state(bs, dev)
+        slow = torch.zeros(bs, dtype=torch.bool, device=dev)
+        prev = torch.full((SLOTS,), -1, dtype=torch.long, device=dev)
+        fn(store, stats, table, ids.to(dev), slots.to(dev), seq_lens.to(dev), real, slow, prev)
+        outs.append([slow, prev[:real], store.hi, store.count, store.steps, store.ready, stats.acc])
+        assert stats.decode_steps == 1
+    for a, b in zip(*outs):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert outs[0][0][real:].all()  # padding rows are slow
