@@ -33,7 +33,8 @@ from sfi_sglang.memory import SelectionStore
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
-from sfi_sglang.selector import aggregate, topk_positions
+from sfi_sglang.radix import SelectionRecord, SelectionReuse
+from sfi_sglang.selector import region_positions, select
 
 logger = logging.getLogger("sfi_sglang")
 
@@ -49,7 +50,28 @@ class _Refresh:
     q_rows: torch.Tensor  # [S, W] rows of the query tensor that score the candidates (device)
     lo: torch.Tensor  # [S] candidate region start (device, int32)
     hi: torch.Tensor  # [S] candidate region end (device, int32)
-    width: int  # longest region
+    positions: Callable[[int], torch.Tensor]  # layer -> candidate positions [S, 1 or Hkv, N] (-1: padding)
+    width: int  # N
+
+
+def _region_refresh(slots, q_rows, lo, hi, width: int) -> _Refresh:
+    """Candidates: the whole region ``[lo, hi)``, the same for every layer and KV head."""
+    pos = region_positions(lo, hi, width)
+    return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width)
+
+
+def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_device) -> _Refresh:
+    """Candidates: each request's cached selection (per layer and KV head), then the tokens
+    after it, ``[record.hi, hi)``: the cost depends on the new tokens, not on the cached prefix."""
+    layers, heads = records[0].pos.shape[:2]
+    kept = max(r.count for r in records)
+    cached = torch.full((layers, len(records), heads, kept), -1, dtype=torch.int32, device=records[0].pos.device)
+    for i, r in enumerate(records):
+        cached[:, i, :, : r.count] = r.pos
+    start = torch.tensor([r.hi for r in records], dtype=torch.int32)
+    width = int((hi - start).max())
+    new = region_positions(to_device(start), to_device(hi), width).expand(-1, heads, -1)
+    return _Refresh(slots, q_rows, to_device(lo), to_device(hi), lambda l: torch.cat([cached[l], new], -1), kept + width)
 
 
 class SFIBackend(AttentionBackend):
@@ -71,12 +93,15 @@ class SFIBackend(AttentionBackend):
         self.on_cuda = self.device.type == "cuda"
         self._alloc_rows(rows)
         self.pending: tuple[int, torch.Tensor] | None = None  # previous decode step: (rows, seq lens on host)
-        self.extend_refresh: _Refresh | None = None
+        self.extend_refresh: list[_Refresh] = []
+        self.new_records: list[tuple[str, int, int, int]] = []  # this prefill's (rid, row, hi, count)
+        self.reuse = SelectionReuse(cfg.reuse_records) if cfg.reuse_records > 0 else None
         logger.info(
             "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, selection state %.1f MiB, "
-            "saved queries %.1f MiB, config %s",
+            "saved queries %.1f MiB, selection records up to %.1f MiB, config %s",
             type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,
-            int(self.is_boundary.sum()), self.store.nbytes / 2**20, self.q_hist.nbytes / 2**20, cfg.to_dict(),
+            int(self.is_boundary.sum()), self.store.nbytes / 2**20, self.q_hist.nbytes / 2**20,
+            cfg.reuse_records * self.store.pos[:, 0].nbytes / 2**20, cfg.to_dict(),
         )
 
     def _alloc_rows(self, rows: int) -> None:
@@ -97,7 +122,7 @@ class SFIBackend(AttentionBackend):
             return
         self._refresh_previous_slow_rows()
         self.dense.init_forward_metadata(forward_batch)
-        self.extend_refresh = self._plan_extend(forward_batch) if forward_batch.forward_mode.is_extend() else None
+        self.extend_refresh = self._plan_extend(forward_batch) if forward_batch.forward_mode.is_extend() else []
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         """Decode metadata; also run before every graph replay. Device work only, no host sync."""
@@ -115,7 +140,7 @@ class SFIBackend(AttentionBackend):
             host_lens = fb.seq_lens_cpu[:real] if fb.seq_lens_cpu is not None else fb.seq_lens[:real].cpu()
             self.pending = (real, host_lens.clone())
         if self.cfg.log_interval and self.stats.decode_steps % self.cfg.log_interval == 0:
-            self.stats.log()
+            self.stats.log(self.reuse.summary() if self.reuse is not None else "")
 
     def _refresh_previous_slow_rows(self) -> None:
         """Rebuild, for every layer, the selections of the previous decode step's slow rows."""
@@ -131,32 +156,65 @@ class SFIBackend(AttentionBackend):
         if not keep.any():
             return
         rows_d = self._to_device(rows[keep])
-        r = _Refresh(self.prev_slots[rows_d], rows_d.unsqueeze(1), self._to_device(lo[keep].int()),
-                     self._to_device(hi[keep].int()), int((hi - lo)[keep].max()))
+        r = _region_refresh(self.prev_slots[rows_d], rows_d.unsqueeze(1), self._to_device(lo[keep].int()),
+                            self._to_device(hi[keep].int()), int((hi - lo)[keep].max()))
         self._select(range(self.shape.num_layers), self.q_hist.__getitem__, r)
         self.stats.add_refreshes(len(rows_d))
 
-    def _plan_extend(self, fb) -> _Refresh | None:
-        slots, st = fb.req_pool_indices, self.store
-        if self.cfg.prefill_queries == 0:
+    def _plan_extend(self, fb) -> list[_Refresh]:
+        """Selections at the end of a prefill: from scratch, or from the record of a cached prefix."""
+        slots, st, n_q = fb.req_pool_indices, self.store, self.cfg.prefill_queries
+        self.new_records = []
+        if n_q == 0:
             st.clear(slots)
-            return None
+            return []
         st.start(slots, fb.seq_lens)
-        lo, hi, _ = st.bounds(torch.as_tensor(fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()))
+        lo, hi, count = st.bounds(torch.as_tensor(fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()))
+        lo, hi = lo.int(), hi.int()
         ext = list(fb.extend_seq_lens_cpu)
-        ends = list(accumulate(ext))
         # last `prefill_queries` prompt rows of each request (a shorter extend repeats its first row)
-        q_rows = [[max(e - i, e - n) for i in range(self.cfg.prefill_queries, 0, -1)] for e, n in zip(ends, ext)]
-        keep = (hi > lo).tolist()
-        if not any(keep):
-            return None
-        keep_t = torch.tensor(keep)
-        self.stats.add_refreshes(sum(keep))
-        return _Refresh(
-            slots[self._to_device(keep_t.nonzero().flatten())],
-            self._to_device(torch.tensor(q_rows)[keep_t]),
-            self._to_device(lo[keep_t].int()), self._to_device(hi[keep_t].int()), int((hi - lo)[keep_t].max()),
-        )
+        q_rows = torch.tensor([[max(e - i, e - n) for i in range(n_q, 0, -1)] for e, n in zip(accumulate(ext), ext)])
+        rows = (hi > lo).nonzero().flatten().tolist()
+        records = self._take_records(fb, rows, hi)
+        self.stats.add_refreshes(len(rows))
+        if self.reuse is not None and self.reuse.linked and fb.rids is not None:
+            self.new_records = [(fb.rids[i], i, int(hi[i]), int(count[i])) for i in rows]
+        out = []
+        for group in ([i for i in rows if i not in records], [i for i in rows if i in records]):
+            if not group:
+                continue
+            idx = torch.tensor(group)
+            args = (slots[self._to_device(idx)], self._to_device(q_rows[idx]), lo[idx], hi[idx])
+            if group[0] in records:
+                out.append(_reuse_refresh(*args, [records[i] for i in group], self._to_device))
+            else:
+                out.append(_region_refresh(*args[:2], *map(self._to_device, args[2:]), int((hi - lo)[idx].max())))
+        return out
+
+    def _take_records(self, fb, rows: list[int], hi: torch.Tensor) -> dict[int, SelectionRecord]:
+        """Records offered by the radix cache to this prefill's requests, where they still apply
+        (made for at most the cached prefix, as the radix cache guarantees when nothing changed)."""
+        if self.reuse is None or fb.rids is None:
+            return {}
+        offered = [self.reuse.take(rid) for rid in fb.rids]
+        prefix = fb.extend_prefix_lens_cpu
+        out = {}
+        for i in rows:
+            if prefix[i] == 0:
+                continue
+            rec = offered[i]
+            if rec is not None and rec.hi <= min(prefix[i], int(hi[i])):
+                out[i] = rec
+        self.reuse.hits += len(out)
+        self.reuse.misses += sum(1 for i in rows if prefix[i] > 0) - len(out)
+        return out
+
+    def _keep_records(self, fb) -> None:
+        """After a prefill's last layer: copy each new selection out, for the radix cache."""
+        picked = self.store.pos.index_select(1, fb.req_pool_indices)
+        for rid, i, hi, count in self.new_records:
+            self.reuse.made(rid, SelectionRecord(hi, count, picked[:, i, :, :count].clone()))
+        self.new_records = []
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Small host tensor -> device without a stream sync (pinned, asynchronous copy)."""
@@ -168,10 +226,12 @@ class SFIBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        if self.extend_refresh is not None:
-            sh = self.shape
-            q3 = q.reshape(-1, sh.q_heads, sh.head_dim)
-            self._select([layer.layer_id - self.start_layer], lambda _: q3, self.extend_refresh)
+        li = layer.layer_id - self.start_layer
+        q3 = q.reshape(-1, self.shape.q_heads, self.shape.head_dim)
+        for r in self.extend_refresh:
+            self._select([li], lambda _: q3, r)
+        if self.new_records and li == self.shape.num_layers - 1:
+            self._keep_records(forward_batch)
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
@@ -203,21 +263,20 @@ class SFIBackend(AttentionBackend):
         per = max(1, SELECTOR_SCRATCH // (unit * rows))
         layers = list(layers)
         for a in range(0, r.slots.shape[0], rows):
-            slots, lo, hi, q_rows = r.slots[a:a + rows], r.lo[a:a + rows], r.hi[a:a + rows], r.q_rows[a:a + rows]
+            part = slice(a, a + rows)
+            slots, lo, hi, q_rows = r.slots[part], r.lo[part], r.hi[part], r.q_rows[part]
             for b in range(0, len(layers), per):
                 group = layers[b:b + per]
+                pos = [r.positions(l)[part] for l in group]
                 parts = [
                     logits_fn(q_of(l)[q_rows], self.token_to_kv_pool.get_key_buffer(l + self.start_layer),
-                              self.req_to_token, slots, lo, hi, r.width, sh.sm_scale, sh.logit_cap,
-                              norms=cfg.prior_lambda_max > 0)
-                    for l in group
+                              self.req_to_token, slots, p, sh.sm_scale, sh.logit_cap, norms=cfg.prior_lambda_max > 0)
+                    for l, p in zip(group, pos)
                 ]
-                logits = torch.cat([p[0] for p in parts])
                 log_norm = torch.cat([p[1] for p in parts]) if cfg.prior_lambda_max > 0 else None
                 g = len(group)
-                scores = aggregate(logits, (hi - lo).repeat(g), cfg.alpha, cfg.prior_lambda_max, log_norm,
-                                   cfg.neighbor_window)
-                sel = (topk_positions(scores, cfg.topk) + lo.repeat(g).view(-1, 1, 1)).view(g, len(slots), sh.kv_heads, -1)
+                sel = select(torch.cat([p[0] for p in parts]), torch.cat(pos), cfg, (lo.repeat(g), hi.repeat(g)),
+                             log_norm).view(g, len(slots), sh.kv_heads, -1)
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
 

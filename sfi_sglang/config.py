@@ -57,13 +57,18 @@ class SFIConfig:
 
     On SmolLM2-135M, 2 cut KL by up to 45% at 4K contexts and retrieved 7/9 passkeys
     instead of 3/9 at budget 128 (benchmarks/results/fidelity_window0.json vs fidelity.json)."""
+    reuse_records: int = 64
+    """Selections kept on radix-tree prefix nodes, so requests re-sending a cached prefix start
+    from its selection and score only their new tokens (0: off). Each record takes up to
+    layers x KV heads x topk x 4 bytes of GPU memory (2.3 MiB for Qwen3-4B at topk 2048)."""
     dense_backend: str = "auto"
     """SGLang backend for prefill/extend: auto = flashinfer on CUDA, torch_native on CPU."""
     log_interval: int = 1000
     """Log counters every this many decode steps (0: never)."""
 
     _positive = ("topk", "max_fast_steps")
-    _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval")
+    _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval",
+                     "reuse_records")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -59,8 +59,8 @@ class SFIStats:
         vals["mean_kept_frac"] = vals["kept_tokens"] / vals["context_tokens"] if vals["context_tokens"] else 0.0
         return vals
 
-    def log(self) -> None:
-        """Log the totals and export what was added since the last call."""
+    def log(self, extra: str = "") -> None:
+        """Log the totals (and ``extra``) and export what was added since the last call."""
         s = self.snapshot()
         if self._counters is not None:
             for f in FIELDS:
@@ -68,7 +68,7 @@ class SFIStats:
                 self._exported[f] = s[f]
         logger.info(
             "SFI: slow rows %d, fast rows %d (slow frac %.3f), refreshes %d, "
-            "mean kept tokens per fast row and KV head %.1f (%.1f%% of context)",
+            "mean kept tokens per fast row and KV head %.1f (%.1f%% of context)%s",
             s["slow_steps"], s["fast_steps"], s["slow_step_frac"], s["refreshes"],
-            s["mean_kept_tokens"], 100 * s["mean_kept_frac"],
+            s["mean_kept_tokens"], 100 * s["mean_kept_frac"], f"; {extra}" if extra else "",
         )

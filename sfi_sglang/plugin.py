@@ -1,4 +1,5 @@
-"""SGLang plugin entry point (group ``sglang.srt.plugins``): registers ``--attention-backend sfi``.
+"""SGLang plugin entry point (group ``sglang.srt.plugins``): registers ``--attention-backend sfi``
+and ``--radix-cache-backend sfi`` (selection reuse, on by default under the sfi backend).
 
 sglang calls ``register()`` in the launching process (before it parses arguments)
 and again in every scheduler process. It must stay cheap and free of CUDA work.
@@ -31,6 +32,7 @@ def register() -> None:
 
 def _register() -> None:
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
@@ -43,6 +45,13 @@ def _register() -> None:
 
         return create_sfi_backend(runner)
 
+    def _create_radix_cache(ctx):
+        from sfi_sglang.radix import create_radix_cache
+
+        return create_radix_cache(ctx)
+
+    if NAME not in registered_radix_cache_backends():
+        register_radix_cache_backend(NAME, _create_radix_cache)
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs._handle_attention_backend_compatibility",
         _check_server_args,

@@ -1,14 +1,18 @@
 """The Selector: attention logits of a refresh's queries -> top-k token positions per KV head.
 
-For each refreshed request and KV head: softmax each query's logits over the
-candidate region ``[lo, hi)`` (sinks and the live tail are kept anyway and do not
-compete), aggregate the probabilities of the KV head's query group with a power
-mean (order ``alpha``), mix in a prior on key norms and positions with the
-closed-form weight of the reference code (clipped to ``prior_lambda_max``),
-optionally spread each score to its neighbours (``neighbor_window``, so spans are
-kept), and keep the top-k. Ties go to the earlier position. Batched over requests
-of different region lengths (padding is masked); the logits come from
-``sfi_sglang.kernels.candidate_logits``.
+For each refreshed request and KV head, over its candidates (token positions;
+``-1`` pads): softmax each query's logits over the candidates (sinks and the live
+tail are kept anyway and do not compete), aggregate the probabilities of the KV
+head's query group with a power mean (order ``alpha``), mix in a prior on key
+norms and positions with the closed-form weight of the reference code (clipped to
+``prior_lambda_max``), optionally spread each score to its neighbouring positions
+(``neighbor_window``, so spans are kept), and keep the top-k. Ties go to the
+earlier position.
+
+Candidates are usually a contiguous region ``[lo, hi)``; a request that reuses a
+cached selection (``sfi_sglang.radix``) has that selection's positions followed by
+the tokens after it. Batched over requests of different candidate counts (padding
+is masked); the logits come from ``sfi_sglang.kernels.candidate_logits``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import math
 
 import torch
 
+from sfi_sglang.config import SFIConfig
+
 # Prior constants of the reference implementation (LV-NUS/SFI, alpha-fair selector).
 NORM_GAMMA = 0.5
 POS_WEIGHT = 0.7
@@ -24,21 +30,27 @@ POS_POWER = 1.8
 POS_ETA = 0.4
 POS_BETA = -math.log(0.6) / 0.9
 
+PAD_POSITION = torch.iinfo(torch.int32).max  # where topk_positions puts picked padding: last
 
-def prior(log_norm: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Prior over candidates from log key norms ``[S, Hkv, N]`` and region lengths ``[S]``
-    -> ``[S, Hkv, N]``, each row summing to 1 over its region.
+
+def region_positions(lo: torch.Tensor, hi: torch.Tensor, width: int) -> torch.Tensor:
+    """Candidates ``[lo, hi)`` of each row, padded with -1 to ``width``: ``[S, 1, width]`` int32."""
+    pos = lo.view(-1, 1).int() + torch.arange(width, device=lo.device, dtype=torch.int32)
+    return pos.masked_fill(pos >= hi.view(-1, 1), -1).unsqueeze(1)
+
+
+def prior(log_norm: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Prior over candidates from log key norms ``[S, Hkv, N]`` and their positions in the
+    region ``[lo, hi)`` -> ``[S, Hkv, N]``, each row summing to 1 over its candidates.
 
     Favours small key norms and older positions; sharply penalises the last
     candidates before the live tail.
     """
-    n = log_norm.shape[-1]
-    j = torch.arange(n, device=log_norm.device, dtype=torch.float32)
-    u = (j / (lengths.float().unsqueeze(-1) - 1).clamp_min(1)).clamp(max=1.0)  # [S, N]
+    span = (hi - lo - 1).clamp_min(1).float().view(-1, 1, 1)
+    u = ((positions - lo.view(-1, 1, 1)).float() / span).clamp(0.0, 1.0)
     log_pos = -POS_BETA * u.pow(POS_POWER) + POS_ETA * torch.log1p(-u)
-    x = -NORM_GAMMA * log_norm + POS_WEIGHT * log_pos.unsqueeze(1)
-    valid = (j < lengths.unsqueeze(-1)).unsqueeze(1)
-    return x.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    x = -NORM_GAMMA * log_norm + POS_WEIGHT * log_pos
+    return x.masked_fill(positions < 0, float("-inf")).softmax(dim=-1)
 
 
 def mix_prior(f: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tensor:
@@ -50,41 +62,60 @@ def mix_prior(f: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tens
     return (1 - lam) * f + lam * r
 
 
-def spread_to_neighbors(scores: torch.Tensor, window: int) -> torch.Tensor:
-    """Average of each score and the best score within +-window (last dim): a peak still
-    ranks first, then its neighbours, so top-k keeps spans around strongly attended tokens."""
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    pooled = torch.nn.functional.max_pool1d(flat, 2 * window + 1, stride=1, padding=window)
-    return 0.5 * (scores + pooled.view_as(scores))
+def spread_to_neighbors(scores: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Average of each score and the best score of the candidates within +-window positions
+    (candidates ascending along the last dim): a peak still ranks first, then its
+    neighbours, so top-k keeps spans around strongly attended tokens."""
+    pooled = scores.clone()
+    for d in range(1, window + 1):
+        for a, b in ((slice(d, None), slice(None, -d)), (slice(None, -d), slice(d, None))):
+            near = (positions[..., a] - positions[..., b]).abs() <= window
+            pooled[..., a] = torch.maximum(pooled[..., a], scores[..., b].masked_fill(~near, float("-inf")))
+    return 0.5 * (scores + pooled)
 
 
 def aggregate(
     logits: torch.Tensor,
-    lengths: torch.Tensor,
+    positions: torch.Tensor,
     alpha: float,
     lambda_max: float = 0.0,
     log_norm: torch.Tensor | None = None,
+    region: tuple[torch.Tensor, torch.Tensor] | None = None,
     neighbor_window: int = 0,
 ) -> torch.Tensor:
-    """Logits ``[S, Hkv, R, N]`` (``-inf`` past each request's region length ``lengths[S]``)
-    -> score per KV head and candidate ``[S, Hkv, N]``; ``-1`` past the region."""
+    """Logits ``[S, Hkv, R, N]`` of candidates at ``positions [S, 1 or Hkv, N]`` (-1: padding,
+    whose logits are ``-inf``) -> score per KV head and candidate ``[S, Hkv, N]``; ``-1`` on padding.
+    The prior (``lambda_max > 0``) needs the key norms and the candidate ``region`` ``(lo, hi)``."""
     f = logits.softmax(dim=-1).pow(alpha).mean(dim=2).pow(1.0 / alpha)
     f = f / f.sum(dim=-1, keepdim=True)
     if lambda_max > 0:
-        f = mix_prior(f, prior(log_norm, lengths), lambda_max)
+        f = mix_prior(f, prior(log_norm, positions, *region), lambda_max)
     if neighbor_window > 0:
-        f = spread_to_neighbors(f, neighbor_window)
-    valid = torch.arange(f.shape[-1], device=f.device) < lengths.unsqueeze(-1)
-    return f.masked_fill(~valid.unsqueeze(1), -1.0)
+        f = spread_to_neighbors(f, positions, neighbor_window)
+    return f.masked_fill(positions < 0, -1.0)
 
 
-def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k candidates of each row of ``scores [..., N]``, ascending, int32 (``min(k, N)`` per row).
+def topk_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the top-k candidates of each row of ``scores [..., N]``, ascending, int32
+    (``min(k, N)`` per row; picked padding reads ``PAD_POSITION`` and sorts last).
 
-    A stable sort makes ties go to the earlier position, so results are deterministic;
-    masked candidates (``-1``) sort last, so a region shorter than ``k`` yields its
-    whole region first.
+    A stable sort makes ties go to the earlier candidate, so results are deterministic;
+    padding scores ``-1`` and loses to every real candidate.
     """
     k = min(k, scores.shape[-1])
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return order.sort(dim=-1).values.to(torch.int32)
+    pos = positions.expand_as(scores).gather(-1, order)
+    return pos.masked_fill(pos < 0, PAD_POSITION).sort(dim=-1).values.to(torch.int32)
+
+
+def select(
+    logits: torch.Tensor,
+    positions: torch.Tensor,
+    cfg: SFIConfig,
+    region: tuple[torch.Tensor, torch.Tensor],
+    log_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The whole Selector under ``cfg``: logits ``[S, Hkv, R, N]`` of candidates at ``positions``
+    -> ``[S, Hkv, min(topk, N)]`` selected positions (see :func:`topk_positions`)."""
+    scores = aggregate(logits, positions, cfg.alpha, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window)
+    return topk_positions(scores, positions, cfg.topk)

@@ -28,3 +28,5 @@ def check_server_args(server_args) -> None:
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.info("SFI: --max-running-requests defaults to %d under sfi", DEFAULT_MAX_RUNNING_REQUESTS)
+    if server_args.radix_cache_backend is None and not server_args.disable_radix_cache:
+        server_args.radix_cache_backend = "sfi"  # sglang's default cache, plus selection records

@@ -15,8 +15,12 @@ import os
 import random
 
 
-def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
-    """Token-id prompts with sentence and line ends sprinkled in (byte tokenizer: '.'=46, '\\n'=10)."""
+def prompts(n: int, length: int, seed: int = 0, shared: bool = False) -> list[list[int]]:
+    """Token-id prompts with sentence and line ends sprinkled in (byte tokenizer: '.'=46, '\\n'=10).
+
+    ``shared``: prefixes of one text, as the turns of an agent loop re-send a growing
+    history: the first two are the same, each later one extends the one before.
+    """
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -24,6 +28,8 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
         for j in range(20, len(ids), 23):
             ids[j] = rng.choice([46, 10, 63])
         out.append(ids)
+    if shared:
+        out = [out[-1][: length + 37 * max(i - 1, 0)] for i in range(n)]
     return out
 
 
@@ -48,7 +54,11 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]]) -> list
             {"temperature": 0.0, "max_new_tokens": args.new_tokens + 8 * i, "ignore_eos": True}
             for i in range(len(input_ids))
         ]
-        outs = engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        if args.sequential:  # one request at a time, each after the previous one finished
+            outs = [engine.generate(input_ids=i, sampling_params=s, return_logprob=True)
+                    for i, s in zip(input_ids, sampling)]
+        else:
+            outs = engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
         return [
             {"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"]["output_token_logprobs"]]}
             for o in outs
@@ -71,8 +81,10 @@ def main() -> None:
     p.add_argument("--disable-overlap", action="store_true")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--shared-prefix", action="store_true", help="prompts re-send a growing shared prefix")
+    p.add_argument("--sequential", action="store_true", help="send the prompts one after another")
     args = p.parse_args()
-    ids = prompts(args.prompts, args.prompt_len)
+    ids = prompts(args.prompts, args.prompt_len, shared=args.shared_prefix)
     dense = generate(args.model, args.dense, args, ids)
     sfi = generate(args.model, "sfi", args, ids)
     print("RESULT " + json.dumps({

@@ -16,9 +16,10 @@ from conftest import HERE, engine_env
 pytestmark = pytest.mark.e2e
 
 STATS = re.compile(r"SFI: slow rows (\d+), fast rows (\d+) .*refreshes (\d+), mean kept tokens per fast row and KV head ([\d.]+)")
+REUSE = re.compile(r"selection reuse: hits (\d+), misses (\d+), records (\d+)")
 
 
-def run_compare(model: str, sfi_config: str, *extra: str) -> tuple[dict, list[tuple[int, int, int, float]]]:
+def run_compare(model: str, sfi_config: str, *extra: str) -> tuple[dict, list[tuple[int, int, int, float]], str]:
     cmd = [sys.executable, f"{HERE}/engine_compare.py", model, "torch_native", "--device", "cpu",
            "--max-total-tokens", "4096", "--log-level", "info", *extra]
     proc = subprocess.run(cmd, env=engine_env(sfi_config), capture_output=True, text=True, timeout=900)
@@ -26,7 +27,7 @@ def run_compare(model: str, sfi_config: str, *extra: str) -> tuple[dict, list[tu
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, out[-4000:]
     stats = [(int(a), int(b), int(c), float(d)) for a, b, c, d in STATS.findall(out)]
-    return json.loads(lines[-1][len("RESULT "):]), stats
+    return json.loads(lines[-1][len("RESULT "):]), stats, out
 
 
 def test_full_budget_equals_dense(tiny_model):
@@ -36,7 +37,7 @@ def test_full_budget_equals_dense(tiny_model):
     and join a running batch, and later ones reuse earlier ones' req-pool slots.
     """
     cfg = json.dumps({"topk": 4096, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10})
-    res, stats = run_compare(tiny_model, cfg, "--prompts", "5", "--prompt-len", "150", "--new-tokens", "16",
+    res, stats, _ = run_compare(tiny_model, cfg, "--prompts", "5", "--prompt-len", "150", "--new-tokens", "16",
                              "--max-running-requests", "2")
     assert res["sfi"] == res["dense"]
     assert res["max_logprob_diff"] < 1e-3
@@ -50,8 +51,23 @@ def test_small_budget_is_sparse(tiny_model):
     """A small budget really drops tokens: fast rows keep far fewer tokens than the context."""
     cfg = json.dumps({"topk": 16, "recent": 16, "sinks": 4, "max_fast_steps": 16, "min_refresh_gap": 4,
                       "log_interval": 10})
-    res, stats = run_compare(tiny_model, cfg, "--prompts", "2", "--prompt-len", "300", "--new-tokens", "24")
+    res, stats, _ = run_compare(tiny_model, cfg, "--prompts", "2", "--prompt-len", "300", "--new-tokens", "24")
     assert [len(o) for o in res["sfi"]] == [24, 32]
     slow, fast, _, kept = stats[-1]
     assert fast > slow > 0
     assert 36 <= kept <= 4 + 16 + 16 + 16
+
+
+def test_selection_reuse_across_turns(tiny_model):
+    """Agent-style turns re-send a growing prefix (the first two the same prompt), one after
+    another: every later turn starts from the selection record of the cached prefix, and the
+    repeated prompt gives the same tokens, so the reused selection equals the one computed
+    from scratch (one prefill query: both prefills score with the same query)."""
+    cfg = json.dumps({"topk": 16, "recent": 16, "prefill_queries": 1, "max_fast_steps": 16, "min_refresh_gap": 4,
+                      "log_interval": 1})
+    res, _, out = run_compare(tiny_model, cfg, "--prompts", "4", "--prompt-len", "200", "--new-tokens", "16",
+                              "--shared-prefix", "--sequential")
+    hits, misses, records = map(int, REUSE.findall(out)[-1])
+    assert (hits, misses) == (3, 0) and records >= 1
+    assert res["dense"][0][:16] == res["dense"][1][:16]
+    assert res["sfi"][0][:16] == res["sfi"][1][:16]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
-from sfi_sglang.selector import aggregate, mix_prior, prior, spread_to_neighbors, topk_positions
+from sfi_sglang.selector import (PAD_POSITION, aggregate, mix_prior, prior, region_positions, spread_to_neighbors,
+                                 topk_positions)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -19,7 +20,7 @@ def gen(seed: int) -> torch.Generator:
 @pytest.mark.parametrize("hkv, n, k, lo", [(1, 10, 3, 0), (2, 37, 8, 4), (4, 5, 5, 100), (3, 6, 50, 7)])
 def test_topk_positions_shape_and_order(hkv, n, k, lo):
     scores = torch.rand(hkv, n, generator=gen(n))
-    out = topk_positions(scores, k) + lo
+    out = topk_positions(scores, torch.arange(lo, lo + n), k)
     assert out.dtype == torch.int32
     assert out.shape == (hkv, min(k, n))
     for h in range(hkv):
@@ -32,16 +33,23 @@ def test_topk_positions_shape_and_order(hkv, n, k, lo):
 
 
 def test_topk_positions_ties_go_to_earlier_positions():
-    assert topk_positions(torch.zeros(2, 10), 3).tolist() == [[0, 1, 2]] * 2
+    assert topk_positions(torch.zeros(2, 10), torch.arange(10), 3).tolist() == [[0, 1, 2]] * 2
     s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0], [3.0, 1.0, 1.0, 3.0, 1.0, 1.0]])
-    assert topk_positions(s, 2).tolist() == [[1, 2], [0, 3]]
-    assert topk_positions(s, 3).tolist() == [[1, 2, 3], [0, 1, 3]]
+    assert topk_positions(s, torch.arange(6), 2).tolist() == [[1, 2], [0, 3]]
+    assert topk_positions(s, torch.arange(6), 3).tolist() == [[1, 2, 3], [0, 1, 3]]
 
 
-def test_topk_positions_short_region_comes_first():
-    """Masked candidates (-1) lose to every real one, so a short region is kept whole, first."""
-    s = torch.tensor([[[0.0, 0.5, 0.1, -1.0, -1.0, -1.0]]])
-    assert topk_positions(s, 5)[0, 0, :3].tolist() == [0, 1, 2]
+def test_topk_positions_padding_loses_and_sorts_last():
+    """Padding (-1 score) loses to every real candidate; picked padding reads PAD_POSITION, last."""
+    s = torch.tensor([[[0.0, 0.5, -1.0, 0.1, -1.0, -1.0]]])
+    pos = torch.tensor([[[7, 9, -1, 30, -1, -1]]])
+    assert topk_positions(s, pos, 5)[0, 0].tolist() == [7, 9, 30, PAD_POSITION, PAD_POSITION]
+
+
+def test_topk_positions_per_head_candidates():
+    s = torch.tensor([[[0.1, 0.9, 0.5], [0.8, 0.1, 0.7]]])
+    pos = torch.tensor([[[3, 8, 20], [4, 5, 21]]])
+    assert topk_positions(s, pos, 2)[0].tolist() == [[8, 20], [4, 21]]
 
 
 # ---- group_scores -------------------------------------------------------------------------
@@ -68,10 +76,10 @@ def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
     """Selector scores [Hkv, n] of one request whose candidates are ``keys [n, Hkv, D]``."""
     n, hkv, d = keys.shape
     req_to_token = torch.arange(n, dtype=torch.int32).view(1, n)
-    one = torch.zeros(1, dtype=torch.int64)
-    logits, log_norm = candidate_logits_ref(q.unsqueeze(0), keys, req_to_token, one, one, one + n, n, scale,
-                                            norms=lam > 0)
-    return aggregate(logits, one + n, alpha, lam, log_norm, window)[0]
+    lo, hi = torch.zeros(1, dtype=torch.int32), torch.full((1,), n, dtype=torch.int32)
+    pos = region_positions(lo, hi, n)
+    logits, log_norm = candidate_logits_ref(q.unsqueeze(0), keys, req_to_token, lo, pos, scale, norms=lam > 0)
+    return aggregate(logits, pos, alpha, lam, log_norm, (lo, hi), window)[0]
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4])
@@ -105,8 +113,9 @@ def test_batched_scores_equal_one_request_at_a_time():
     q = torch.randn(4, 2, hkv * 3, d, generator=gen(10))
     slots, lo = torch.tensor([2, 0, 3, 1]), torch.tensor([3, 0, 2, 4])
     hi = lo + torch.tensor(lens)
-    logits, log_norm = candidate_logits_ref(q, pool, req_to_token, slots, lo, hi, max(lens), 0.3, norms=True)
-    f = aggregate(logits, hi - lo, 0.5, 0.25, log_norm, 2)
+    pos = region_positions(lo, hi, max(lens))
+    logits, log_norm = candidate_logits_ref(q, pool, req_to_token, slots, pos, 0.3, norms=True)
+    f = aggregate(logits, pos, 0.5, 0.25, log_norm, (lo, hi), 2)
     for i, n in enumerate(lens):
         keys = pool[req_to_token[slots[i], lo[i]:hi[i]].long()]
         torch.testing.assert_close(f[i, :, :n], scores_of(q[i], keys, 0.3, 0.5, 0.25, 2))
@@ -119,22 +128,27 @@ def test_triton_logits_match_reference(ratio, w, cap):
     pool = torch.randn(300, hkv, d, generator=gen(ratio))
     req_to_token = torch.randperm(300, generator=gen(1))[:240].view(3, 80).to(torch.int32)
     q = torch.randn(3, w, hkv * ratio, d, generator=gen(2))
-    slots, lo, hi = torch.tensor([1, 2, 0]), torch.tensor([0, 4, 7]), torch.tensor([70, 5, 77])
+    slots = torch.tensor([1, 2, 0])
+    region = region_positions(torch.tensor([0, 4, 7]), torch.tensor([70, 5, 77]), 70)
+    # per-head lists: a cached selection (ascending, padded) then new tokens, as selection reuse builds them
+    per_head = torch.stack([torch.cat([torch.randperm(60, generator=gen(h))[:9].sort().values, torch.tensor([-1]),
+                                       torch.arange(60, 75)]) for h in range(hkv)]).int()
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
-    q, pool, req_to_token, slots, lo, hi = (t.to(dev) for t in (q, pool, req_to_token, slots, lo, hi))
-    args = (q, pool, req_to_token, slots, lo, hi, 70, 0.2, cap)
-    want, want_norm = candidate_logits_ref(*args, norms=True)
-    got, got_norm = candidate_logits(*args, norms=True)
+    q, pool, req_to_token, slots = (t.to(dev) for t in (q, pool, req_to_token, slots))
     tol = 1e-5 if dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    valid = torch.arange(70, device=dev) < (hi - lo).unsqueeze(-1)
-    torch.testing.assert_close(got_norm[valid.unsqueeze(1).expand_as(got_norm)],
-                               want_norm[valid.unsqueeze(1).expand_as(want_norm)], atol=1e-5, rtol=1e-5)
+    for pos in (region.to(dev), per_head.expand(3, -1, -1).to(dev)):
+        args = (q, pool, req_to_token, slots, pos, 0.2, cap)
+        want, want_norm = candidate_logits_ref(*args, norms=True)
+        got, got_norm = candidate_logits(*args, norms=True)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        assert (got[(pos < 0).unsqueeze(2).expand_as(got)] == float("-inf")).all()
+        torch.testing.assert_close(got_norm, want_norm, atol=1e-5, rtol=1e-5)
 
 
 def test_prior_rows_sum_to_one():
     for n in (1, 2, 17):
-        r = prior(torch.randn(1, 3, 20, generator=gen(n)), torch.tensor([n]))
+        lo, hi = torch.tensor([5]), torch.tensor([5 + n])
+        r = prior(torch.randn(1, 3, 20, generator=gen(n)), region_positions(lo, hi, 20), lo, hi)
         assert r.shape == (1, 3, 20)
         assert torch.isfinite(r).all() and (r >= 0).all() and (r[..., n:] == 0).all()
         torch.testing.assert_close(r.sum(-1), torch.ones(1, 3), atol=1e-5, rtol=0)
@@ -166,8 +180,21 @@ def test_mix_prior_lambda_in_range(lambda_max):
 
 def test_neighbor_window_keeps_spans():
     scores = torch.tensor([[0, 0, 0, 1.0, 0, 0, 0, 0.5, 0, 0]])
-    spread = spread_to_neighbors(scores, 1)
-    assert topk_positions(spread, 1).tolist() == [[3]]  # the peak still ranks first
-    assert topk_positions(spread, 4).tolist() == [[2, 3, 4, 7]]  # then its neighbours
-    plain = set(topk_positions(scores, 4).tolist()[0])
+    pos = torch.arange(10)
+    spread = spread_to_neighbors(scores, pos, 1)
+    assert topk_positions(spread, pos, 1).tolist() == [[3]]  # the peak still ranks first
+    assert topk_positions(spread, pos, 4).tolist() == [[2, 3, 4, 7]]  # then its neighbours
+    plain = set(topk_positions(scores, pos, 4).tolist()[0])
     assert {3, 7} <= plain and not {2, 4} & plain  # without the window, neighbours lose to ties
+
+
+def test_neighbor_window_follows_positions_not_list_order():
+    """On a sparse candidate list, only candidates within +-window positions are neighbours."""
+    scores = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    pos = torch.tensor([[10, 11, 40, 41]])
+    spread = spread_to_neighbors(scores, pos, 2)
+    torch.testing.assert_close(spread, torch.tensor([[0.5, 1.0, 0.0, 0.0]]))
+    # on a contiguous region it is a sliding max
+    s = torch.rand(3, 50, generator=gen(5))
+    want = 0.5 * (s + torch.nn.functional.max_pool1d(s.unsqueeze(1), 5, 1, 2).squeeze(1))
+    torch.testing.assert_close(spread_to_neighbors(s, torch.arange(50), 2), want)

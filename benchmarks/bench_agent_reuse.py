@@ -1,0 +1,129 @@
+"""Agent turns over a long shared prefix: sfi with selection reuse vs sfi without it vs dense.
+
+    python benchmarks/bench_agent_reuse.py [--prefix 32768] [--turns 6] [--user 256] [--output 128]
+        [--dense flashinfer] [--out benchmarks/results/agent_reuse.json]
+
+Each variant runs in its own process (an sglang Engine on one GPU, dummy Qwen3-4B
+weights, decode CUDA graphs on): turn ``i`` sends the shared prefix plus every
+earlier turn's output and user message (token ids), streamed, one turn after the
+other, as an agent loop does; the radix cache holds the history. Per turn: time
+to first token, decode tokens/s, cached prompt tokens, and for sfi the selection
+reuse hits from the engine's log. Turn 1 pays the whole prefill; on later turns
+sfi with reuse scores only the selection record plus the new tokens, sfi without
+reuse re-scores the whole cached prefix at every prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from sfi_sglang.dummy_model import write_dummy_model  # noqa: E402
+
+VARIANTS = {  # name -> (attention backend, SFI_CONFIG or None)
+    "sfi_reuse": ("sfi", {"log_interval": 16}),
+    "sfi_no_reuse": ("sfi", {"log_interval": 16, "reuse_records": 0}),
+}
+
+
+def run_turns(args) -> list[dict]:
+    """Child process: one Engine, ``args.turns`` sequential streamed turns; returns per-turn rows."""
+    import sglang as sgl
+
+    rng = random.Random(0)
+    words = lambda n: [rng.randrange(1000, 50000) for _ in range(n)]  # noqa: E731
+    engine = sgl.Engine(
+        model_path=args.model, attention_backend=args.backend, load_format="dummy", random_seed=0,
+        mem_fraction_static=0.7, context_length=args.prefix + args.turns * (args.user + args.output) + 64,
+        cuda_graph_backend_prefill="disabled", cuda_graph_max_bs_decode=4, log_level="info",
+    )
+    history, rows = words(args.prefix), []
+    try:
+        for turn in range(args.turns):
+            params = {"temperature": 0.0, "max_new_tokens": args.output, "ignore_eos": True}
+            t0 = time.perf_counter()
+            first = last = None
+            for chunk in engine.generate(input_ids=history, sampling_params=params, stream=True):
+                last = chunk
+                first = first or time.perf_counter()
+            t1 = time.perf_counter()
+            meta = last["meta_info"]
+            n = meta["completion_tokens"]
+            rows.append({"turn": turn + 1, "prompt_tokens": len(history), "cached_tokens": meta.get("cached_tokens"),
+                         "ttft_ms": 1e3 * (first - t0), "decode_tok_s": (n - 1) / (t1 - first)})
+            print(f"turn {turn + 1}: prompt {len(history)}, cached {meta.get('cached_tokens')}, "
+                  f"ttft {rows[-1]['ttft_ms']:.1f} ms, decode {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+            history = history + last["output_ids"] + words(args.user)
+    finally:
+        engine.shutdown()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefix", type=int, default=32768)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--user", type=int, default=256, help="new user/tool tokens per turn")
+    ap.add_argument("--output", type=int, default=128)
+    ap.add_argument("--dense", default="flashinfer")
+    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "agent_reuse.json"))
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.model, args.backend = args.child
+        print("ROWS " + json.dumps(run_turns(args)))
+        return
+
+    import torch
+
+    model = write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
+    variants = {**VARIANTS, args.dense: (args.dense, None)}
+    results = {}
+    for name, (backend, cfg) in variants.items():
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
+        if cfg is not None:
+            env["SFI_CONFIG"] = json.dumps(cfg)
+        cmd = [sys.executable, __file__, "--child", model, backend, *sys.argv[1:]]
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            log = p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        found = [ln for ln in log.splitlines() if ln.startswith("ROWS ")]
+        if not found:
+            print(f"[{name}] failed:\n{log[-3000:]}", file=sys.stderr)
+            continue
+        reuse = re.findall(r"selection reuse: hits (\d+), misses (\d+)", log)
+        results[name] = {"turns": json.loads(found[-1][5:]),
+                         "reuse_hits": int(reuse[-1][0]) if reuse else None,
+                         "reuse_misses": int(reuse[-1][1]) if reuse else None}
+        print(f"[{name}] " + ", ".join(f"t{r['turn']} {r['ttft_ms']:.0f} ms / {r['decode_tok_s']:.0f} tok/s"
+                                       for r in results[name]["turns"]))
+    print(f"\n{'turn':>4} {'prompt':>7} " + " ".join(f"{n + ' ttft':>18} {'tok/s':>7}" for n in results))
+    for i in range(args.turns):
+        cells = [results[n]["turns"][i] for n in results if i < len(results[n]["turns"])]
+        if cells:
+            print(f"{i + 1:>4} {cells[0]['prompt_tokens']:>7} "
+                  + " ".join(f"{c['ttft_ms']:>15.1f} ms {c['decode_tok_s']:>7.0f}" for c in cells))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+                   "model": "qwen3-4b (dummy weights)", "prefix": args.prefix, "user_tokens": args.user,
+                   "output_tokens": args.output, "variants": results}, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

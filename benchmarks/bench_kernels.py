@@ -1,0 +1,309 @@
+"""Kernel micro-benchmark on one GPU: SFI's kernels vs FlashInfer dense decode, one Qwen3-4B layer.
+
+    python benchmarks/bench_kernels.py [--contexts 8192,16384,32768,131072] [--batches 1,8,16,32]
+        [--kept 256,512,1024,2048,4096] [--iters 20] [--out benchmarks/results/kernels.json] [--quick]
+
+32 query / 8 KV heads, head_dim 128, bf16, one layer's KV pool (page size 1, each request's tokens
+contiguous). Each kernel runs ``--iters`` times in one CUDA graph; the time is per call, best of a
+few replays (a kernel that fails to capture is timed eagerly and marked "graph": false). Kernels:
+- ``dense_decode``: FlashInfer's BatchDecodeWithPagedKVCacheWrapper as sglang runs it in graphs
+  (fa2, tensor cores for GQA 4, fixed buffers, planned once outside the graph);
+- ``sfi_dense_decode``: ``sfi_decode`` with every row slow (our kernel's dense path);
+- ``sparse_decode``: ``sfi_decode`` with every row fast, ``kept`` tokens per KV head: 4 sinks,
+  ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
+  and the live tail ``[hi, n)`` of 256 tokens (64 for ``kept <= 256``: 188 selected);
+- ``selector``: one layer's Selector after a decode slow step, every row refreshed from one query
+  row: region_positions -> candidate_logits -> select (aggregate, top-k; SFIConfig defaults) ->
+  write the position buffer, all rows in one call (``SFIBackend._select`` may split big batches);
+- ``selector_plus_dense``: selector + dense_decode; ``vs_dense`` is its ratio to dense alone;
+- ``index_builder``: SFI builds no index lists (``sfi_decode`` derives them on the device), so this
+  times the per-step planning launch ``plan_step`` instead (per batch; no context).
+``bytes_moved``: K+V bytes of the attended tokens (selector: K only); ``hbm_frac``: that rate over
+the device copy bandwidth (read + write) measured in the same run; ``speedup_vs_dense``: FlashInfer's
+time at the same (batch, context) over the row's. ``TRITON_INTERPRET=1 ... --quick --device cpu``
+is a CPU smoke run: each kernel once, eagerly, in fp16 (the interpreter's bf16 dot is wrong), no times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+from bench_decode import copy_bandwidth  # noqa: E402
+from sfi_sglang.config import SFIConfig  # noqa: E402
+from sfi_sglang.kernels.candidate_logits import candidate_logits  # noqa: E402
+from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
+from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
+from sfi_sglang.memory import SelectionStore  # noqa: E402
+from sfi_sglang.metrics import SFIStats  # noqa: E402
+from sfi_sglang.selector import region_positions, select  # noqa: E402
+
+HQ, HKV, D, VOCAB = 32, 8, 128, 151936
+SCALE = D ** -0.5
+CFG = SFIConfig()
+REPLAYS = 5
+Fn = Callable[[], object]
+
+
+@dataclass
+class Case:
+    """One layer's decode inputs: ``bs`` requests of ``ctx`` tokens, request ``b`` in slot ``b``."""
+
+    bs: int
+    ctx: int
+    q: torch.Tensor  # [bs, HQ, D]
+    k: torch.Tensor  # [bs * ctx, HKV, D]
+    v: torch.Tensor
+    req_to_token: torch.Tensor  # [bs, ctx] int32
+    slots: torch.Tensor  # [bs] int64
+    seq_lens: torch.Tensor  # [bs] int32
+
+    @classmethod
+    def make(cls, bs: int, ctx: int, dev: torch.device, dtype: torch.dtype) -> "Case":
+        rand = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
+        return cls(bs, ctx, rand(bs, HQ, D), rand(bs * ctx, HKV, D), rand(bs * ctx, HKV, D),
+                   torch.arange(bs * ctx, dtype=torch.int32, device=dev).view(bs, ctx),
+                   torch.arange(bs, device=dev), torch.full((bs,), ctx, dtype=torch.int32, device=dev))
+
+
+def kv_bytes(bs: int, tokens: int, tensors: int = 2) -> int:
+    return bs * tokens * HKV * D * 2 * tensors
+
+
+def timed(fn: Fn, iters: int, cuda: bool) -> tuple[float | None, bool]:
+    """Per-call microseconds of ``fn`` (best replay of a graph of ``iters`` calls) and whether
+    it ran in a graph; without CUDA one eager call and no time."""
+    fn()  # compile, JIT, allocator warm-up
+    if not cuda:
+        return None, False
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        run, graphed = graph.replay, True
+    except RuntimeError as e:
+        print(f"  capture failed ({str(e).splitlines()[0]}); timing eagerly")
+        run, graphed = (lambda: [fn() for _ in range(iters)]), False
+    run()
+    best = math.inf
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return 1e3 * best / iters, graphed
+
+
+@functools.cache
+def flashinfer(cuda: bool):
+    """The flashinfer module, or None (said once) without CUDA or if it cannot be imported."""
+    try:
+        if not cuda:
+            raise ImportError("no CUDA device")
+        import flashinfer as fi
+    except ImportError as e:
+        print(f"flashinfer: {e}; no dense_decode rows")
+        return None
+    return fi
+
+
+def flashinfer_dense(c: Case) -> Fn | None:
+    """FlashInfer decode over whole contexts, set up like sglang's CUDA-graph decode wrappers
+    (512 MiB workspace as sglang uses for Qwen3)."""
+    fi = flashinfer(c.q.is_cuda)
+    if fi is None:
+        return None
+    indptr = torch.arange(c.bs + 1, dtype=torch.int32, device=c.q.device) * c.ctx
+    indices, last = c.req_to_token.flatten(), torch.ones(c.bs, dtype=torch.int32, device=c.q.device)
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+        torch.empty(512 * 2**20, dtype=torch.uint8, device=c.q.device), "NHD", use_cuda_graph=True,
+        use_tensor_cores=True, paged_kv_indptr_buffer=torch.empty_like(indptr),
+        paged_kv_indices_buffer=torch.empty_like(indices), paged_kv_last_page_len_buffer=torch.empty_like(last),
+        backend="fa2")
+    wrapper.plan(indptr, indices, last, HQ, HKV, D, 1, q_data_type=c.q.dtype, kv_data_type=c.k.dtype, sm_scale=SCALE)
+    cache = (c.k.view(-1, 1, HKV, D), c.v.view(-1, 1, HKV, D))
+    return lambda: wrapper.run(c.q, cache)
+
+
+def sfi(c: Case, store: SelectionStore, slow: bool) -> Fn:
+    flags = torch.full((c.bs,), slow, dtype=torch.bool, device=c.q.device)
+    return lambda: sfi_decode(c.q, c.k, c.v, c.req_to_token, c.slots, c.seq_lens, flags, store.hi, store.count,
+                              store.pos[0], CFG.sinks, SCALE)
+
+
+def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
+    """Fast-row state attending ``kept`` tokens per KV head; False if the context is too short."""
+    tail = 64 if kept <= 256 else CFG.recent
+    cnt, hi = kept - CFG.sinks - tail, c.ctx - tail
+    if cnt < 0 or cnt > hi - CFG.sinks:
+        return False
+    store.hi.fill_(hi)
+    store.count.fill_(cnt)
+    ranks = torch.rand(c.bs, HKV, hi - CFG.sinks, device=c.q.device)
+    store.pos[0, :, :, :cnt] = ranks.topk(cnt, dim=-1).indices.sort(dim=-1).values.int() + CFG.sinks
+    return True
+
+
+def selector(c: Case, store: SelectionStore) -> Fn:
+    lo, hi, _ = store.bounds(c.seq_lens)
+    width, q, norms = int((hi - lo).max()), c.q.unsqueeze(1), CFG.prior_lambda_max > 0
+
+    def run() -> None:
+        pos = region_positions(lo, hi, width)
+        logits, log_norm = candidate_logits(q, c.k, c.req_to_token, c.slots, pos, SCALE, norms=norms)
+        sel = select(logits, pos, CFG, (lo, hi), log_norm)
+        store.pos[0, c.slots, :, : sel.shape[-1]] = sel
+    return run
+
+
+def planner(bs: int, dev: torch.device) -> Fn:
+    """plan_step over ``bs`` requests holding selections (rows turn slow as their steps add up)."""
+    store, stats = SelectionStore(CFG, 1, bs, HKV, dev), SFIStats(dev)
+    store.ready.fill_(True)
+    is_boundary = torch.rand(VOCAB, device=dev) < 0.05
+    ids, slots = torch.randint(0, VOCAB, (bs,), device=dev), torch.arange(bs, device=dev)
+    seq_lens = torch.full((bs,), 32768, dtype=torch.int32, device=dev)
+    slow, prev = torch.zeros(bs, dtype=torch.bool, device=dev), torch.zeros(bs, dtype=torch.int64, device=dev)
+    return lambda: plan_step(store, stats, is_boundary, ids, slots, seq_lens, bs, slow, prev)
+
+
+def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> list[dict]:
+    rows: list[dict] = []
+
+    def add(kernel: str, bs: int, ctx: int | None, kept: int | None, fn: Fn, nbytes: int | None) -> None:
+        t, graphed = timed(fn, args.iters, dev.type == "cuda")
+        rows.append({"kernel": kernel, "batch": bs, "context": ctx, "kept_tokens": kept, "time_us": t,
+                     "bytes_moved": nbytes, "graph": graphed})
+        print(f"{kernel:>16} bs {bs:>3} ctx {ctx or '-':>6} kept {kept or '-':>6}: "
+              + (f"{t:9.1f} us" if t is not None else "ran"))
+
+    for ctx in args.contexts:
+        for bs in args.batches:
+            need = kv_bytes(bs, ctx) + bs * ctx * 1024  # pool + Selector scratch (logits, softmax, sort)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                if need > 0.6 * torch.cuda.mem_get_info()[0]:
+                    print(f"skip batch {bs} context {ctx}: needs {need / 2**30:.1f} GiB, over 60% of free memory")
+                    continue
+            c = Case.make(bs, ctx, dev, dtype)
+            store = SelectionStore(SFIConfig(topk=max(args.kept + [CFG.topk])), 1, bs, HKV, dev)
+            dense = flashinfer_dense(c)
+            if dense is not None:
+                ref = dense()  # both dense paths must agree (catches a wrong FlashInfer setup)
+                err = (ref - sfi(c, store, slow=True)()).abs().max().item()
+                print(f"dense_decode vs sfi_dense_decode: max abs difference {err:.2g} "
+                      f"(largest output {ref.abs().max().item():.2g})")
+                add("dense_decode", bs, ctx, ctx, dense, kv_bytes(bs, ctx))
+            add("sfi_dense_decode", bs, ctx, ctx, sfi(c, store, slow=True), kv_bytes(bs, ctx))
+            for kept in args.kept:
+                if select_random(store, c, kept):
+                    add("sparse_decode", bs, ctx, kept, sfi(c, store, slow=False), kv_bytes(bs, kept))
+                else:
+                    print(f"skip sparse_decode kept {kept}: context {ctx} too short")
+            width = ctx - CFG.recent - CFG.sinks
+            add("selector", bs, ctx, CFG.topk, selector(c, store), kv_bytes(bs, width, tensors=1))
+            del c, store, dense
+    for bs in args.batches:
+        add("index_builder", bs, None, None, planner(bs, dev), None)
+    return rows
+
+
+def finish(rows: list[dict], gpu: str, bw: float | None) -> list[dict]:
+    """Adds selector_plus_dense rows, HBM fractions and speedups."""
+    dense = {(r["batch"], r["context"]): r for r in rows if r["kernel"] == "dense_decode" and r["time_us"]}
+    for r in [r for r in rows if r["kernel"] == "selector" and r["time_us"]]:
+        d = dense.get((r["batch"], r["context"]))
+        if d:
+            t = r["time_us"] + d["time_us"]
+            rows.append({**r, "kernel": "selector_plus_dense", "time_us": t, "graph": r["graph"] and d["graph"],
+                         "bytes_moved": r["bytes_moved"] + d["bytes_moved"], "vs_dense": t / d["time_us"]})
+    for r in rows:
+        t, d = r["time_us"], dense.get((r["batch"], r["context"]))
+        r.update(gpu=gpu, hbm_frac=r["bytes_moved"] / (t * 1e-6) / bw if t and bw and r["bytes_moved"] else None,
+                 speedup_vs_dense=d["time_us"] / t if t and d else None)
+    return rows
+
+
+def report(rows: list[dict]) -> None:
+    """Table of all rows, then the issue's targets as PASS / MISS lines (worst row of each)."""
+    cell = lambda x, f, w: (format(x, f) if x is not None else "-").rjust(w)  # noqa: E731
+    print(f"\n{'kernel':>20} {'batch':>5} {'ctx':>6} {'kept':>6} {'us':>9} {'GB/s':>7} {'hbm':>5} {'speedup':>7}")
+    for r in rows:
+        gbs = r["bytes_moved"] / r["time_us"] / 1e3 if r["time_us"] and r["bytes_moved"] else None
+        print(f"{r['kernel']:>20} {r['batch']:>5} {cell(r['context'], 'd', 6)} {cell(r['kept_tokens'], 'd', 6)} "
+              f"{cell(r['time_us'], '.1f', 9)} {cell(gbs, '.0f', 7)} {cell(r['hbm_frac'], '.2f', 5)} "
+              f"{cell(r['speedup_vs_dense'], '.2f', 7)}")
+    pick = lambda kernel, cond: [r for r in rows if r["kernel"] == kernel and cond(r)]  # noqa: E731
+    targets = [
+        ("sparse_decode >= 80% of copy BW at batch >= 8, kept >= 2048", "hbm_frac", min, lambda x: x >= 0.8,
+         pick("sparse_decode", lambda r: r["batch"] >= 8 and r["kept_tokens"] >= 2048)),
+        ("sparse_decode >= 10x dense at 16K, batch 16, kept 256", "speedup_vs_dense", min, lambda x: x >= 10,
+         pick("sparse_decode", lambda r: (r["batch"], r["context"], r["kept_tokens"]) == (16, 16384, 256))),
+        ("selector + dense <= 1.3x dense", "vs_dense", max, lambda x: x <= 1.3, pick("selector_plus_dense", bool)),
+        ("index_builder (plan_step) <= 10 us at batch 32", "time_us", max, lambda x: x <= 10,
+         pick("index_builder", lambda r: r["batch"] == 32)),
+    ]
+    print()
+    for name, key, worst_of, ok, found in targets:
+        found = [r for r in found if r.get(key) is not None]
+        if not found:
+            print(f" n/a {name}: not measured")
+            continue
+        w = worst_of(found, key=lambda r: r[key])
+        print(f"{'PASS' if ok(w[key]) else 'MISS'} {name}: worst {w[key]:.3g} "
+              f"(batch {w['batch']}, context {w['context']}, kept {w['kept_tokens']})")
+
+
+def main() -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="8192,16384,32768,131072", type=ints)
+    ap.add_argument("--batches", default="1,8,16,32", type=ints)
+    ap.add_argument("--kept", default="256,512,1024,2048,4096", type=ints)
+    ap.add_argument("--iters", default=20, type=int, help="kernel calls per CUDA graph")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape: context 1024, batch 2, kept 256,512")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.contexts, args.batches, args.kept = [1024], [2], [256, 512]
+    dev = torch.device(args.device)
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--device cpu runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    cuda = dev.type == "cuda"
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    bw = copy_bandwidth() if cuda else None
+    print(f"{gpu}: copy bandwidth " + (f"{bw / 1e12:.2f} TB/s" if bw else "not measured (CPU smoke run)"))
+
+    rows = finish(sweep(args, dev, torch.bfloat16 if cuda else torch.float16), gpu, bw)
+    report(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"gpu": gpu, "date": datetime.date.today().isoformat(), "copy_bw_gbs": bw / 1e9 if bw else None,
+                   "rows": rows}, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
