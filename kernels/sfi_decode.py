@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64
-MIN_CHUNK = 512  # tokens per split before a list is split further
+MIN_CHUNK = 64  # fewest tokens per split: short lists still spread over many programs (latency-bound)
 
 
 def token_positions(slow: bool, n: int, hi: int, cnt: int, sinks: int, pos_row: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@ graph): write this step's K/V, save the query for the Selector, and attend
 (slow rows: whole context; fast rows: sinks + selected + live tail). A slow
 step's selection is used from the next step on, as in the reference.
 
-Prefill (``forward_extend``): the wrapped backend does the work, then the
-Selector builds the first selection from the last prompt queries, so that
-decoding starts on fast steps.
+Prefill (``forward_extend``): the wrapped backend does the work; each layer saves
+the last prompt queries, and after the last layer the Selector builds the first
+selection from them (all layers at once), so that decoding starts on fast steps.
+Over a cached prefix that has a selection record (``sfi_sglang.radix``), only that
+record and the tokens after it are scored.
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ class _Refresh:
     hi: torch.Tensor  # [S] candidate region end (device, int32)
     positions: Callable[[int], torch.Tensor]  # layer -> candidate positions [S, 1 or Hkv, N] (-1: padding)
     width: int  # N
+    contiguous: bool  # candidates are consecutive positions, then padding
 
 
 def _region_refresh(slots, q_rows, lo, hi, width: int) -> _Refresh:
     """Candidates: the whole region ``[lo, hi)``, the same for every layer and KV head."""
     pos = region_positions(lo, hi, width)
-    return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width)
+    return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True)
 
 
 def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_device) -> _Refresh:
@@ -71,7 +74,8 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
     start = torch.tensor([r.hi for r in records], dtype=torch.int32)
     width = int((hi - start).max())
     new = region_positions(to_device(start), to_device(hi), width).expand(-1, heads, -1)
-    return _Refresh(slots, q_rows, to_device(lo), to_device(hi), lambda l: torch.cat([cached[l], new], -1), kept + width)
+    return _Refresh(slots, q_rows, to_device(lo), to_device(hi), lambda l: torch.cat([cached[l], new], -1), kept + width,
+                    False)
 
 
 class SFIBackend(AttentionBackend):
@@ -95,6 +99,8 @@ class SFIBackend(AttentionBackend):
         self.pending: tuple[int, torch.Tensor] | None = None  # previous decode step: (rows, seq lens on host)
         self.extend_refresh: list[_Refresh] = []
         self.new_records: list[tuple[str, int, int, int]] = []  # this prefill's (rid, row, hi, count)
+        self.extend_q_rows: torch.Tensor | None = None  # query rows of this prefill that score candidates
+        self.extend_q: torch.Tensor | None = None  # [layers, rows, Hq, D]: those queries, saved per layer
         self.reuse = SelectionReuse(cfg.reuse_records) if cfg.reuse_records > 0 else None
         logger.info(
             "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, selection state %.1f MiB, "
@@ -179,12 +185,21 @@ class SFIBackend(AttentionBackend):
         self.stats.add_refreshes(len(rows))
         if self.reuse is not None and self.reuse.linked and fb.rids is not None:
             self.new_records = [(fb.rids[i], i, int(hi[i]), int(count[i])) for i in rows]
+        if not rows:
+            return []
+        # Each layer saves these query rows; the Selector runs once, over all layers, after the last.
+        sh = self.shape
+        self.extend_q_rows = self._to_device(q_rows[rows].flatten())
+        self.extend_q = torch.empty(sh.num_layers, len(rows) * n_q, sh.q_heads, sh.head_dim,
+                                    dtype=self.q_hist.dtype, device=self.device)
+        saved_at = {i: k * n_q + torch.arange(n_q) for k, i in enumerate(rows)}
         out = []
         for group in ([i for i in rows if i not in records], [i for i in rows if i in records]):
             if not group:
                 continue
             idx = torch.tensor(group)
-            args = (slots[self._to_device(idx)], self._to_device(q_rows[idx]), lo[idx], hi[idx])
+            args = (slots[self._to_device(idx)], self._to_device(torch.stack([saved_at[i] for i in group])),
+                    lo[idx], hi[idx])
             if group[0] in records:
                 out.append(_reuse_refresh(*args, [records[i] for i in group], self._to_device))
             else:
@@ -226,12 +241,15 @@ class SFIBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        li = layer.layer_id - self.start_layer
-        q3 = q.reshape(-1, self.shape.q_heads, self.shape.head_dim)
-        for r in self.extend_refresh:
-            self._select([li], lambda _: q3, r)
-        if self.new_records and li == self.shape.num_layers - 1:
-            self._keep_records(forward_batch)
+        if self.extend_refresh:
+            li = layer.layer_id - self.start_layer
+            self.extend_q[li] = q.reshape(-1, self.shape.q_heads, self.shape.head_dim)[self.extend_q_rows]
+            if li == self.shape.num_layers - 1:
+                for r in self.extend_refresh:
+                    self._select(range(self.shape.num_layers), self.extend_q.__getitem__, r)
+                if self.new_records:
+                    self._keep_records(forward_batch)
+                self.extend_refresh, self.extend_q = [], None
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
@@ -276,7 +294,7 @@ class SFIBackend(AttentionBackend):
                 log_norm = torch.cat([p[1] for p in parts]) if cfg.prior_lambda_max > 0 else None
                 g = len(group)
                 sel = select(torch.cat([p[0] for p in parts]), torch.cat(pos), cfg, (lo.repeat(g), hi.repeat(g)),
-                             log_norm).view(g, len(slots), sh.kv_heads, -1)
+                             log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
 

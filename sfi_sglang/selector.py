@@ -62,10 +62,15 @@ def mix_prior(f: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tens
     return (1 - lam) * f + lam * r
 
 
-def spread_to_neighbors(scores: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+def spread_to_neighbors(scores: torch.Tensor, positions: torch.Tensor, window: int,
+                        contiguous: bool = False) -> torch.Tensor:
     """Average of each score and the best score of the candidates within +-window positions
     (candidates ascending along the last dim): a peak still ranks first, then its
-    neighbours, so top-k keeps spans around strongly attended tokens."""
+    neighbours, so top-k keeps spans around strongly attended tokens. ``contiguous``:
+    the candidates are consecutive positions (then padding), so a sliding max does it."""
+    if contiguous:
+        pooled = torch.nn.functional.max_pool1d(scores.reshape(-1, 1, scores.shape[-1]), 2 * window + 1, 1, window)
+        return 0.5 * (scores + pooled.view_as(scores))
     pooled = scores.clone()
     for d in range(1, window + 1):
         for a, b in ((slice(d, None), slice(None, -d)), (slice(None, -d), slice(d, None))):
@@ -82,16 +87,18 @@ def aggregate(
     log_norm: torch.Tensor | None = None,
     region: tuple[torch.Tensor, torch.Tensor] | None = None,
     neighbor_window: int = 0,
+    contiguous: bool = False,
 ) -> torch.Tensor:
     """Logits ``[S, Hkv, R, N]`` of candidates at ``positions [S, 1 or Hkv, N]`` (-1: padding,
     whose logits are ``-inf``) -> score per KV head and candidate ``[S, Hkv, N]``; ``-1`` on padding.
-    The prior (``lambda_max > 0``) needs the key norms and the candidate ``region`` ``(lo, hi)``."""
+    The prior (``lambda_max > 0``) needs the key norms and the candidate ``region`` ``(lo, hi)``;
+    ``contiguous``: candidates are consecutive positions (see :func:`spread_to_neighbors`)."""
     f = logits.softmax(dim=-1).pow(alpha).mean(dim=2).pow(1.0 / alpha)
     f = f / f.sum(dim=-1, keepdim=True)
     if lambda_max > 0:
         f = mix_prior(f, prior(log_norm, positions, *region), lambda_max)
     if neighbor_window > 0:
-        f = spread_to_neighbors(f, positions, neighbor_window)
+        f = spread_to_neighbors(f, positions, neighbor_window, contiguous)
     return f.masked_fill(positions < 0, -1.0)
 
 
@@ -114,8 +121,10 @@ def select(
     cfg: SFIConfig,
     region: tuple[torch.Tensor, torch.Tensor],
     log_norm: torch.Tensor | None = None,
+    contiguous: bool = False,
 ) -> torch.Tensor:
     """The whole Selector under ``cfg``: logits ``[S, Hkv, R, N]`` of candidates at ``positions``
     -> ``[S, Hkv, min(topk, N)]`` selected positions (see :func:`topk_positions`)."""
-    scores = aggregate(logits, positions, cfg.alpha, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window)
+    scores = aggregate(logits, positions, cfg.alpha, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window,
+                       contiguous)
     return topk_positions(scores, positions, cfg.topk)
