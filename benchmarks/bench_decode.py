@@ -1,11 +1,13 @@
 """Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
 
-    python benchmarks/bench_decode.py [--model qwen3-4b] [--contexts 8192,32768] [--batches 1,4,16]
+    python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
         [--output-len 512] [--refresh 16,32] [--out benchmarks/results/decode_throughput.json]
 
-Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``) in
-its own process on the same dummy-weight model config, batches and contexts, with
-decode CUDA graphs on. Dummy weights write no sentences, so sfi's slow steps are
+Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``), one
+process per backend and context (holding that context's batch sizes), on the same
+dummy-weight model config, with decode CUDA graphs on. Results are written after
+every process, so a shape that fails (e.g. out of memory in the one-shot prefill)
+loses only its own process. Dummy weights write no sentences, so sfi's slow steps are
 forced every R steps (``max_fast_steps = R - 1``, boundary trigger off): R=16 is the
 worst case the issue asks for, R=32 the usual one. Decode step time is the mean over
 all decode steps (slow steps and Selector refreshes included), not the median.
@@ -68,16 +70,18 @@ def model_bytes(cfg: dict) -> tuple[int, int]:
     return 2 * params, 2 * 2 * layers * hkv * d
 
 
-def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None) -> tuple[list[dict], str]:
-    """One one-batch process; returns its result rows and log."""
+def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None, context: int,
+                batches: list[int]) -> tuple[list[dict], str]:
+    """One one-batch process over ``batches`` at ``context``; returns its result rows and log."""
     res = tempfile.mktemp(suffix=".jsonl")
     env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
     if sfi_cfg is not None:
         env["SFI_CONFIG"] = json.dumps(sfi_cfg)
     cmd = [sys.executable, "-m", "sfi_sglang.bench_one_batch", "--model-path", model, "--load-format", "dummy",
            "--attention-backend", backend, "--cuda-graph-backend-prefill", "disabled",
-           "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(max(args.contexts) + args.output_len + 64),
-           "--batch-size", *map(str, args.batches), "--input-len", *map(str, args.contexts),
+           "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(context + args.output_len + 64),
+           "--cuda-graph-max-bs-decode", str(max(batches)),
+           "--batch-size", *map(str, batches), "--input-len", str(context),
            "--output-len", str(args.output_len), "--run-name", name, "--result-filename", res]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -99,12 +103,12 @@ def slow_frac_from_log(log: str) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-4b", choices=[p for p in PRESETS if p.startswith("qwen3")])
-    ap.add_argument("--contexts", default="8192,32768", type=lambda s: [int(x) for x in s.split(",")])
-    ap.add_argument("--batches", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--shapes", default="1x8192,4x8192,16x8192,1x32768,4x32768",
+                    type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")], help="BATCHxCONTEXT,...")
     ap.add_argument("--output-len", default=512, type=int)
     ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--dense", default="flashinfer,triton,fa3")
-    ap.add_argument("--mem-fraction", default=0.85, type=float)
+    ap.add_argument("--mem-fraction", default=0.75, type=float, help="leaves room for the one-shot prefill")
     ap.add_argument("--timeout", default=900, type=int)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_throughput.json"))
     args = ap.parse_args()
@@ -128,9 +132,12 @@ def main() -> None:
         runs.append((f"sfi_R{r}", "sfi", cfg, r))
     runs.sort(key=lambda run: run[0] in args.dense.split(",")[1:])  # first dense, sfi, then the other dense
 
+    groups: dict[int, list[int]] = {}
+    for bs, ctx in args.shapes:
+        groups.setdefault(ctx, []).append(bs)
     rows = []
-    for name, backend, cfg, r in runs:
-        results, log = run_backend(name, backend, model, args, cfg)
+    for (name, backend, cfg, r), (ctx, batches) in ((run, g) for run in runs for g in sorted(groups.items())):
+        results, log = run_backend(name, backend, model, args, cfg, ctx, sorted(batches))
         frac = slow_frac_from_log(log) if cfg else 0.0
         for res in results:
             bs, ctx = res["batch_size"], res["input_len"]
@@ -148,13 +155,13 @@ def main() -> None:
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / step_s / bw,
                 "bytes_moved": moved,
             })
-            print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s")
-
+            print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s",
+                  flush=True)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"date": datetime.date.today().isoformat(), "copy_bandwidth_bytes_s": bw,
+                       "weight_bytes": w_bytes, "kv_bytes_per_token": kv_tok, "rows": rows}, f, indent=1)
     table(rows)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "copy_bandwidth_bytes_s": bw,
-                   "weight_bytes": w_bytes, "kv_bytes_per_token": kv_tok, "rows": rows}, f, indent=1)
     print("wrote", args.out)
 
 

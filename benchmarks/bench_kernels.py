@@ -46,7 +46,7 @@ from sfi_sglang.config import SFIConfig  # noqa: E402
 from sfi_sglang.kernels.candidate_logits import candidate_logits  # noqa: E402
 from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
-from sfi_sglang.memory import SelectionStore  # noqa: E402
+from sfi_sglang.memory import SelectionStore, StepRows  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
 from sfi_sglang.selector import region_positions, select  # noqa: E402
 
@@ -183,8 +183,8 @@ def planner(bs: int, dev: torch.device) -> Fn:
     is_boundary = torch.rand(VOCAB, device=dev) < 0.05
     ids, slots = torch.randint(0, VOCAB, (bs,), device=dev), torch.arange(bs, device=dev)
     seq_lens = torch.full((bs,), 32768, dtype=torch.int32, device=dev)
-    slow, prev = torch.zeros(bs, dtype=torch.bool, device=dev), torch.zeros(bs, dtype=torch.int64, device=dev)
-    return lambda: plan_step(store, stats, is_boundary, ids, slots, seq_lens, bs, slow, prev)
+    rows = StepRows.zeros(bs, dev)
+    return lambda: plan_step(store, stats, is_boundary, ids, slots, seq_lens, bs, bs, rows)
 
 
 def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> list[dict]:

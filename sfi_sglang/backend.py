@@ -5,7 +5,9 @@ Decode step, metadata (outside the CUDA graph, no host sync): first the
 Selector rebuilds the selections of the rows that were slow in the previous
 step, from the queries that step saved (the host learns which rows they were
 from an asynchronous copy of the slow mask); then the policy marks this step's
-slow rows and the selection state advances. Decode step, per layer (inside the
+slow rows and the selection state advances. The refresh also measures how much of
+each slow row's attention the previous selection held (``sfi_sglang.coverage``),
+from the same logits. Decode step, per layer (inside the
 graph): write this step's K/V, save the query for the Selector, and attend
 (slow rows: whole context; fast rows: sinks + selected + live tail). A slow
 step's selection is used from the next step on, as in the reference.
@@ -28,10 +30,11 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sfi_sglang.config import SFIConfig
+from sfi_sglang.coverage import coverage, kept_mask, next_gap
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
-from sfi_sglang.memory import SelectionStore
+from sfi_sglang.memory import SelectionStore, StepRows
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
@@ -55,12 +58,21 @@ class _Refresh:
     positions: Callable[[int], torch.Tensor]  # layer -> candidate positions [S, 1 or Hkv, N] (-1: padding)
     width: int  # N
     contiguous: bool  # candidates are consecutive positions, then padding
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # decode refresh: StepRows (hi, count) to measure
 
 
 def _region_refresh(slots, q_rows, lo, hi, width: int) -> _Refresh:
     """Candidates: the whole region ``[lo, hi)``, the same for every layer and KV head."""
     pos = region_positions(lo, hi, width)
     return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True)
+
+
+def _slow_step_refresh(slots, q_rows, lo, hi, n, width: int, previous) -> _Refresh:
+    """After a slow step: candidates are the whole context ``[0, n)``, so the same logits give
+    the coverage of the previous selection (sinks and tail included); the Selector then
+    ranks only ``[lo, hi)``."""
+    pos = region_positions(torch.zeros_like(n), n, width)
+    return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True, previous)
 
 
 def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_device) -> _Refresh:
@@ -76,6 +88,33 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
     new = region_positions(to_device(start), to_device(hi), width).expand(-1, heads, -1)
     return _Refresh(slots, q_rows, to_device(lo), to_device(hi), lambda l: torch.cat([cached[l], new], -1), kept + width,
                     False)
+
+
+class _Coverage:
+    """Coverage of a slow-step refresh's rows, accumulated over layer groups (device only)."""
+
+    def __init__(self, r: _Refresh, per_row: int):
+        self.r, self.per_row = r, per_row
+        s = r.slots.shape[0]
+        self.total = torch.zeros(s, dtype=torch.float32, device=r.slots.device)
+        self.worst = torch.ones(s, dtype=torch.float32, device=r.slots.device)
+
+    def add(self, part: slice, logits, pos, prev_sel, g: int, sinks: int) -> None:
+        """Logits ``[g*S', Hkv, R, N]`` of ``g`` layers for the rows ``part`` and their previous selections."""
+        prev_hi, prev_cnt = (t[part].repeat(g) for t in self.r.previous)
+        cov = coverage(logits, kept_mask(pos, sinks, prev_hi, prev_sel, prev_cnt)).view(g, -1, prev_sel.shape[1])
+        self.total[part] += cov.sum((0, 2))
+        self.worst[part] = torch.minimum(self.worst[part], cov.mean(2).min(0).values)
+
+    def finish(self, store: SelectionStore, stats: SFIStats, cfg: SFIConfig) -> None:
+        """Per row: mean over layers and KV heads -> the store, the counters and (adaptive) the gap.
+        Rows that had no selection before their slow step are not measured."""
+        slots, measured = self.r.slots, self.r.previous[1] >= 0
+        mean = self.total / self.per_row
+        store.coverage[slots] = torch.where(measured, mean, store.coverage[slots])
+        stats.add_coverage(mean, self.worst, measured)
+        if cfg.adaptive_refresh:
+            store.gap[slots] = torch.where(measured, next_gap(store.gap[slots], mean, cfg), store.gap[slots])
 
 
 class SFIBackend(AttentionBackend):
@@ -115,8 +154,7 @@ class SFIBackend(AttentionBackend):
         sh = self.shape
         dtype = self.token_to_kv_pool.get_key_buffer(self.start_layer).dtype
         self.q_hist = torch.zeros(sh.num_layers, rows, sh.q_heads, sh.head_dim, dtype=dtype, device=self.device)
-        self.slow = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        self.prev_slots = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.rows = StepRows.zeros(rows, self.device)
         self.slow_host = torch.zeros(rows, dtype=torch.bool, pin_memory=self.on_cuda)
         self.slow_ready = torch.cuda.Event() if self.on_cuda else None
 
@@ -137,10 +175,10 @@ class SFIBackend(AttentionBackend):
         bs = fb.batch_size
         real = bs - (getattr(fb, "num_padding", 0) or 0)
         plan = plan_step if self.on_cuda else plan_step_ref
-        plan(self.store, self.stats, self.is_boundary, fb.input_ids, fb.req_pool_indices, fb.seq_lens, real,
-             self.slow[:bs], self.prev_slots)
+        plan(self.store, self.stats, self.is_boundary, fb.input_ids, fb.req_pool_indices, fb.seq_lens, real, bs,
+             self.rows)
         if not in_capture and real > 0:
-            self.slow_host[:real].copy_(self.slow[:real], non_blocking=True)
+            self.slow_host[:real].copy_(self.rows.slow[:real], non_blocking=True)
             if self.slow_ready is not None:
                 self.slow_ready.record()
             host_lens = fb.seq_lens_cpu[:real] if fb.seq_lens_cpu is not None else fb.seq_lens[:real].cpu()
@@ -149,7 +187,8 @@ class SFIBackend(AttentionBackend):
             self.stats.log(self.reuse.summary() if self.reuse is not None else "")
 
     def _refresh_previous_slow_rows(self) -> None:
-        """Rebuild, for every layer, the selections of the previous decode step's slow rows."""
+        """Rebuild, for every layer, the selections of the previous decode step's slow rows
+        (and measure the coverage of the selections they replace)."""
         if self.pending is None:
             return
         real, seq_lens = self.pending
@@ -162,8 +201,10 @@ class SFIBackend(AttentionBackend):
         if not keep.any():
             return
         rows_d = self._to_device(rows[keep])
-        r = _region_refresh(self.prev_slots[rows_d], rows_d.unsqueeze(1), self._to_device(lo[keep].int()),
-                            self._to_device(hi[keep].int()), int((hi - lo)[keep].max()))
+        n = seq_lens[rows][keep]
+        r = _slow_step_refresh(self.rows.slots[rows_d], rows_d.unsqueeze(1), self._to_device(lo[keep].int()),
+                               self._to_device(hi[keep].int()), self._to_device(n.int()), int(n.max()),
+                               (self.rows.hi[rows_d], self.rows.count[rows_d]))
         self._select(range(self.shape.num_layers), self.q_hist.__getitem__, r)
         self.stats.add_refreshes(len(rows_d))
 
@@ -263,7 +304,7 @@ class SFIBackend(AttentionBackend):
         attend = sfi_decode if self.on_cuda else sfi_decode_ref
         out = attend(
             q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], self.slow[:bs],
+            self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], self.rows.slow[:bs],
             st.hi, st.count, st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
         )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
@@ -273,8 +314,10 @@ class SFIBackend(AttentionBackend):
 
         Layers are batched (one pass of the score/top-k ops over many layers) within a
         scratch budget, since a refresh after a slow step covers every layer at once.
+        A refresh after a slow step also measures the coverage of the selections it replaces.
         """
         cfg, sh = self.cfg, self.shape
+        cover = _Coverage(r, sh.kv_heads * len(layers)) if r.previous is not None else None
         logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
         unit = sh.q_heads * r.q_rows.shape[1] * max(r.width, 1)  # logits of one (layer, request)
         rows = max(1, min(r.slots.shape[0], SELECTOR_SCRATCH // unit))
@@ -293,16 +336,23 @@ class SFIBackend(AttentionBackend):
                 ]
                 log_norm = torch.cat([p[1] for p in parts]) if cfg.prior_lambda_max > 0 else None
                 g = len(group)
-                sel = select(torch.cat([p[0] for p in parts]), torch.cat(pos), cfg, (lo.repeat(g), hi.repeat(g)),
-                             log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
+                logits, pos = torch.cat([p[0] for p in parts]), torch.cat(pos)
+                lo_g, hi_g = lo.repeat(g), hi.repeat(g)
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
+                if cover is not None:
+                    cover.add(part, logits, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
+                    pos = pos.masked_fill((pos < lo_g.view(-1, 1, 1)) | (pos >= hi_g.view(-1, 1, 1)), -1)
+                    logits = logits.masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
+                sel = select(logits, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
+        if cover is not None:
+            cover.finish(self.store, self.stats, cfg)
 
     # ---- plumbing ---------------------------------------------------------------------------
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         """Decode needs no per-graph state beyond the per-row buffers, sized here if graphs run larger batches."""
-        if max_bs > self.slow.shape[0]:
+        if max_bs > self.rows.slow.shape[0]:
             self._alloc_rows(max_bs)
 
     def get_cuda_graph_seq_len_fill_value(self):

@@ -36,6 +36,12 @@ class SFIConfig:
     """A slow step is forced once this many fast steps ran since the last one."""
     min_refresh_gap: int = 24
     """Boundary tokens do not trigger a slow step within this many steps of the last one."""
+    adaptive_refresh: bool = False
+    """Per-request boundary gap from the measured coverage (``sfi_sglang.coverage``): it doubles,
+    up to ``max_fast_steps``, after a slow step whose coverage reached ``coverage_target``, and
+    returns to ``min_refresh_gap`` otherwise."""
+    coverage_target: float = 0.9
+    """Coverage (attention mass the previous memory held) above which the adaptive gap grows."""
     boundary: bool = True
     """Trigger slow steps after boundary tokens (sentence / line ends)."""
     boundary_ids: tuple[int, ...] | None = None
@@ -92,6 +98,8 @@ class SFIConfig:
             raise SFIConfigError(
                 f"SFI config field 'prior_lambda_max' must be in [0, 1), got {self.prior_lambda_max}"
             )
+        if not 0.0 < self.coverage_target <= 1.0:
+            raise SFIConfigError(f"SFI config field 'coverage_target' must be in (0, 1], got {self.coverage_target}")
         if self.dense_backend not in DENSE_BACKENDS:
             raise SFIConfigError(
                 f"SFI config field 'dense_backend' must be one of {DENSE_BACKENDS}, got {self.dense_backend!r}"

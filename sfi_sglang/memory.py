@@ -8,11 +8,15 @@ slot resets it at its prefill.
 Per slot: ``hi`` is where the live tail starts (every token from ``hi`` on is
 attended to by fast steps), ``count`` how many positions of ``[min(sinks, hi), hi)``
 are selected (the same for every layer and KV head), ``steps`` the decode steps since
-the last slow step, ``ready`` whether a selection exists. ``pos[layer, slot, head]``
-holds the selected positions (ascending; entries past ``count`` are unused).
+the last slow step, ``ready`` whether a selection exists, ``gap`` the row's boundary
+gap (see ``sfi_sglang.coverage``), ``coverage`` the last measured coverage (-1: none
+yet). ``pos[layer, slot, head]`` holds the selected positions (ascending; entries past
+``count`` are unused).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,10 +32,13 @@ class SelectionStore:
         self.count = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.steps = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.ready = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self.gap = torch.full((num_slots,), cfg.min_refresh_gap, dtype=torch.int32, device=device)
+        self.coverage = torch.full((num_slots,), -1.0, dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pos, self.hi, self.count, self.steps, self.ready))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.pos, self.hi, self.count, self.steps, self.ready, self.gap, self.coverage))
 
     def bounds(self, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidate region ``[lo, hi)`` and selected count for a selection made at these lengths."""
@@ -51,13 +58,19 @@ class SelectionStore:
         lo, hi, count = self.bounds(seq_lens)
         self.hi[slots] = hi.to(torch.int32)
         self.count[slots] = count.to(torch.int32)
-        self.steps[slots] = 0
         self.ready[slots] = True
+        self._reset(slots)
         return lo, hi
 
     def clear(self, slots: torch.Tensor) -> None:
         self.ready[slots] = False
+        self._reset(slots)
+
+    def _reset(self, slots: torch.Tensor) -> None:
+        """A new request in these slots: no steps, the base gap, no coverage yet."""
         self.steps[slots] = 0
+        self.gap[slots] = self.cfg.min_refresh_gap
+        self.coverage[slots] = -1.0
 
     def advance(self, slots: torch.Tensor, seq_lens: torch.Tensor, slow: torch.Tensor) -> None:
         """After a decode step is planned: slow rows start a new selection, fast rows count a step."""
@@ -66,3 +79,20 @@ class SelectionStore:
         self.count[slots] = torch.where(slow, count.to(torch.int32), self.count[slots])
         self.steps[slots] = torch.where(slow, torch.zeros_like(self.steps[slots]), self.steps[slots] + 1)
         self.ready[slots] = True
+
+
+@dataclass
+class StepRows:
+    """Per-batch-row buffers of a decode step, written by the step plan (static: captured
+    graphs bake their addresses). ``hi`` / ``count`` are the row's selection state before
+    this step (count -1: it had none), which the refresh after a slow row measures."""
+
+    slow: torch.Tensor  # bool [rows]
+    slots: torch.Tensor  # int64 [rows]: req-pool slot of each row
+    hi: torch.Tensor  # int32 [rows]
+    count: torch.Tensor  # int32 [rows]
+
+    @classmethod
+    def zeros(cls, rows: int, device: torch.device | str) -> "StepRows":
+        z = lambda dtype: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(torch.bool), z(torch.int64), z(torch.int32), z(torch.int32))

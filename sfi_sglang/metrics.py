@@ -1,4 +1,4 @@
-"""SFI counters: slow steps, fast steps, refreshes and kept tokens, accumulated on the device.
+"""SFI counters: slow steps, fast steps, refreshes, kept tokens and coverage, accumulated on the device.
 
 Accumulating on the device costs no host sync per step; ``snapshot`` syncs once.
 Every ``log_interval`` decode steps the counters are logged and, when the server runs
@@ -16,7 +16,7 @@ import torch
 logger = logging.getLogger("sfi_sglang")
 
 FIELDS = ("slow_steps", "fast_steps", "refreshes", "kept_tokens", "context_tokens")
-
+COVERAGE_FIELDS = ("coverage_sum", "coverage_min_sum", "coverage_measured")
 
 HELP = {
     "slow_steps": "Decode rows that ran a slow (dense) SFI step.",
@@ -24,18 +24,23 @@ HELP = {
     "refreshes": "SFI selections built (slow steps and prefill bootstraps).",
     "kept_tokens": "Tokens attended per KV head, summed over fast rows.",
     "context_tokens": "Context length, summed over fast rows.",
+    "coverage_sum": "Coverage (slow-step attention mass the previous memory held; mean over layers and KV heads), "
+                    "summed over measured slow rows.",
+    "coverage_min_sum": "Coverage of each measured slow row's worst layer, summed.",
+    "coverage_measured": "Slow rows whose coverage was measured.",
 }
 
 
 class SFIStats:
     def __init__(self, device: torch.device | str, export: bool = False, counter_cls=None):
         self.acc = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
-        self._exported = dict.fromkeys(FIELDS, 0)
+        self.cov = torch.zeros(len(COVERAGE_FIELDS), dtype=torch.float64, device=device)
+        self._exported = dict.fromkeys(FIELDS + COVERAGE_FIELDS, 0)
         self._counters = None
         if export:
             if counter_cls is None:
                 from prometheus_client import Counter as counter_cls
-            self._counters = {f: counter_cls(f"sglang:sfi_{f}", HELP[f]) for f in FIELDS}
+            self._counters = {f: counter_cls(f"sglang:sfi_{f}", HELP[f]) for f in FIELDS + COVERAGE_FIELDS}
         self.decode_steps = 0
         self._decode_fields = torch.tensor([0, 1, 3, 4], device=device)
 
@@ -50,25 +55,36 @@ class SFIStats:
         """Selections built (after a slow step, or at the end of a prefill)."""
         self.acc[2] += n
 
+    def add_coverage(self, mean: torch.Tensor, worst_layer: torch.Tensor, measured: torch.Tensor) -> None:
+        """Coverage of slow rows (those where ``measured``): mean over layers and KV heads, and
+        of the worst layer. Masked sums, so no host sync."""
+        m = measured.double()
+        self.cov += torch.stack([(mean.double() * m).sum(), (worst_layer.double() * m).sum(), m.sum()])
+
     def snapshot(self) -> dict[str, float]:
-        vals = dict(zip(FIELDS, self.acc.tolist()))
+        vals = dict(zip(FIELDS, self.acc.tolist())) | dict(zip(COVERAGE_FIELDS, self.cov.tolist()))
         rows = vals["slow_steps"] + vals["fast_steps"]
         vals["slow_step_frac"] = vals["slow_steps"] / rows if rows else 0.0
         fast = vals["fast_steps"]
         vals["mean_kept_tokens"] = vals["kept_tokens"] / fast if fast else 0.0
         vals["mean_kept_frac"] = vals["kept_tokens"] / vals["context_tokens"] if vals["context_tokens"] else 0.0
+        m = vals["coverage_measured"]
+        vals["mean_coverage"] = vals["coverage_sum"] / m if m else float("nan")
+        vals["mean_worst_layer_coverage"] = vals["coverage_min_sum"] / m if m else float("nan")
         return vals
 
     def log(self, extra: str = "") -> None:
         """Log the totals (and ``extra``) and export what was added since the last call."""
         s = self.snapshot()
         if self._counters is not None:
-            for f in FIELDS:
+            for f in FIELDS + COVERAGE_FIELDS:
                 self._counters[f].inc(s[f] - self._exported[f])
                 self._exported[f] = s[f]
         logger.info(
             "SFI: slow rows %d, fast rows %d (slow frac %.3f), refreshes %d, "
-            "mean kept tokens per fast row and KV head %.1f (%.1f%% of context)%s",
+            "mean kept tokens per fast row and KV head %.1f (%.1f%% of context), "
+            "coverage %.3f (worst layer %.3f) over %d slow rows%s",
             s["slow_steps"], s["fast_steps"], s["slow_step_frac"], s["refreshes"],
-            s["mean_kept_tokens"], 100 * s["mean_kept_frac"], f"; {extra}" if extra else "",
+            s["mean_kept_tokens"], 100 * s["mean_kept_frac"], s["mean_coverage"], s["mean_worst_layer_coverage"],
+            s["coverage_measured"], f"; {extra}" if extra else "",
         )

@@ -33,7 +33,8 @@ def prompts(n: int, length: int, seed: int = 0, shared: bool = False) -> list[li
     return out
 
 
-def generate(model: str, backend: str, args, input_ids: list[list[int]]) -> list[dict]:
+def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: list[list[int]]) -> list[dict]:
+    """Greedy outputs of ``input_ids`` (then of each of ``more``, on the same engine, appended)."""
     import sglang as sgl
 
     kw = dict(
@@ -48,17 +49,19 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]]) -> list
         kw.update(cuda_graph_max_bs_decode=8)
     engine = sgl.Engine(**kw)
     try:
-        # Different lengths: requests leave at different steps and, with a small
-        # --max-running-requests, queued ones join a running batch and reuse req-pool slots.
-        sampling = [
-            {"temperature": 0.0, "max_new_tokens": args.new_tokens + 8 * i, "ignore_eos": True}
-            for i in range(len(input_ids))
-        ]
-        if args.sequential:  # one request at a time, each after the previous one finished
-            outs = [engine.generate(input_ids=i, sampling_params=s, return_logprob=True)
-                    for i, s in zip(input_ids, sampling)]
-        else:
-            outs = engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        outs = []
+        for batch in (input_ids, *more):
+            # Different lengths: requests leave at different steps and, with a small
+            # --max-running-requests, queued ones join a running batch and reuse req-pool slots.
+            sampling = [
+                {"temperature": 0.0, "max_new_tokens": args.new_tokens + 8 * i, "ignore_eos": True}
+                for i in range(len(batch))
+            ]
+            if args.sequential:  # one request at a time, each after the previous one finished
+                outs += [engine.generate(input_ids=i, sampling_params=s, return_logprob=True)
+                         for i, s in zip(batch, sampling)]
+            else:
+                outs += engine.generate(input_ids=batch, sampling_params=sampling, return_logprob=True)
         return [
             {"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"]["output_token_logprobs"]]}
             for o in outs
@@ -83,8 +86,14 @@ def main() -> None:
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--shared-prefix", action="store_true", help="prompts re-send a growing shared prefix")
     p.add_argument("--sequential", action="store_true", help="send the prompts one after another")
+    p.add_argument("--repeat-in-batch", action="store_true",
+                   help="sfi only: the first prompt alone, then all prompts in one batch (the first one again)")
     args = p.parse_args()
     ids = prompts(args.prompts, args.prompt_len, shared=args.shared_prefix)
+    if args.repeat_in_batch:
+        outs = generate(args.model, "sfi", args, ids[:1], ids)
+        print("RESULT " + json.dumps({"alone": outs[0]["ids"], "busy": [o["ids"] for o in outs[1:]]}))
+        return
     dense = generate(args.model, args.dense, args, ids)
     sfi = generate(args.model, "sfi", args, ids)
     print("RESULT " + json.dumps({

@@ -30,6 +30,9 @@ def test_defaults_are_valid():
         ("alpha", 1.5),
         ("prior_lambda_max", 1.0),
         ("dense_backend", "fa9"),
+        ("coverage_target", 0.0),
+        ("coverage_target", 1.2),
+        ("adaptive_refresh", "yes"),
         ("boundary_ids", [3, -1]),
         ("extra_boundary_ids", [-5]),
         ("topk", "2048"),  # a string where an int is expected

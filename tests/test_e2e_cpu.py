@@ -17,6 +17,7 @@ pytestmark = pytest.mark.e2e
 
 STATS = re.compile(r"SFI: slow rows (\d+), fast rows (\d+) .*refreshes (\d+), mean kept tokens per fast row and KV head ([\d.]+)")
 REUSE = re.compile(r"selection reuse: hits (\d+), misses (\d+), records (\d+)")
+COVERAGE = re.compile(r"coverage ([\d.]+) \(worst layer ([\d.]+)\) over (\d+) slow rows")
 
 
 def run_compare(model: str, sfi_config: str, *extra: str) -> tuple[dict, list[tuple[int, int, int, float]], str]:
@@ -36,8 +37,9 @@ def test_full_budget_equals_dense(tiny_model):
     Five requests of different lengths, at most two running at once: requests leave
     and join a running batch, and later ones reuse earlier ones' req-pool slots.
     """
-    cfg = json.dumps({"topk": 4096, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10})
-    res, stats, _ = run_compare(tiny_model, cfg, "--prompts", "5", "--prompt-len", "150", "--new-tokens", "16",
+    cfg = json.dumps({"topk": 4096, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10,
+                      "adaptive_refresh": True})
+    res, stats, out = run_compare(tiny_model, cfg, "--prompts", "5", "--prompt-len", "150", "--new-tokens", "16",
                              "--max-running-requests", "2")
     assert res["sfi"] == res["dense"]
     assert res["max_logprob_diff"] < 1e-3
@@ -45,17 +47,21 @@ def test_full_budget_equals_dense(tiny_model):
     assert len(set(tuple(o[:16]) for o in res["dense"])) == 5, "outputs should depend on the prompt"
     slow, fast, refreshes, _ = stats[-1]
     assert fast > 0 and slow > 0 and refreshes > 5  # 5 prefills + refreshes after slow steps
+    mean, worst, measured = COVERAGE.findall(out)[-1]
+    assert int(measured) > 0 and float(mean) == float(worst) == 1.0  # the memory held every token
 
 
 def test_small_budget_is_sparse(tiny_model):
     """A small budget really drops tokens: fast rows keep far fewer tokens than the context."""
     cfg = json.dumps({"topk": 16, "recent": 16, "sinks": 4, "max_fast_steps": 16, "min_refresh_gap": 4,
                       "log_interval": 10})
-    res, stats, _ = run_compare(tiny_model, cfg, "--prompts", "2", "--prompt-len", "300", "--new-tokens", "24")
+    res, stats, out = run_compare(tiny_model, cfg, "--prompts", "2", "--prompt-len", "300", "--new-tokens", "24")
     assert [len(o) for o in res["sfi"]] == [24, 32]
     slow, fast, _, kept = stats[-1]
     assert fast > slow > 0
     assert 36 <= kept <= 4 + 16 + 16 + 16
+    mean, worst, measured = map(float, COVERAGE.findall(out)[-1])
+    assert measured > 0 and 0 < worst <= mean < 1  # tokens were dropped that slow steps attend to
 
 
 def test_selection_reuse_across_turns(tiny_model):
@@ -71,3 +77,14 @@ def test_selection_reuse_across_turns(tiny_model):
     assert (hits, misses) == (3, 0) and records >= 1
     assert res["dense"][0][:16] == res["dense"][1][:16]
     assert res["sfi"][0][:16] == res["sfi"][1][:16]
+
+
+def test_same_request_alone_and_in_a_busy_batch(tiny_model):
+    """Determinism: a sparse greedy request gives the same tokens alone and again inside a
+    batch of other requests (the second time over its cached prefix and selection record)."""
+    cfg = json.dumps({"topk": 16, "recent": 16, "max_fast_steps": 16, "min_refresh_gap": 4, "log_interval": 10})
+    res, stats, _ = run_compare(tiny_model, cfg, "--prompts", "4", "--prompt-len", "300", "--new-tokens", "24",
+                                "--repeat-in-batch")
+    assert len(res["alone"]) == 24 and len(res["busy"]) == 4
+    assert res["busy"][0] == res["alone"]
+    assert stats[-1][1] > stats[-1][0] > 0  # fast rows outnumber slow ones: the memory was sparse

@@ -19,13 +19,19 @@ pytestmark = [
 def test_tiny_sweep(tmp_path):
     out = tmp_path / "fidelity.json"
     cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "fidelity.py"), "--contexts", "200", "320",
-           "--steps", "12", "--budgets", "4096", "16", "--refresh", "6", "--recent", "16",
+           "--steps", "12", "--budgets", "4096", "16", "--refresh", "6", "--recent", "16", "--gaps", "2",
+           "--adaptive-targets", "0.9",
            "--passkey-lengths", "200", "--passkey-depths", "0.5", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
-    rows = {(r["budget"], r["context"]): r for r in res["rows"]}
+    rows = {(r["budget"], r["context"]): r for r in res["rows"] if r["policy"] == "fixed"}
     assert set(rows) == {(4096, 200), (4096, 320), (16, 200), (16, 320)}
+    adaptive = [r for r in res["rows"] if r["policy"] == "adaptive"]
+    assert len(adaptive) == 4 and all(r["coverage_target"] == 0.9 for r in adaptive)
+    for r in res["rows"]:  # slow steps every few steps (refresh 6, gap 2), each measured at the next step
+        assert 0 < r["slow_step_frac"] < 1 and r["mean_coverage"] is not None
+        assert r["mean_coverage"] == 1.0 if r["budget"] == 4096 else 0 < r["mean_coverage"] < 1
     for ctx in (200, 320):  # a budget covering the context decodes exactly as dense
         assert rows[4096, ctx]["top1_agreement"] == 1.0 and rows[4096, ctx]["mean_kl"] < 1e-3
         assert rows[16, ctx]["mean_kl"] > rows[4096, ctx]["mean_kl"]  # a tiny budget really drops tokens

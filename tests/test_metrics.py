@@ -10,8 +10,10 @@ def test_counters_accumulate_and_export_deltas():
     slow = torch.tensor([True, False, False])
     stats.add_decode(slow, kept=torch.tensor([100, 40, 50]), seq_lens=torch.tensor([100, 400, 500]))
     stats.add_refreshes(2)
+    stats.add_coverage(torch.tensor([0.9, 0.7, 0.1]), torch.tensor([0.5, 0.3, 0.0]), torch.tensor([True, True, False]))
     stats.log()
     stats.add_decode(~slow, kept=torch.tensor([30, 400, 500]), seq_lens=torch.tensor([101, 400, 500]))
+    stats.add_coverage(torch.tensor([0.5]), torch.tensor([0.2]), torch.tensor([True]))
     stats.log()
 
     s = stats.snapshot()
@@ -20,3 +22,5 @@ def test_counters_accumulate_and_export_deltas():
     assert abs(s["slow_step_frac"] - 0.5) < 1e-9 and abs(s["mean_kept_tokens"] - 40) < 1e-9
     get = lambda f: registry.get_sample_value(f"sglang:sfi_{f}_total")  # noqa: E731
     assert (get("slow_steps"), get("fast_steps"), get("refreshes"), get("kept_tokens")) == (3, 3, 2, 120)
+    assert abs(s["mean_coverage"] - 0.7) < 1e-6 and abs(s["mean_worst_layer_coverage"] - 1 / 3) < 1e-6
+    assert get("coverage_measured") == 3 and abs(get("coverage_sum") - 2.1) < 1e-6

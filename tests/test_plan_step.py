@@ -5,7 +5,7 @@ import torch
 
 from sfi_sglang.config import SFIConfig
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
-from sfi_sglang.memory import SelectionStore
+from sfi_sglang.memory import SelectionStore, StepRows
 from sfi_sglang.metrics import SFIStats
 
 CFG = SFIConfig(sinks=3, topk=20, recent=5, max_fast_steps=6, min_refresh_gap=2)
@@ -20,6 +20,7 @@ def state(seed: int, dev: str):
     hi = torch.randint(0, 30, (SLOTS,), generator=g)
     store.hi.copy_(hi)
     store.count.copy_(torch.minimum(hi, torch.randint(0, 20, (SLOTS,), generator=g)))
+    store.gap.copy_(torch.randint(0, 8, (SLOTS,), generator=g))  # per-row boundary gaps (adaptive policy)
     table = (torch.rand(VOCAB, generator=g) < 0.3).to(dev)
     return store, SFIStats(dev), table
 
@@ -34,11 +35,13 @@ def test_triton_plan_matches_reference(bs, real):
     outs = []
     for fn in (plan_step_ref, plan_step):
         store, stats, table = state(bs, dev)
-        slow = torch.zeros(bs, dtype=torch.bool, device=dev)
-        prev = torch.full((SLOTS,), -1, dtype=torch.long, device=dev)
-        fn(store, stats, table, ids.to(dev), slots.to(dev), seq_lens.to(dev), real, slow, prev)
-        outs.append([slow, prev[:real], store.hi, store.count, store.steps, store.ready, stats.acc])
+        rows = StepRows.zeros(bs + 3, dev)  # longer than the batch: rows past bs stay untouched
+        fn(store, stats, table, ids.to(dev), slots.to(dev), seq_lens.to(dev), real, bs, rows)
+        outs.append([rows.slow, rows.slots[:real], rows.hi[:real], rows.count[:real], store.hi, store.count,
+                     store.steps, store.ready, stats.acc])
         assert stats.decode_steps == 1
     for a, b in zip(*outs):
         assert torch.equal(a.cpu(), b.cpu())
-    assert outs[0][0][real:].all()  # padding rows are slow
+    assert outs[0][0][real:bs].all() and not outs[0][0][bs:].any()  # padding rows are slow
+    ready = state(bs, "cpu")[0].ready[slots[:real]]
+    assert (outs[0][3].cpu()[~ready] == -1).all()  # rows with no selection before the step

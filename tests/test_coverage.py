@@ -1,0 +1,52 @@
+"""Coverage of a previous selection, and the adaptive gap, against explicit loops."""
+
+import pytest
+import torch
+
+from sfi_sglang.config import SFIConfig
+from sfi_sglang.coverage import coverage, kept_mask, next_gap
+from sfi_sglang.selector import region_positions
+
+
+def case(seed: int, s: int = 3, hkv: int = 2, r: int = 4, k: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(12, 30, (s,), generator=g)
+    width = int(n.max())
+    pos = region_positions(torch.zeros(s, dtype=torch.long), n, width)
+    prev_hi = torch.stack([torch.randint(0, int(x) + 1, (1,), generator=g)[0] for x in n])
+    prev_cnt = torch.randint(-1, k + 1, (s,), generator=g)
+    prev_sel = torch.randint(0, 40, (s, hkv, k), generator=g).int()  # entries past the count are garbage
+    logits = torch.randn(s, hkv, r, width, generator=g).masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
+    return pos, prev_hi, prev_sel, prev_cnt, logits, n
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kept_mask_and_coverage_match_loops(seed):
+    sinks = 2
+    pos, prev_hi, prev_sel, prev_cnt, logits, n = case(seed)
+    held = kept_mask(pos, sinks, prev_hi, prev_sel, prev_cnt)
+    cov = coverage(logits, held)
+    s, hkv, r, width = logits.shape
+    for i in range(s):
+        for h in range(hkv):
+            chosen = set(prev_sel[i, h, : max(int(prev_cnt[i]), 0)].tolist())
+            want = [j < n[i] and (j < sinks or j >= prev_hi[i] or j in chosen) for j in range(width)]
+            assert held[i, h].tolist() == want
+            p = logits[i, h].double().softmax(-1)
+            mass = sum(p[:, j] for j in range(width) if want[j]).mean()
+            assert abs(float(cov[i, h]) - float(mass)) < 1e-5
+
+
+def test_everything_held_is_full_coverage_and_nothing_is_zero():
+    pos, prev_hi, prev_sel, prev_cnt, logits, n = case(7)
+    everything = kept_mask(pos, 0, torch.zeros_like(prev_hi), prev_sel, prev_cnt)
+    assert torch.allclose(coverage(logits, everything), torch.ones(3, 2))
+    nothing = kept_mask(pos, 0, n, prev_sel, torch.zeros_like(prev_cnt))
+    assert coverage(logits, nothing).abs().max() == 0
+
+
+def test_adaptive_gap_doubles_on_high_coverage_and_resets_on_low():
+    cfg = SFIConfig(min_refresh_gap=8, max_fast_steps=40, coverage_target=0.9)
+    gap = torch.tensor([8, 16, 32, 40, 32], dtype=torch.int32)
+    cov = torch.tensor([0.95, 0.9, 0.99, 0.99, 0.5])
+    assert next_gap(gap, cov, cfg).tolist() == [16, 32, 40, 40, 8]
