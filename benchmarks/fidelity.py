@@ -246,11 +246,12 @@ def main() -> None:
             prompts.append(passkey_prompt(tok, length, depth, key))
             cases.append({"length": length, "depth": depth})
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.device == "cpu":
-        # sglang has no CPU build of sgl-kernel on PyPI: use the test-only stand-in (tests/stubs).
-        stubs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "stubs")
-        env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(filter(None, [stubs, env.get("PYTHONPATH")])))
+        from sfi_sglang.cpu_env import cpu_engine_env
+
+        env = cpu_engine_env()
+    else:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     dense_backend = "torch_native" if args.device == "cpu" else "flashinfer"
     dense_logp = os.path.join(tempfile.gettempdir(), f"sfi_fidelity_dense_{os.getpid()}.pt")
     spec = {"model": model, "device": args.device, "contexts": args.contexts, "steps": args.steps,

@@ -13,17 +13,14 @@ token, prompt / cached / completion tokens, decode tokens/s and the tools called
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 
 from openai import OpenAI
 
-from sfi_sglang.agents import Agent, calculator, file_search, read_file
+from sfi_sglang.agents import Agent, LocalServer, calculator, file_search, read_file
 
 QUESTIONS = [
     "Which host reported the disk failure? Search the logs.",
@@ -50,26 +47,6 @@ def make_docs(folder: str, lines: int = 4000, seed: int = 0) -> None:
         f.write("Requests served on the outage day, per region: eu 182340, us 240119, asia 99871.\n")
 
 
-def start_server(model_path: str, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--attention-backend", "sfi",
-           "--port", str(port), "--host", "127.0.0.1", *extra]
-    print("starting:", " ".join(cmd), flush=True)
-    return subprocess.Popen(cmd, start_new_session=True)
-
-
-def wait_ready(client: OpenAI, server: subprocess.Popen | None, timeout: float = 900) -> str:
-    deadline = time.time() + timeout
-    while True:
-        if server is not None and server.poll() is not None:
-            sys.exit("the server exited")
-        try:
-            return client.models.list().data[0].id
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline:
-                sys.exit("the server did not come up")
-            time.sleep(3)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="OpenAI-compatible base URL of a running server")
@@ -82,10 +59,14 @@ def main() -> None:
     if not (args.url or args.model_path):
         ap.error("give --url or --model-path")
 
-    server = start_server(args.model_path, args.port, args.server_args.split()) if args.model_path else None
-    client = OpenAI(base_url=args.url or f"http://127.0.0.1:{args.port}/v1", api_key="none", timeout=600)
-    try:
-        model = wait_ready(client, server)
+    with contextlib.ExitStack() as stack:
+        url = args.url
+        if args.model_path:
+            print("starting sglang with --attention-backend sfi on", args.model_path, flush=True)
+            srv = stack.enter_context(LocalServer(args.model_path, args.server_args.split(), port=args.port))
+            url = srv.url
+        client = OpenAI(base_url=url, api_key="none", timeout=600)
+        model = client.models.list().data[0].id
         docs = args.docs or tempfile.mkdtemp(prefix="sfi-docs-")
         if not args.docs:
             make_docs(docs)
@@ -103,9 +84,6 @@ def main() -> None:
                 print(f"{n:>4} {i:>4} {t.seconds:6.2f} {t.ttft or 0:6.2f} {t.prompt_tokens or 0:>7} "
                       f"{t.cached_tokens or 0:>7} {t.completion_tokens or 0:>5} {tok_s}  {','.join(t.tool_calls)}")
             history = res.messages
-    finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
 
 
 if __name__ == "__main__":

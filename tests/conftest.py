@@ -9,7 +9,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # defined, so this must precede any import of sfi_sglang.kernels.
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-STUBS = os.path.join(HERE, "stubs")
 
 
 def has_cuda() -> bool:
@@ -38,15 +37,9 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def engine_env(sfi_config: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(
-        PYTHONPATH=os.pathsep.join([STUBS, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        SGLANG_USE_CPU_ENGINE="1",
-        SFI_CONFIG=sfi_config,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    return env
+    from sfi_sglang.cpu_env import cpu_engine_env
+
+    return {**cpu_engine_env(), "SFI_CONFIG": sfi_config}
 
 
 sys.path.insert(0, HERE)

@@ -1,0 +1,62 @@
+"""A local sglang server with ``--attention-backend sfi`` for examples, benchmarks and tests:
+started in its own process group on 127.0.0.1, ready once it lists its model, and stopped
+with the whole group (sglang spawns scheduler and detokenizer processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import IO, Sequence
+
+from openai import OpenAI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """``with LocalServer(model_path, extra_args) as srv: OpenAI(base_url=srv.url, ...)``."""
+
+    def __init__(self, model_path: str, extra: Sequence[str] = (), port: int | None = None,
+                 env: dict | None = None, log: IO | None = None, ready_timeout: float = 900):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
+                    "--attention-backend", "sfi", "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        self.env, self.log, self.ready_timeout = env, log, ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.model = ""
+
+    def __enter__(self) -> "LocalServer":
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT if self.log else None,
+                                     start_new_session=True)
+        client = OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=30)
+        deadline = time.time() + self.ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {' '.join(self.cmd)}")
+            try:
+                self.model = client.models.list().data[0].id
+                return self
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"the server did not come up in {self.ready_timeout:.0f} s") from None
+                time.sleep(2)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
