@@ -39,7 +39,7 @@ from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
 from sfi_sglang.radix import SelectionRecord, SelectionReuse
-from sfi_sglang.selector import region_positions, select
+from sfi_sglang.selector import region_positions, restrict, select
 
 logger = logging.getLogger("sfi_sglang")
 
@@ -341,8 +341,7 @@ class SFIBackend(AttentionBackend):
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
                 if cover is not None:
                     cover.add(part, logits, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
-                    pos = pos.masked_fill((pos < lo_g.view(-1, 1, 1)) | (pos >= hi_g.view(-1, 1, 1)), -1)
-                    logits = logits.masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
+                    logits, pos = restrict(logits, pos, lo_g, hi_g)
                 sel = select(logits, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
         if cover is not None:

@@ -39,6 +39,14 @@ def region_positions(lo: torch.Tensor, hi: torch.Tensor, width: int) -> torch.Te
     return pos.masked_fill(pos >= hi.view(-1, 1), -1).unsqueeze(1)
 
 
+def restrict(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor,
+             hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates outside each row's ``[lo, hi)`` become padding: logits ``[S, Hkv, R, N]`` -> ``-inf``,
+    positions ``[S, 1 or Hkv, N]`` -> -1 (a refresh that scored the whole context ranks only the region)."""
+    pos = positions.masked_fill((positions < lo.view(-1, 1, 1)) | (positions >= hi.view(-1, 1, 1)), -1)
+    return logits.masked_fill(pos.unsqueeze(2) < 0, float("-inf")), pos
+
+
 def prior(log_norm: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Prior over candidates from log key norms ``[S, Hkv, N]`` and their positions in the
     region ``[lo, hi)`` -> ``[S, Hkv, N]``, each row summing to 1 over its candidates.

@@ -198,3 +198,24 @@ def test_neighbor_window_follows_positions_not_list_order():
     s = torch.rand(3, 50, generator=gen(5))
     want = 0.5 * (s + torch.nn.functional.max_pool1d(s.unsqueeze(1), 5, 1, 2).squeeze(1))
     torch.testing.assert_close(spread_to_neighbors(s, torch.arange(50), 2), want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_whole_context_restricted_to_the_region_selects_as_the_region(seed):
+    """A refresh after a slow step scores [0, n) (for coverage) and ranks only [lo, hi):
+    the same selection as scoring [lo, hi) alone."""
+    from sfi_sglang.config import SFIConfig
+    from sfi_sglang.selector import restrict, select
+
+    g = gen(seed)
+    cfg = SFIConfig(topk=7, neighbor_window=2)
+    n = torch.tensor([40, 33, 57])
+    lo, hi = torch.full((3,), 4), n - 16
+    full = region_positions(torch.zeros(3, dtype=torch.long), n, 57)
+    logits = torch.randn(3, 2, 4, 57, generator=g).masked_fill(full.unsqueeze(2) < 0, float("-inf"))
+    got = select(*restrict(logits, full, lo, hi), cfg, (lo, hi), contiguous=True)
+    region = region_positions(lo, hi, int((hi - lo).max()))
+    cols = (region.clamp_min(0).long()).expand(3, 2, -1).unsqueeze(2).expand(-1, -1, 4, -1)
+    want = select(logits.gather(-1, cols).masked_fill(region.unsqueeze(2) < 0, float("-inf")), region, cfg, (lo, hi),
+                  contiguous=True)
+    assert torch.equal(got, want)
