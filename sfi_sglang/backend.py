@@ -184,7 +184,8 @@ class SFIBackend(AttentionBackend):
             host_lens = fb.seq_lens_cpu[:real] if fb.seq_lens_cpu is not None else fb.seq_lens[:real].cpu()
             self.pending = (real, host_lens.clone())
         if self.cfg.log_interval and self.stats.decode_steps % self.cfg.log_interval == 0:
-            self.stats.log(self.reuse.summary() if self.reuse is not None else "")
+            reuse = self.reuse
+            self.stats.log(reuse.summary() if reuse else "", reuse.metrics() if reuse else None)
 
     def _refresh_previous_slow_rows(self) -> None:
         """Rebuild, for every layer, the selections of the previous decode step's slow rows

@@ -17,6 +17,8 @@ logger = logging.getLogger("sfi_sglang")
 
 FIELDS = ("slow_steps", "fast_steps", "refreshes", "kept_tokens", "context_tokens")
 COVERAGE_FIELDS = ("coverage_sum", "coverage_min_sum", "coverage_measured")
+HOST_FIELDS = ("reuse_hits", "reuse_misses")  # cumulative counts kept on the host (sfi_sglang.radix)
+GAUGES = ("reuse_records", "reuse_bytes")
 
 HELP = {
     "slow_steps": "Decode rows that ran a slow (dense) SFI step.",
@@ -28,19 +30,27 @@ HELP = {
                     "summed over measured slow rows.",
     "coverage_min_sum": "Coverage of each measured slow row's worst layer, summed.",
     "coverage_measured": "Slow rows whose coverage was measured.",
+    "reuse_hits": "Prefills over a cached prefix that started from its selection record.",
+    "reuse_misses": "Prefills over a cached prefix with no usable selection record.",
+    "reuse_records": "Selection records held on radix-tree nodes.",
+    "reuse_bytes": "GPU bytes held by selection records.",
 }
 
 
 class SFIStats:
-    def __init__(self, device: torch.device | str, export: bool = False, counter_cls=None):
+    def __init__(self, device: torch.device | str, export: bool = False, counter_cls=None, gauge_cls=None):
         self.acc = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
         self.cov = torch.zeros(len(COVERAGE_FIELDS), dtype=torch.float64, device=device)
-        self._exported = dict.fromkeys(FIELDS + COVERAGE_FIELDS, 0)
-        self._counters = None
+        counted = FIELDS + COVERAGE_FIELDS + HOST_FIELDS
+        self._exported = dict.fromkeys(counted, 0)
+        self._counters = self._gauges = None
         if export:
-            if counter_cls is None:
-                from prometheus_client import Counter as counter_cls
-            self._counters = {f: counter_cls(f"sglang:sfi_{f}", HELP[f]) for f in FIELDS + COVERAGE_FIELDS}
+            from prometheus_client import Counter, Gauge
+
+            counter_cls, gauge_cls = counter_cls or Counter, gauge_cls or Gauge
+            self._counters = {f: counter_cls(f"sglang:sfi_{f}", HELP[f]) for f in counted}
+            # sglang collects scheduler metrics in multiprocess mode: sum the live schedulers' gauges
+            self._gauges = {f: gauge_cls(f"sglang:sfi_{f}", HELP[f], multiprocess_mode="livesum") for f in GAUGES}
         self.decode_steps = 0
         self._decode_fields = torch.tensor([0, 1, 3, 4], device=device)
 
@@ -73,13 +83,16 @@ class SFIStats:
         vals["mean_worst_layer_coverage"] = vals["coverage_min_sum"] / m if m else float("nan")
         return vals
 
-    def log(self, extra: str = "") -> None:
-        """Log the totals (and ``extra``) and export what was added since the last call."""
-        s = self.snapshot()
+    def log(self, extra: str = "", host: dict[str, float] | None = None) -> None:
+        """Log the totals (and ``extra``) and export what was added since the last call, with
+        ``host`` values (``HOST_FIELDS`` totals and ``GAUGES``) kept elsewhere."""
+        s = self.snapshot() | (host or {})
         if self._counters is not None:
-            for f in FIELDS + COVERAGE_FIELDS:
+            for f in (f for f in self._counters if f in s):
                 self._counters[f].inc(s[f] - self._exported[f])
                 self._exported[f] = s[f]
+            for f in (f for f in self._gauges if f in s):
+                self._gauges[f].set(s[f])
         logger.info(
             "SFI: slow rows %d, fast rows %d (slow frac %.3f), refreshes %d, "
             "mean kept tokens per fast row and KV head %.1f (%.1f%% of context), "

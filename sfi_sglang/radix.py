@@ -165,6 +165,11 @@ class SelectionReuse:
             self.attach(last, rec)
             self.offer(req, rec)
 
+    def metrics(self) -> dict[str, float]:
+        """Totals and sizes for ``SFIStats.log`` (Prometheus)."""
+        return {"reuse_hits": self.hits, "reuse_misses": self.misses, "reuse_records": len(self.held),
+                "reuse_bytes": self.nbytes}
+
     def summary(self) -> str:
         return (f"selection reuse: hits {self.hits}, misses {self.misses}, records {len(self.held)} "
                 f"({self.nbytes / 2**20:.1f} MiB)")

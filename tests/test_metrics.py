@@ -1,20 +1,21 @@
 import torch
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sfi_sglang.metrics import SFIStats
 
 
 def test_counters_accumulate_and_export_deltas():
     registry = CollectorRegistry()
-    stats = SFIStats("cpu", export=True, counter_cls=lambda name, doc: Counter(name, doc, registry=registry))
+    stats = SFIStats("cpu", export=True, counter_cls=lambda name, doc: Counter(name, doc, registry=registry),
+                     gauge_cls=lambda name, doc, **kw: Gauge(name, doc, registry=registry, **kw))
     slow = torch.tensor([True, False, False])
     stats.add_decode(slow, kept=torch.tensor([100, 40, 50]), seq_lens=torch.tensor([100, 400, 500]))
     stats.add_refreshes(2)
     stats.add_coverage(torch.tensor([0.9, 0.7, 0.1]), torch.tensor([0.5, 0.3, 0.0]), torch.tensor([True, True, False]))
-    stats.log()
+    stats.log(host={"reuse_hits": 3, "reuse_misses": 1, "reuse_records": 2, "reuse_bytes": 4096})
     stats.add_decode(~slow, kept=torch.tensor([30, 400, 500]), seq_lens=torch.tensor([101, 400, 500]))
     stats.add_coverage(torch.tensor([0.5]), torch.tensor([0.2]), torch.tensor([True]))
-    stats.log()
+    stats.log(host={"reuse_hits": 5, "reuse_misses": 1, "reuse_records": 1, "reuse_bytes": 2048})
 
     s = stats.snapshot()
     assert (s["slow_steps"], s["fast_steps"], s["refreshes"]) == (3, 3, 2)
@@ -24,3 +25,6 @@ def test_counters_accumulate_and_export_deltas():
     assert (get("slow_steps"), get("fast_steps"), get("refreshes"), get("kept_tokens")) == (3, 3, 2, 120)
     assert abs(s["mean_coverage"] - 0.7) < 1e-6 and abs(s["mean_worst_layer_coverage"] - 1 / 3) < 1e-6
     assert get("coverage_measured") == 3 and abs(get("coverage_sum") - 2.1) < 1e-6
+    assert (get("reuse_hits"), get("reuse_misses")) == (5, 1)
+    assert registry.get_sample_value("sglang:sfi_reuse_records") == 1
+    assert registry.get_sample_value("sglang:sfi_reuse_bytes") == 2048
