@@ -80,16 +80,22 @@ def session(client: OpenAI, model: str, seed: int, deadline: float, args, tally:
             tally.add("failed", error=repr(e)[:300])
 
 
+def nvidia_smi(field: str) -> list[str] | None:
+    """One line per GPU of ``nvidia-smi --query-gpu=field``; None without a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines() if out.returncode == 0 else None
+
+
 def memory_mb(server_pid: int | None) -> tuple[float | None, str]:
     """(MiB, kind): GPU memory used on all GPUs ("gpu"), else the server process tree's
     resident memory ("rss"; None for a server not started here)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return float(sum(float(x) for x in out.stdout.split())), "gpu"
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    used = nvidia_smi("memory.used")
+    if used is not None:
+        return sum(float(x) for x in used), "gpu"
     if server_pid is None:
         return None, "rss"
     import psutil
@@ -170,7 +176,8 @@ def main() -> None:
     last = mem[-1][0] if mem else 0.0
     server_log = open(log_path).read() if os.path.exists(log_path) else ""
     result = {
-        "date": datetime.date.today().isoformat(), "url": url if args.url else None,
+        "date": datetime.date.today().isoformat(), "gpu": (nvidia_smi("name") or [None])[0],
+        "url": url if args.url else None,
         "model": "tiny (CPU)" if args.tiny else (args.model_path or model), "minutes": args.minutes,
         "sessions": args.sessions, "requests": tally.requests, "failed": tally.failed, "aborted": tally.aborted,
         "memory": samples[-1][2] if samples else None,
