@@ -1,18 +1,20 @@
 """Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
 
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
-        [--output-len 512] [--refresh 16,32] [--out benchmarks/results/decode_throughput.json]
+        [--output-len 512] [--refresh 16,32] [--tp 1] [--out benchmarks/results/decode_throughput.json]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``), one
 process per backend and context (holding that context's batch sizes), on the same
 dummy-weight model config, with decode CUDA graphs on. Results are written after
 every process, so a shape that fails (e.g. out of memory in the one-shot prefill)
-loses only its own process. Dummy weights write no sentences, so sfi's slow steps are
+loses only its own process; each process's static memory fraction is sized to its
+largest batch (weights + KV), leaving the rest to the one-shot prefill. Dummy weights write no sentences, so sfi's slow steps are
 forced every R steps (``max_fast_steps = R - 1``, boundary trigger off): R=16 is the
 worst case the issue asks for, R=32 the usual one. Decode step time is the mean over
 all decode steps (slow steps and Selector refreshes included), not the median.
 Prints a table with the ratio sfi / best dense backend, the ideal ratio from bytes
-moved, and the fraction of HBM copy bandwidth (measured in this run) each step uses.
+moved, and the fraction of HBM copy bandwidth (measured in this run) each step uses;
+with ``--tp N`` bytes and bandwidth are per GPU (weights and KV heads split N ways).
 """
 
 from __future__ import annotations
@@ -70,8 +72,17 @@ def model_bytes(cfg: dict) -> tuple[int, int]:
     return 2 * params, 2 * 2 * layers * hkv * d
 
 
+def mem_fraction(args, w_bytes: int, kv_tok: int, context: int, batch: int) -> float:
+    """Static memory fraction for weights and a KV pool that holds ``batch`` requests (5% spare
+    and 2 GB for sglang's own buffers); the rest is left to the one-shot prefill's activations."""
+    if args.mem_fraction != "auto":
+        return float(args.mem_fraction)
+    need = (w_bytes + 1.05 * batch * (context + args.output_len + 64) * kv_tok) / args.tp + 2e9
+    return round(min(0.9, max(0.3, need / torch.cuda.get_device_properties(0).total_memory)), 3)
+
+
 def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None, context: int,
-                batches: list[int]) -> tuple[list[dict], str]:
+                batches: list[int], fraction: float) -> tuple[list[dict], str]:
     """One one-batch process over ``batches`` at ``context``; returns its result rows and log."""
     res = tempfile.mktemp(suffix=".jsonl")
     env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
@@ -79,7 +90,7 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
         env["SFI_CONFIG"] = json.dumps(sfi_cfg)
     cmd = [sys.executable, "-m", "sfi_sglang.bench_one_batch", "--model-path", model, "--load-format", "dummy",
            "--attention-backend", backend, "--cuda-graph-backend-prefill", "disabled",
-           "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(context + args.output_len + 64),
+           "--mem-fraction-static", str(fraction), "--tp-size", str(args.tp), "--context-length", str(context + args.output_len + 64),
            "--cuda-graph-max-bs-decode", str(max(batches)),
            "--batch-size", *map(str, batches), "--input-len", str(context),
            "--output-len", str(args.output_len), "--run-name", name, "--result-filename", res]
@@ -108,7 +119,8 @@ def main() -> None:
     ap.add_argument("--output-len", default=512, type=int)
     ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--dense", default="flashinfer,triton,fa3")
-    ap.add_argument("--mem-fraction", default=0.75, type=float, help="leaves room for the one-shot prefill")
+    ap.add_argument("--mem-fraction", default="auto", help="static memory fraction; auto: sized per context")
+    ap.add_argument("--tp", default=1, type=int, help="tensor parallel GPUs (sglang --tp-size)")
     ap.add_argument("--timeout", default=900, type=int)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_throughput.json"))
     args = ap.parse_args()
@@ -117,7 +129,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     w_bytes, kv_tok = model_bytes(PRESETS[args.model])
-    print(f"{gpu}: copy bandwidth {bw / 1e12:.2f} TB/s; {args.model}: weights {w_bytes / 1e9:.2f} GB, KV {kv_tok // 1024} KiB/token")
+    print(f"{gpu}: copy bandwidth {bw / 1e12:.2f} TB/s; {args.model}: weights {w_bytes / 1e9:.2f} GB, "
+          f"KV {kv_tok // 1024} KiB/token; tp {args.tp}")
 
     runs = []  # (name, backend, sfi config, refresh)
     for dense in args.dense.split(","):
@@ -137,7 +150,8 @@ def main() -> None:
         groups.setdefault(ctx, []).append(bs)
     rows = []
     for (name, backend, cfg, r), (ctx, batches) in ((run, g) for run in runs for g in sorted(groups.items())):
-        results, log = run_backend(name, backend, model, args, cfg, ctx, sorted(batches))
+        results, log = run_backend(name, backend, model, args, cfg, ctx, sorted(batches),
+                                   mem_fraction(args, w_bytes, kv_tok, ctx, max(batches)))
         frac = slow_frac_from_log(log) if cfg else 0.0
         for res in results:
             bs, ctx = res["batch_size"], res["input_len"]
@@ -150,9 +164,9 @@ def main() -> None:
                 read = ctx
             moved = w_bytes + bs * kv_tok * (read + steps / 2)
             rows.append({
-                "gpu": gpu, "model": args.model, "backend": name, "batch": bs, "context": ctx,
+                "gpu": gpu, "model": args.model, "tp": args.tp, "backend": name, "batch": bs, "context": ctx,
                 "output_len": res["output_len"], "refresh_every": r, "decode_tok_s": bs / step_s,
-                "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / step_s / bw,
+                "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })
             print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s",

@@ -12,9 +12,11 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
 - ``sparse_decode``: ``sfi_decode`` with every row fast, ``kept`` tokens per KV head: 4 sinks,
   ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
   and the live tail ``[hi, n)`` of 256 tokens (64 for ``kept <= 256``: 188 selected);
-- ``selector``: one layer's Selector after a decode slow step, every row refreshed from one query
-  row: region_positions -> candidate_logits -> select (aggregate, top-k; SFIConfig defaults) ->
-  write the position buffer, all rows in one call (``SFIBackend._select`` may split big batches);
+- ``selector``: one layer's refresh after a decode slow step, every row refreshed from one query
+  row, as the backend runs it: candidate_logits over the whole context -> coverage of the held
+  selection -> select over the region (aggregate, top-k; SFIConfig defaults) -> write the position
+  buffer, all rows in one call (``SFIBackend._select`` may split big batches); ``--profile``
+  prints its kernels by CUDA time;
 - ``selector_plus_dense``: selector + dense_decode; ``vs_dense`` is its ratio to dense alone;
 - ``index_builder``: SFI builds no index lists (``sfi_decode`` derives them on the device), so this
   times the per-step planning launch ``plan_step`` instead (per batch; no context).
@@ -48,7 +50,8 @@ from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
 from sfi_sglang.memory import SelectionStore, StepRows  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
-from sfi_sglang.selector import region_positions, select  # noqa: E402
+from sfi_sglang.coverage import coverage, kept_mask  # noqa: E402
+from sfi_sglang.selector import region_positions, restrict, select  # noqa: E402
 
 HQ, HKV, D, VOCAB = 32, 8, 128, 151936
 SCALE = D ** -0.5
@@ -165,15 +168,31 @@ def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
 
 
 def selector(c: Case, store: SelectionStore) -> Fn:
+    """The refresh after a slow step, as ``SFIBackend._select`` runs it: logits over the whole
+    context, coverage of the selection held in ``store``, then the Selector over the region."""
     lo, hi, _ = store.bounds(c.seq_lens)
-    width, q, norms = int((hi - lo).max()), c.q.unsqueeze(1), CFG.prior_lambda_max > 0
+    q, norms = c.q.unsqueeze(1), CFG.prior_lambda_max > 0
+    prev = (store.hi[c.slots].clone(), store.count[c.slots].clone(), store.pos[0, c.slots].clone())
 
     def run() -> None:
-        pos = region_positions(lo, hi, width)
+        pos = region_positions(torch.zeros_like(c.seq_lens), c.seq_lens, c.ctx)
         logits, log_norm = candidate_logits(q, c.k, c.req_to_token, c.slots, pos, SCALE, norms=norms)
-        sel = select(logits, pos, CFG, (lo, hi), log_norm)
+        coverage(logits, kept_mask(pos, CFG.sinks, prev[0], prev[2], prev[1]))
+        logits, pos = restrict(logits, pos, lo, hi)
+        sel = select(logits, pos, CFG, (lo, hi), log_norm, contiguous=True)
         store.pos[0, c.slots, :, : sel.shape[-1]] = sel
     return run
+
+
+def profile(fn: Fn, label: str, top: int = 12) -> None:
+    """CUDA time per kernel of one call of ``fn`` (after a warm-up call), largest first."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"\nprofile: {label}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
 
 
 def planner(bs: int, dev: torch.device) -> Fn:
@@ -220,8 +239,10 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
                     add("sparse_decode", bs, ctx, kept, sfi(c, store, slow=False), kv_bytes(bs, kept))
                 else:
                     print(f"skip sparse_decode kept {kept}: context {ctx} too short")
-            width = ctx - CFG.recent - CFG.sinks
-            add("selector", bs, ctx, CFG.topk, selector(c, store), kv_bytes(bs, width, tensors=1))
+            run = selector(c, store)
+            add("selector", bs, ctx, CFG.topk, run, kv_bytes(bs, ctx, tensors=1))
+            if args.profile and dev.type == "cuda":
+                profile(run, f"selector batch {bs} context {ctx}")
             del c, store, dense
     for bs in args.batches:
         add("index_builder", bs, None, None, planner(bs, dev), None)
@@ -283,6 +304,7 @@ def main() -> None:
     ap.add_argument("--iters", default=20, type=int, help="kernel calls per CUDA graph")
     ap.add_argument("--quick", action="store_true", help="one tiny shape: context 1024, batch 2, kept 256,512")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--profile", action="store_true", help="also print the selector's kernels by CUDA time")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
     args = ap.parse_args()
     if args.quick:

@@ -2,7 +2,8 @@
 
 Run by tests/test_e2e_cpu.py in a subprocess (sglang spawns its own workers) and on
 the GPU machine. Prints one JSON line: the greedy tokens per backend, where they diverge, and the largest
-logprob difference of the sampled tokens over the common prefix.
+logprob difference of the sampled tokens over the common prefix. ``--across-tp N`` instead
+compares each backend with itself at tp 1 and tp N (the dense backend's gap is the tolerance).
 
 usage: python tests/engine_compare.py MODEL_DIR DENSE_BACKEND [--device cpu] [--load-format dummy] [--prompts N] ...
 """
@@ -33,8 +34,10 @@ def prompts(n: int, length: int, seed: int = 0, shared: bool = False) -> list[li
     return out
 
 
-def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: list[list[int]]) -> list[dict]:
-    """Greedy outputs of ``input_ids`` (then of each of ``more``, on the same engine, appended)."""
+def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: list[list[int]],
+             tp: int = 1) -> list[dict]:
+    """Greedy outputs of ``input_ids`` (then of each of ``more``, on the same engine, appended),
+    tensor parallel over ``tp`` GPUs."""
     import sglang as sgl
 
     kw = dict(
@@ -42,6 +45,7 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: 
         random_seed=0, mem_fraction_static=args.mem_fraction, max_total_tokens=args.max_total_tokens,
         cuda_graph_backend_prefill="disabled", log_level=args.log_level,
         disable_overlap_schedule=args.disable_overlap, max_running_requests=args.max_running_requests,
+        tp_size=tp,
     )
     if args.device == "cpu":
         kw.update(cuda_graph_backend_decode="disabled")
@@ -88,8 +92,18 @@ def main() -> None:
     p.add_argument("--sequential", action="store_true", help="send the prompts one after another")
     p.add_argument("--repeat-in-batch", action="store_true",
                    help="sfi only: the first prompt alone, then all prompts in one batch (the first one again)")
+    p.add_argument("--across-tp", type=int, default=None,
+                   help="each backend at tp 1 and at this tp: how far the greedy tokens agree")
     args = p.parse_args()
     ids = prompts(args.prompts, args.prompt_len, shared=args.shared_prefix)
+    if args.across_tp:
+        out = {}
+        for backend in (args.dense, "sfi"):
+            one, many = generate(args.model, backend, args, ids), generate(args.model, backend, args, ids, tp=args.across_tp)
+            out[backend] = {"first_divergence": [first_divergence(a["ids"], b["ids"]) for a, b in zip(one, many)],
+                            "max_logprob_diff": max_logprob_diff(one, many), "new_tokens": [len(a["ids"]) for a in one]}
+        print("RESULT " + json.dumps({"tp": args.across_tp, **out, "sfi_config": os.environ.get("SFI_CONFIG", "")}))
+        return
     if args.repeat_in_batch:
         outs = generate(args.model, "sfi", args, ids[:1], ids)
         print("RESULT " + json.dumps({"alone": outs[0]["ids"], "busy": [o["ids"] for o in outs[1:]]}))
@@ -107,10 +121,10 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
-def max_logprob_diff(dense: list[dict], sfi: list[dict]) -> float:
+def max_logprob_diff(a: list[dict], b: list[dict]) -> float:
     """Largest |logprob difference| of the sampled token, over each pair's common prefix."""
     diffs = [0.0]
-    for d, s in zip(dense, sfi):
+    for d, s in zip(a, b):
         n = first_divergence(d["ids"], s["ids"])
         n = len(d["ids"]) if n is None else n + 1
         diffs += [abs(x - y) for x, y in zip(d["logprobs"][:n], s["logprobs"][:n])]
