@@ -13,8 +13,8 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
   ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
   and the live tail ``[hi, n)`` of 256 tokens (64 for ``kept <= 256``: 188 selected);
 - ``selector``: one layer's refresh after a decode slow step, every row refreshed from one query
-  row, as the backend runs it: candidate_logits over the whole context -> coverage of the held
-  selection -> select over the region (aggregate, top-k; SFIConfig defaults) -> write the position
+  row, as the backend runs it: candidate_logits over the whole context -> group_scores (and the
+  coverage of the held selection) -> select over the region (aggregate, top-k; SFIConfig defaults) -> write the position
   buffer, all rows in one call (``SFIBackend._select`` may split big batches); ``--profile``
   prints its kernels by CUDA time;
 - ``selector_plus_dense``: selector + dense_decode; ``vs_dense`` is its ratio to dense alone;
@@ -46,11 +46,12 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_decode import copy_bandwidth  # noqa: E402
 from sfi_sglang.config import SFIConfig  # noqa: E402
 from sfi_sglang.kernels.candidate_logits import candidate_logits  # noqa: E402
+from sfi_sglang.kernels.group_scores import group_scores  # noqa: E402
 from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
 from sfi_sglang.memory import SelectionStore, StepRows  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
-from sfi_sglang.coverage import coverage, kept_mask  # noqa: E402
+from sfi_sglang.coverage import kept_mask  # noqa: E402
 from sfi_sglang.selector import region_positions, restrict, select  # noqa: E402
 
 HQ, HKV, D, VOCAB = 32, 8, 128, 151936
@@ -177,9 +178,9 @@ def selector(c: Case, store: SelectionStore) -> Fn:
     def run() -> None:
         pos = region_positions(torch.zeros_like(c.seq_lens), c.seq_lens, c.ctx)
         logits, log_norm = candidate_logits(q, c.k, c.req_to_token, c.slots, pos, SCALE, norms=norms)
-        coverage(logits, kept_mask(pos, CFG.sinks, prev[0], prev[2], prev[1]))
-        logits, pos = restrict(logits, pos, lo, hi)
-        sel = select(logits, pos, CFG, (lo, hi), log_norm, contiguous=True)
+        held = kept_mask(pos, CFG.sinks, prev[0], prev[2], prev[1])
+        f, _ = group_scores(logits, pos, lo, hi, CFG.alpha, held)
+        sel = select(f, restrict(pos, lo, hi), CFG, (lo, hi), log_norm, contiguous=True)
         store.pos[0, c.slots, :, : sel.shape[-1]] = sel
     return run
 

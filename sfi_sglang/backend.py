@@ -30,8 +30,9 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.coverage import coverage, kept_mask, next_gap
+from sfi_sglang.coverage import kept_mask, next_gap
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
+from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.memory import SelectionStore, StepRows
@@ -99,10 +100,14 @@ class _Coverage:
         self.total = torch.zeros(s, dtype=torch.float32, device=r.slots.device)
         self.worst = torch.ones(s, dtype=torch.float32, device=r.slots.device)
 
-    def add(self, part: slice, logits, pos, prev_sel, g: int, sinks: int) -> None:
-        """Logits ``[g*S', Hkv, R, N]`` of ``g`` layers for the rows ``part`` and their previous selections."""
+    def held(self, part: slice, pos, prev_sel, g: int, sinks: int) -> torch.Tensor:
+        """What the previous selections ``[g*S', Hkv, K]`` of ``g`` layers for the rows ``part`` held."""
         prev_hi, prev_cnt = (t[part].repeat(g) for t in self.r.previous)
-        cov = coverage(logits, kept_mask(pos, sinks, prev_hi, prev_sel, prev_cnt)).view(g, -1, prev_sel.shape[1])
+        return kept_mask(pos, sinks, prev_hi, prev_sel, prev_cnt)
+
+    def add(self, part: slice, cov: torch.Tensor, g: int) -> None:
+        """Coverage ``[g*S', Hkv]`` of ``g`` layers for the rows ``part``."""
+        cov = cov.view(g, -1, cov.shape[-1])
         self.total[part] += cov.sum((0, 2))
         self.worst[part] = torch.minimum(self.worst[part], cov.mean(2).min(0).values)
 
@@ -320,6 +325,7 @@ class SFIBackend(AttentionBackend):
         cfg, sh = self.cfg, self.shape
         cover = _Coverage(r, sh.kv_heads * len(layers)) if r.previous is not None else None
         logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
+        scores_fn = group_scores if self.on_cuda else group_scores_ref
         unit = sh.q_heads * r.q_rows.shape[1] * max(r.width, 1)  # logits of one (layer, request)
         rows = max(1, min(r.slots.shape[0], SELECTOR_SCRATCH // unit))
         per = max(1, SELECTOR_SCRATCH // (unit * rows))
@@ -340,10 +346,14 @@ class SFIBackend(AttentionBackend):
                 logits, pos = torch.cat([p[0] for p in parts]), torch.cat(pos)
                 lo_g, hi_g = lo.repeat(g), hi.repeat(g)
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
+                held = None
                 if cover is not None:
-                    cover.add(part, logits, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
-                    logits, pos = restrict(logits, pos, lo_g, hi_g)
-                sel = select(logits, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
+                    held = cover.held(part, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
+                f, cov = scores_fn(logits, pos, lo_g, hi_g, cfg.alpha, held)
+                if cover is not None:
+                    cover.add(part, cov, g)
+                    pos = restrict(pos, lo_g, hi_g)
+                sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
         if cover is not None:
             cover.finish(self.store, self.stats, cfg)

@@ -1,10 +1,11 @@
-"""The Selector: attention logits of a refresh's queries -> top-k token positions per KV head.
+"""The Selector: a KV head's query-group attention over its candidates -> top-k token positions.
 
 For each refreshed request and KV head, over its candidates (token positions;
-``-1`` pads): softmax each query's logits over the candidates (sinks and the live
-tail are kept anyway and do not compete), aggregate the probabilities of the KV
-head's query group with a power mean (order ``alpha``), mix in a prior on key
-norms and positions with the closed-form weight of the reference code (clipped to
+``-1`` pads): each query's softmax over the candidates in the region (sinks and the
+live tail are kept anyway and do not compete), aggregated over the KV head's query
+group with a power mean (order ``alpha``) -- that part is
+``sfi_sglang.kernels.group_scores`` --, then here: mix in a prior on key norms and
+positions with the closed-form weight of the reference code (clipped to
 ``prior_lambda_max``), optionally spread each score to its neighbouring positions
 (``neighbor_window``, so spans are kept), and keep the top-k. Ties go to the
 earlier position.
@@ -39,12 +40,10 @@ def region_positions(lo: torch.Tensor, hi: torch.Tensor, width: int) -> torch.Te
     return pos.masked_fill(pos >= hi.view(-1, 1), -1).unsqueeze(1)
 
 
-def restrict(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor,
-             hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates outside each row's ``[lo, hi)`` become padding: logits ``[S, Hkv, R, N]`` -> ``-inf``,
-    positions ``[S, 1 or Hkv, N]`` -> -1 (a refresh that scored the whole context ranks only the region)."""
-    pos = positions.masked_fill((positions < lo.view(-1, 1, 1)) | (positions >= hi.view(-1, 1, 1)), -1)
-    return logits.masked_fill(pos.unsqueeze(2) < 0, float("-inf")), pos
+def restrict(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Candidates ``[S, 1 or Hkv, N]`` outside each row's ``[lo, hi)`` become padding (-1): a refresh
+    that scored the whole context ranks only the region."""
+    return positions.masked_fill((positions < lo.view(-1, 1, 1)) | (positions >= hi.view(-1, 1, 1)), -1)
 
 
 def prior(log_norm: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -87,22 +86,20 @@ def spread_to_neighbors(scores: torch.Tensor, positions: torch.Tensor, window: i
     return 0.5 * (scores + pooled)
 
 
-def aggregate(
-    logits: torch.Tensor,
+def rank_scores(
+    f: torch.Tensor,
     positions: torch.Tensor,
-    alpha: float,
     lambda_max: float = 0.0,
     log_norm: torch.Tensor | None = None,
     region: tuple[torch.Tensor, torch.Tensor] | None = None,
     neighbor_window: int = 0,
     contiguous: bool = False,
 ) -> torch.Tensor:
-    """Logits ``[S, Hkv, R, N]`` of candidates at ``positions [S, 1 or Hkv, N]`` (-1: padding,
-    whose logits are ``-inf``) -> score per KV head and candidate ``[S, Hkv, N]``; ``-1`` on padding.
-    The prior (``lambda_max > 0``) needs the key norms and the candidate ``region`` ``(lo, hi)``;
+    """Group attention ``f [S, Hkv, N]`` (``group_scores``: sums to 1 over the region) of candidates
+    at ``positions [S, 1 or Hkv, N]`` (-1: padding or outside the region, see :func:`restrict`)
+    -> score per KV head and candidate ``[S, Hkv, N]``; ``-1`` on padding. The prior
+    (``lambda_max > 0``) needs the key norms and the candidate ``region`` ``(lo, hi)``;
     ``contiguous``: candidates are consecutive positions (see :func:`spread_to_neighbors`)."""
-    f = logits.softmax(dim=-1).pow(alpha).mean(dim=2).pow(1.0 / alpha)
-    f = f / f.sum(dim=-1, keepdim=True)
     if lambda_max > 0:
         f = mix_prior(f, prior(log_norm, positions, *region), lambda_max)
     if neighbor_window > 0:
@@ -132,15 +129,15 @@ def topk_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tor
 
 
 def select(
-    logits: torch.Tensor,
+    f: torch.Tensor,
     positions: torch.Tensor,
     cfg: SFIConfig,
     region: tuple[torch.Tensor, torch.Tensor],
     log_norm: torch.Tensor | None = None,
     contiguous: bool = False,
 ) -> torch.Tensor:
-    """The whole Selector under ``cfg``: logits ``[S, Hkv, R, N]`` of candidates at ``positions``
-    -> ``[S, Hkv, min(topk, N)]`` selected positions (see :func:`topk_positions`)."""
-    scores = aggregate(logits, positions, cfg.alpha, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window,
-                       contiguous)
-    return topk_positions(scores, positions, cfg.topk)
+    """The Selector under ``cfg`` after ``group_scores``: group attention ``f [S, Hkv, N]`` of
+    candidates at ``positions`` (restricted to the region) -> ``[S, Hkv, min(topk, N)]`` selected
+    positions (see :func:`topk_positions`)."""
+    s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window, contiguous)
+    return topk_positions(s, positions, cfg.topk)

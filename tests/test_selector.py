@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
-from sfi_sglang.selector import (PAD_POSITION, aggregate, mix_prior, prior, region_positions, spread_to_neighbors,
+from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref, in_region
+from sfi_sglang.selector import (PAD_POSITION, mix_prior, prior, rank_scores, region_positions, spread_to_neighbors,
                                  topk_positions)
 
 
@@ -80,6 +81,12 @@ def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
     pos = region_positions(lo, hi, n)
     logits, log_norm = candidate_logits_ref(q.unsqueeze(0), keys, req_to_token, lo, pos, scale, norms=lam > 0)
     return aggregate(logits, pos, alpha, lam, log_norm, (lo, hi), window)[0]
+
+
+def aggregate(logits, pos, alpha, lam, log_norm, region, window, contiguous=False):
+    """The Selector's scores from logits: group_scores_ref, then rank_scores."""
+    f, _ = group_scores_ref(logits, pos, *region, alpha)
+    return rank_scores(f, pos, lam, log_norm, region, window, contiguous)
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4])
@@ -213,9 +220,36 @@ def test_whole_context_restricted_to_the_region_selects_as_the_region(seed):
     lo, hi = torch.full((3,), 4), n - 16
     full = region_positions(torch.zeros(3, dtype=torch.long), n, 57)
     logits = torch.randn(3, 2, 4, 57, generator=g).masked_fill(full.unsqueeze(2) < 0, float("-inf"))
-    got = select(*restrict(logits, full, lo, hi), cfg, (lo, hi), contiguous=True)
+    got = select(group_scores_ref(logits, full, lo, hi, cfg.alpha)[0], restrict(full, lo, hi), cfg, (lo, hi),
+                 contiguous=True)
     region = region_positions(lo, hi, int((hi - lo).max()))
     cols = (region.clamp_min(0).long()).expand(3, 2, -1).unsqueeze(2).expand(-1, -1, 4, -1)
-    want = select(logits.gather(-1, cols).masked_fill(region.unsqueeze(2) < 0, float("-inf")), region, cfg, (lo, hi),
-                  contiguous=True)
+    logits = logits.gather(-1, cols).masked_fill(region.unsqueeze(2) < 0, float("-inf"))
+    want = select(group_scores_ref(logits, region, lo, hi, cfg.alpha)[0], region, cfg, (lo, hi), contiguous=True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("r, per_head, with_held", [(4, False, True), (8, True, False), (1, False, True), (3, True, True)])
+def test_triton_group_scores_match_reference(r, per_head, with_held):
+    """Regions inside and at the edges of the candidates, padding, per-head lists, lengths that
+    are not multiples of the block, ties (repeated logits), with and without coverage."""
+    g, s_rows, hkv, n = gen(r), 3, 2, 300 + 37 * r
+    lens = torch.tensor([n, n - 41, 5])
+    pos = region_positions(torch.zeros(s_rows, dtype=torch.long), lens, n)
+    if per_head:
+        pos = pos.expand(s_rows, hkv, n).clone()
+        pos[:, 1, 100:140] = -1
+    lo, hi = torch.tensor([0, 4, 1]), torch.tensor([n, n - 60, 5])
+    logits = (3 * torch.randn(s_rows, hkv, r, n, generator=g)).round()  # rounded: many ties
+    logits = logits.masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
+    held = torch.rand(s_rows, hkv, n, generator=g) < 0.3 if with_held else None
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
+    to = lambda t: t.to(dev) if t is not None else None  # noqa: E731
+    want_f, want_c = group_scores_ref(logits, pos, lo, hi, 0.5, held)
+    got_f, got_c = group_scores(*map(to, (logits, pos, lo, hi)), 0.5, to(held))
+    torch.testing.assert_close(got_f.cpu(), want_f, atol=1e-6, rtol=1e-4)
+    assert (got_f.cpu()[~in_region(pos, lo, hi).expand_as(want_f)] == 0).all()
+    if with_held:
+        torch.testing.assert_close(got_c.cpu(), want_c, atol=1e-6, rtol=1e-4)
+    else:
+        assert got_c is None

@@ -1,0 +1,133 @@
+"""Selector scores: each KV head's query-group attention over its candidates, and coverage.
+
+For refresh row ``i``, KV head ``h`` and candidate ``j``, from the logits
+``s[i, h, r, j]`` of the head's ``R`` queries (``sfi_sglang.kernels.candidate_logits``):
+
+- ``f[i, h, j]``: the power mean (order ``alpha``) over ``r`` of each query's softmax
+  restricted to the region ``[lo_i, hi_i)`` of positions (0 elsewhere), normalised to
+  sum 1 over the region: what the Selector ranks;
+- ``coverage[i, h]`` (when ``held`` is given): the softmax mass over all candidates
+  that falls on held ones, averaged over the ``R`` queries (``sfi_sglang.coverage``).
+
+``group_scores_ref`` is the torch reference; ``group_scores`` does the same in two Triton
+passes over the logits (per-block softmax statistics, then the scores) instead of a dozen
+full-size torch passes (two softmaxes, masking, powers, means).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sfi_sglang.coverage import coverage
+
+BLOCK_N = 256
+
+
+def in_region(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``positions [S, 1 or Hkv, N]`` (-1: padding) inside each row's ``[lo, hi)``."""
+    return (positions >= lo.view(-1, 1, 1)) & (positions < hi.view(-1, 1, 1))
+
+
+def group_scores_ref(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                     alpha: float, held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``[S, Hkv, R, N]`` (-inf: padding) of candidates at ``positions [S, 1 or Hkv, N]``,
+    region ``lo, hi [S]``, optional ``held [S, Hkv, N]`` -> ``f [S, Hkv, N]`` and coverage
+    ``[S, Hkv]`` (None without ``held``). Every row needs a candidate in its region."""
+    reg = logits.float().masked_fill(~in_region(positions, lo, hi).unsqueeze(2), float("-inf"))
+    f = reg.softmax(dim=-1).pow(alpha).mean(dim=2).pow(1.0 / alpha)
+    return f / f.sum(dim=-1, keepdim=True), (coverage(logits, held) if held is not None else None)
+
+
+@triton.jit
+def _region_mask(Pos, Lo, Hi, i, h, j, N, stride_ps, stride_ph):
+    p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
+    return p >= 0, (p >= tl.load(Lo + i)) & (p < tl.load(Hi + i))
+
+
+@triton.jit
+def _block_stats(
+    L, Pos, Lo, Hi, Part, N, NB, SHR,
+    stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
+    H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per (row, head, query, block): max and sum of exp over valid candidates, then over the region."""
+    ih = tl.program_id(0)
+    blk = tl.program_id(1)
+    i = ih // H
+    h = ih % H
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, BLOCK_R)
+    valid, reg = _region_mask(Pos, Lo, Hi, i, h, j, N, stride_ps, stride_ph)
+    s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
+                mask=(r[:, None] < R) & valid[None, :], other=float("-inf"))
+    out = Part + (ih * R + r) * NB + blk
+    _store_max_sum(out, SHR * NB, tl.where(valid[None, :], s, float("-inf")), r < R)
+    _store_max_sum(out + 2 * SHR * NB, SHR * NB, tl.where(reg[None, :], s, float("-inf")), r < R)
+
+
+@triton.jit
+def _store_max_sum(Out, step, x, rmask):
+    """Row max of ``x`` at ``Out`` and the row sum of exp(x - max) at ``Out + step``."""
+    m = tl.max(x, 1)
+    tl.store(Out, m, mask=rmask)
+    tl.store(Out + step, tl.sum(tl.exp(x - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1), mask=rmask)
+
+
+@triton.jit
+def _scores(
+    L, Pos, Lo, Hi, Lse, Held, F, Part, alpha, N, NB, SHR,
+    stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
+    H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, HELD: tl.constexpr,
+):
+    """Per (row, head, block): unnormalised power-mean scores, and partial sums of them and of the held mass."""
+    ih = tl.program_id(0)
+    blk = tl.program_id(1)
+    i = ih // H
+    h = ih % H
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, BLOCK_R)
+    rmask = r < R
+    valid, reg = _region_mask(Pos, Lo, Hi, i, h, j, N, stride_ps, stride_ph)
+    s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
+                mask=rmask[:, None] & valid[None, :], other=float("-inf"))
+    lse_reg = tl.load(Lse + SHR + ih * R + r, mask=rmask, other=0.0)
+    pa = tl.where(rmask[:, None] & reg[None, :], tl.exp(alpha * (s - lse_reg[:, None])), 0.0)
+    mean = tl.sum(pa, 0) / R
+    f = tl.where(mean > 0, tl.exp(tl.log(mean) / alpha), 0.0)
+    tl.store(F + ih * N + j, f, mask=j < N)
+    tl.store(Part + ih * NB + blk, tl.sum(f, 0))
+    if HELD:
+        lse_all = tl.load(Lse + ih * R + r, mask=rmask, other=0.0)
+        p = tl.where(rmask[:, None] & valid[None, :], tl.exp(s - lse_all[:, None]), 0.0)
+        held = tl.load(Held + ih * N + j, mask=j < N, other=0) != 0
+        tl.store(Part + (SHR // R + ih) * NB + blk, tl.sum(tl.where(held, tl.sum(p, 0), 0.0), 0) / R)
+
+
+def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 alpha: float, held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton version of :func:`group_scores_ref` (same arguments and results)."""
+    s_rows, hkv, r, n = logits.shape
+    assert logits.stride(-1) == 1 and positions.stride(-1) == 1
+    nb = triton.cdiv(n, BLOCK_N)
+    shr = s_rows * hkv * r
+    lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    pos = positions.expand(s_rows, -1, n)
+    strides = (logits.stride(0), logits.stride(1), logits.stride(2), pos.stride(0),
+               pos.stride(1) if pos.shape[1] > 1 else 0)
+    meta = dict(H=hkv, R=r, BLOCK_R=triton.next_power_of_2(r), BLOCK=BLOCK_N, num_warps=4)
+    grid = (s_rows * hkv, nb)
+    part = torch.empty(4, shr, nb, dtype=torch.float32, device=logits.device)
+    _block_stats[grid](logits, pos, lo, hi, part, n, nb, shr, *strides, **meta)
+    m, l = part.view(2, 2, shr, nb).unbind(1)  # [all, region] x [shr, nb]
+    top = m.amax(-1, keepdim=True)
+    total = (l * torch.exp(m - top.masked_fill(top == float("-inf"), 0.0))).sum(-1, keepdim=True)
+    lse = (top + total.log()).squeeze(-1).contiguous()  # [2 * shr]: all, then region
+    f = torch.empty(s_rows, hkv, n, dtype=torch.float32, device=logits.device)
+    sums = torch.empty(2, s_rows * hkv, nb, dtype=torch.float32, device=logits.device)
+    held_arg = held.contiguous().view(torch.int8) if held is not None else f
+    _scores[grid](logits, pos, lo, hi, lse, held_arg, f, sums, alpha, n, nb, shr, *strides,
+                  HELD=held is not None, **meta)
+    f /= sums[0].sum(-1).view(s_rows, hkv, 1)
+    return f, (sums[1].sum(-1).view(s_rows, hkv) if held is not None else None)
