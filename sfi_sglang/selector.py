@@ -119,13 +119,23 @@ def topk_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tor
     kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above, tie = scores > kth, scores == kth
     ties_wanted = k - above.sum(-1, keepdim=True, dtype=torch.int32)
-    take = above | (tie & (tie.cumsum(-1, dtype=torch.int32) <= ties_wanted))
+    take = above | (tie & (_count_along(tie) <= ties_wanted))
     # exactly k taken per row: compact them in candidate order (everything else to a dropped column)
-    col = torch.where(take, take.cumsum(-1, dtype=torch.int32) - 1, k).long()
+    col = torch.where(take, _count_along(take) - 1, k).long()
     pos = positions.expand_as(scores).int()
     out = torch.empty((*scores.shape[:-1], k + 1), dtype=torch.int32, device=scores.device)
     out.scatter_(-1, col, pos.masked_fill(pos < 0, PAD_POSITION))
     return out[..., :k].sort(dim=-1).values
+
+
+def _count_along(mask: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Inclusive running count of ``mask [..., N]`` along the last dim, int32. Scanned in blocks
+    then offset: a scan of few long rows (batch 1, 128K candidates) is slow on GPUs."""
+    n = mask.shape[-1]
+    x = torch.nn.functional.pad(mask.to(torch.int32), (0, -n % block)).unflatten(-1, (-1, block))
+    inner = x.cumsum(-1, dtype=torch.int32)
+    ends = inner[..., -1]
+    return (inner + (ends.cumsum(-1, dtype=torch.int32) - ends).unsqueeze(-1)).flatten(-2)[..., :n]
 
 
 def select(
