@@ -100,8 +100,8 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
     except subprocess.TimeoutExpired as e:
         log, rc = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"), "timeout"
     rows = [json.loads(line) for line in open(res)] if os.path.exists(res) else []
-    if rc != 0:
-        print(f"[{name}] exit {rc}:\n{log[-3000:]}", file=sys.stderr)
+    if rc != 0 or len(rows) < len(batches):  # tp workers' failures leave rc 0
+        print(f"[{name}] exit {rc}, {len(rows)} of {len(batches)} results:\n{log[-3000:]}", file=sys.stderr)
     return rows, log
 
 
@@ -133,7 +133,7 @@ def main() -> None:
           f"KV {kv_tok // 1024} KiB/token; tp {args.tp}")
 
     runs = []  # (name, backend, sfi config, refresh)
-    for dense in args.dense.split(","):
+    for dense in filter(None, args.dense.split(",")):
         if dense == "fa3" and not has_fa3():
             print("fa3: not installed here, skipped")
             continue
