@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,11 +95,14 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
            "--cuda-graph-max-bs-decode", str(max(batches)),
            "--batch-size", *map(str, batches), "--input-len", str(context),
            "--output-len", str(args.output_len), "--run-name", name, "--result-filename", res]
+    # own process group: a timeout must also end the tp workers, which would hold their GPU memory
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        log, rc = p.stdout + p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        log, rc = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"), "timeout"
+        log, rc = p.communicate(timeout=args.timeout)[0], p.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        log, rc = p.communicate()[0], "timeout"
     rows = [json.loads(line) for line in open(res)] if os.path.exists(res) else []
     if rc != 0 or len(rows) < len(batches):  # tp workers' failures leave rc 0
         print(f"[{name}] exit {rc}, {len(rows)} of {len(batches)} results:\n{log[-3000:]}", file=sys.stderr)

@@ -35,7 +35,7 @@ from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logi
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
-from sfi_sglang.memory import SelectionStore, StepRows
+from sfi_sglang.memory import SelectionStore, StepRows, static_bytes
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
@@ -147,11 +147,11 @@ class SFIBackend(AttentionBackend):
         self.extend_q: torch.Tensor | None = None  # [layers, rows, Hq, D]: those queries, saved per layer
         self.reuse = SelectionReuse(cfg.reuse_records) if cfg.reuse_records > 0 else None
         logger.info(
-            "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, selection state %.1f MiB, "
-            "saved queries %.1f MiB, selection records up to %.1f MiB, config %s",
+            "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state %.1f MiB "
+            "(selections, saved queries, up to %d records; taken from the KV-cache budget), config %s",
             type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,
-            int(self.is_boundary.sum()), self.store.nbytes / 2**20, self.q_hist.nbytes / 2**20,
-            cfg.reuse_records * self.store.pos[:, 0].nbytes / 2**20, cfg.to_dict(),
+            int(self.is_boundary.sum()), rows, static_bytes(cfg, self.shape, rows, self.q_hist.dtype) / 2**20,
+            cfg.reuse_records, cfg.to_dict(),
         )
 
     def _alloc_rows(self, rows: int) -> None:

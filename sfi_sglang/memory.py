@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from sfi_sglang.config import SFIConfig
+from sfi_sglang.model_check import AttentionShape
 
 
 class SelectionStore:
@@ -96,3 +97,14 @@ class StepRows:
     def zeros(cls, rows: int, device: torch.device | str) -> "StepRows":
         z = lambda dtype: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
         return cls(z(torch.bool), z(torch.int64), z(torch.int32), z(torch.int32))
+
+
+def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype) -> int:
+    """GPU bytes the sfi backend holds for ``rows`` req-pool rows (selection state, saved slow-step
+    queries, step buffers) plus the most its selection records may hold: what sfi takes out of
+    sglang's KV-cache budget. Sized from the same buffers, built on the meta device."""
+    store = SelectionStore(cfg, shape.num_layers, rows, shape.kv_heads, "meta")
+    step = StepRows.zeros(rows, "meta")
+    q_hist = shape.num_layers * rows * shape.q_heads * shape.head_dim * act_dtype.itemsize
+    records = cfg.reuse_records * store.pos[:, 0].nbytes
+    return store.nbytes + q_hist + sum(t.nbytes for t in vars(step).values()) + records

@@ -58,6 +58,11 @@ def _register() -> None:
         HookType.AFTER,
     )
     HookRegistry.register("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
+        _reserve_state_bytes,
+        HookType.AFTER,
+    )
 
 
 def _support_triton(original, backend: str) -> bool:
@@ -71,12 +76,33 @@ def _support_triton(original, backend: str) -> bool:
     return original(backend)
 
 
+def _reserve_state_bytes(available: int, configurator, *args, **kwargs) -> int:
+    """sglang sizes the KV cache from the bytes this returns: under sfi, take the backend's static
+    GPU state out of it first, so sfi fits where dense fits at the same --mem-fraction-static."""
+    if not _serves_sfi(configurator.server_args) or configurator.is_draft_worker:  # resolved args
+        return available
+    from sfi_sglang.config import SFIConfig
+    from sfi_sglang.memory import static_bytes
+    from sfi_sglang.model_check import attention_shape
+
+    rows = (configurator.server_args.max_running_requests or 0) + 1  # sglang's req pool: one spare row
+    need = static_bytes(SFIConfig.from_env(), attention_shape(configurator), rows, configurator.model_dtype)
+    logger.info("SFI: %.1f MiB of the KV-cache budget reserved for selection state", need / 2**20)
+    return available - need
+
+
+def _serves_sfi(cfg) -> bool:
+    """Whether sfi is the prefill or decode backend of ``cfg`` (server args, or a view of them)."""
+    from sglang.srt.arg_groups.overrides import attention_backends_of
+
+    return NAME in attention_backends_of(cfg)
+
+
 def _check_server_args(result, server_args, *args, **kwargs):
     """After sglang resolves the attention backends: validate what sfi needs, once, in the launcher."""
-    from sglang.srt.arg_groups.overrides import attention_backends_of, resolved_view
+    from sglang.srt.arg_groups.overrides import resolved_view
 
-    prefill, decode = attention_backends_of(resolved_view(server_args))
-    if NAME not in (prefill, decode):
+    if not _serves_sfi(resolved_view(server_args)):
         return result
     from sfi_sglang.server_checks import check_server_args
 

@@ -1,6 +1,8 @@
 """The README's run: `sglang.launch_server --attention-backend sfi`, then one OpenAI client call
 (CPU, tiny random-weight model, localhost only)."""
 
+import re
+
 import pytest
 
 from conftest import engine_env
@@ -26,3 +28,7 @@ def test_launch_server_and_openai_call(tiny_model, tmp_path):
             pytest.fail(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}")
     text = (tmp_path / "server.log").read_text()
     assert "SFI backend: dense=TorchNativeAttnBackend" in text and "SFI: slow rows" in text
+    # the KV-cache budget was cut by at least what the backend then allocated
+    reserved = float(re.search(r"SFI: ([0-9.]+) MiB of the KV-cache budget reserved", text).group(1))
+    held = float(re.search(r"GPU state ([0-9.]+) MiB", text).group(1))
+    assert held > 0 and reserved >= held
