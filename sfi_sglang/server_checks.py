@@ -23,6 +23,8 @@ def check_server_args(server_args) -> None:
         raise SFIUnsupportedError(f"sfi does not support a quantized KV cache (--kv-cache-dtype {kv_dtype})")
     if getattr(server_args, "enable_unified_memory", False):
         raise SFIUnsupportedError("sfi does not support --enable-unified-memory (virtual KV slot ids)")
+    if (server_args.page_size or 1) > 1:  # sglang's paged allocator has no CPU path, so this is unmeasured
+        raise SFIUnsupportedError(f"sfi is verified with --page-size 1 only (got --page-size {server_args.page_size})")
     if server_args.dcp_size and server_args.dcp_size > 1:
         raise SFIUnsupportedError("sfi does not support decode context parallelism (--dcp-size > 1)")
     if server_args.max_running_requests is None:

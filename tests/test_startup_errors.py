@@ -38,7 +38,7 @@ def test_launch_rejects_bad_config_naming_the_field(tiny_model):
 
 def server_args(**kw):
     base = dict(speculative_algorithm=None, kv_cache_dtype="auto", enable_unified_memory=False, dcp_size=1,
-                max_running_requests=64)
+                max_running_requests=64, page_size=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -47,6 +47,7 @@ def server_args(**kw):
     ({"kv_cache_dtype": "fp8_e4m3"}, "quantized KV cache"),
     ({"enable_unified_memory": True}, "--enable-unified-memory"),
     ({"dcp_size": 2}, "decode context parallelism"),
+    ({"page_size": 16}, "--page-size 1 only"),
 ])
 def test_incompatible_flags(flags, message, monkeypatch):
     monkeypatch.delenv("SFI_CONFIG", raising=False)
