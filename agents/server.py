@@ -10,9 +10,27 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import IO, Sequence
 
 from openai import OpenAI
+
+
+def metric_totals(url: str, prefix: str = "sglang:sfi_") -> dict[str, float] | None:
+    """Prometheus values under ``prefix`` from the ``/metrics`` endpoint of the server at ``url``
+    (its OpenAI base URL), summed over label sets; None if it exports none (no ``--enable-metrics``)."""
+    root = url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(f"{root}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]
+            out[name] = out.get(name, 0.0) + float(value)
+    return out or None
 
 
 def free_port() -> int:

@@ -7,7 +7,9 @@ The agent answers several questions over a folder of documents (``--docs``; by
 default a generated log with planted facts), reading them with its file tools, in
 one growing conversation: every turn re-sends the whole history, which sglang's
 radix cache serves from cache. Per model call it prints wall time, time to first
-token, prompt / cached / completion tokens, decode tokens/s and the tools called.
+token, prompt / cached / completion tokens, decode tokens/s and the tools called; per
+question, the selection-reuse hits and misses of sfi (read from the server's ``/metrics``,
+so the server needs ``--enable-metrics``, which the demo passes to a server it starts).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import tempfile
 
 from openai import OpenAI
 
-from sfi_sglang.agents import Agent, LocalServer, calculator, file_search, read_file
+from sfi_sglang.agents import Agent, LocalServer, calculator, file_search, metric_totals, read_file
+
+HITS, MISSES = "sglang:sfi_reuse_hits_total", "sglang:sfi_reuse_misses_total"
 
 QUESTIONS = [
     "Which host reported the disk failure? Search the logs.",
@@ -52,7 +56,7 @@ def main() -> None:
     ap.add_argument("--url", help="OpenAI-compatible base URL of a running server")
     ap.add_argument("--model-path", help="start sglang with --attention-backend sfi on this model")
     ap.add_argument("--port", type=int, default=30000)
-    ap.add_argument("--server-args", default="--cuda-graph-backend-prefill disabled")
+    ap.add_argument("--server-args", default="--cuda-graph-backend-prefill disabled --enable-metrics")
     ap.add_argument("--docs", help="folder the tools may read (default: a generated log)")
     ap.add_argument("--max-tokens", type=int, default=400)
     args = ap.parse_args()
@@ -75,6 +79,7 @@ def main() -> None:
                              "quote what you found. Be brief.")
         history = None
         print(f"{'turn':>4} {'call':>4} {'s':>6} {'ttft':>6} {'prompt':>7} {'cached':>7} {'out':>5} {'tok/s':>6}  tools")
+        before = metric_totals(url)
         for n, question in enumerate(QUESTIONS, 1):
             print(f"\n[{n}] {question}")
             res = agent.run(question, history=history, on_text=lambda t: print(t, end="", flush=True))
@@ -83,7 +88,11 @@ def main() -> None:
                 tok_s = f"{t.decode_tok_s:6.1f}" if t.decode_tok_s else "     -"
                 print(f"{n:>4} {i:>4} {t.seconds:6.2f} {t.ttft or 0:6.2f} {t.prompt_tokens or 0:>7} "
                       f"{t.cached_tokens or 0:>7} {t.completion_tokens or 0:>5} {tok_s}  {','.join(t.tool_calls)}")
-            history = res.messages
+            after = metric_totals(url)
+            if after is not None:
+                grew = lambda k: after.get(k, 0) - (before or {}).get(k, 0)  # noqa: E731
+                print(f"     selection reuse: {grew(HITS):.0f} hits, {grew(MISSES):.0f} misses")
+            history, before = res.messages, after
 
 
 if __name__ == "__main__":

@@ -269,6 +269,7 @@ class SFIBackend(AttentionBackend):
                 out[i] = rec
         self.reuse.hits += len(out)
         self.reuse.misses += sum(1 for i in rows if prefix[i] > 0) - len(out)
+        self.stats.export(self.reuse.metrics())
         return out
 
     def _keep_records(self, fb) -> None:

@@ -2,7 +2,8 @@
 
 Accumulating on the device costs no host sync per step; ``snapshot`` syncs once.
 Every ``log_interval`` decode steps the counters are logged and, when the server runs
-with ``--enable-metrics``, added to Prometheus counters ``sglang:sfi_<field>_total``,
+with ``--enable-metrics``, added to Prometheus counters ``sglang:sfi_<field>_total``
+(selection-reuse counts also at every prefill that consults them),
 which sglang's ``/metrics`` endpoint exports (it collects scheduler processes'
 metrics in multiprocess mode).
 """
@@ -87,12 +88,7 @@ class SFIStats:
         """Log the totals (and ``extra``) and export what was added since the last call, with
         ``host`` values (``HOST_FIELDS`` totals and ``GAUGES``) kept elsewhere."""
         s = self.snapshot() | (host or {})
-        if self._counters is not None:
-            for f in (f for f in self._counters if f in s):
-                self._counters[f].inc(s[f] - self._exported[f])
-                self._exported[f] = s[f]
-            for f in (f for f in self._gauges if f in s):
-                self._gauges[f].set(s[f])
+        self.export(s)
         logger.info(
             "SFI: slow rows %d, fast rows %d (slow frac %.3f), refreshes %d, "
             "mean kept tokens per fast row and KV head %.1f (%.1f%% of context), "
@@ -101,3 +97,14 @@ class SFIStats:
             s["mean_kept_tokens"], 100 * s["mean_kept_frac"], s["mean_coverage"], s["mean_worst_layer_coverage"],
             s["coverage_measured"], f"; {extra}" if extra else "",
         )
+
+    def export(self, totals: dict[str, float]) -> None:
+        """Prometheus (with ``--enable-metrics``): add to each counter what its total in ``totals``
+        grew by since the last export, set the gauges. Host values only: no device sync."""
+        if self._counters is None:
+            return
+        for f in (f for f in self._counters if f in totals):
+            self._counters[f].inc(totals[f] - self._exported[f])
+            self._exported[f] = totals[f]
+        for f in (f for f in self._gauges if f in totals):
+            self._gauges[f].set(totals[f])

@@ -178,10 +178,19 @@ class SelectionReuse:
 class SFIRadixCache(RadixCache):
     """sglang's radix cache whose nodes also carry SFI selection records."""
 
-    def __init__(self, params, reuse: SelectionReuse):
-        self.reuse = reuse  # before super().__init__, which calls reset()
+    reuse: SelectionReuse
+
+    @classmethod
+    def adopt(cls, cache: RadixCache, reuse: SelectionReuse) -> "SFIRadixCache":
+        """Turn a freshly built ``RadixCache`` into this class. Building a second cache instead
+        would register sglang's radix-cache Prometheus metrics twice (a startup crash under
+        ``--enable-metrics``)."""
+        assert type(cache) is RadixCache
+        cache.__class__ = cls
+        cache.reuse = reuse
         reuse.linked = True
-        super().__init__(params)
+        cache.reset()
+        return cache
 
     def reset(self):
         super().reset()
@@ -226,4 +235,4 @@ def create_radix_cache(ctx):
         logger.info("SFI: selection reuse is off with %s", type(cache).__name__ + (" (disabled)" if cache.disable else ""))
         return cache
     logger.info("SFI: selection reuse on (up to %d records on radix-tree nodes)", backend.reuse.max_records)
-    return SFIRadixCache(ctx.params, backend.reuse)
+    return SFIRadixCache.adopt(cache, backend.reuse)

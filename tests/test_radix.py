@@ -11,6 +11,7 @@ from sfi_sglang.radix import SelectionRecord, SelectionReuse, node_end
 radix = pytest.importorskip("sglang.srt.mem_cache.radix_cache")
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams  # noqa: E402
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: E402
 
 from sfi_sglang.radix import SFIRadixCache  # noqa: E402
 
@@ -74,8 +75,8 @@ def test_record_lifecycle_fuzz(seed):
     rng = random.Random(seed)
     reuse = SelectionReuse(max_records=4)
     alloc = Allocator()
-    cache = SFIRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc,
-                                          page_size=1), reuse)
+    cache = SFIRadixCache.adopt(RadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
+                                                           token_to_kv_pool_allocator=alloc, page_size=1)), reuse)
     made_for: dict[int, tuple[int, ...]] = {}
     locked, next_slot, hits = [], 0, 0
     base = [rng.randrange(4) for _ in range(40)]

@@ -13,17 +13,22 @@ pytestmark = pytest.mark.e2e
 def test_launch_server_and_openai_call(tiny_model, tmp_path):
     from openai import OpenAI
 
-    from sfi_sglang.agents import LocalServer
+    from sfi_sglang.agents import LocalServer, metric_totals
 
     env = engine_env('{"topk": 64, "recent": 16, "log_interval": 4}')
-    extra = ["--cuda-graph-backend-prefill", "disabled", "--device", "cpu", "--max-total-tokens", "4096"]
+    extra = ["--cuda-graph-backend-prefill", "disabled", "--device", "cpu", "--max-total-tokens", "4096",
+             "--enable-metrics"]
     with open(tmp_path / "server.log", "w") as log:
         try:
             with LocalServer(tiny_model, extra, env=env, log=log, ready_timeout=400) as srv:
                 client = OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=60)
-                reply = client.completions.create(model=srv.model, prompt="The pass key is 123. " * 30, max_tokens=12,
-                                                  temperature=0)
+                prompt = "The pass key is 123. " * 30
+                reply = client.completions.create(model=srv.model, prompt=prompt, max_tokens=12, temperature=0)
                 assert reply.choices[0].text and reply.usage.completion_tokens == 12
+                # a second turn over the cached prompt starts from its selection record, counted in /metrics
+                client.completions.create(model=srv.model, prompt=prompt + reply.choices[0].text + " And?",
+                                          max_tokens=4, temperature=0)
+                totals = metric_totals(srv.url)
         except RuntimeError as e:
             pytest.fail(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}")
     text = (tmp_path / "server.log").read_text()
@@ -32,3 +37,4 @@ def test_launch_server_and_openai_call(tiny_model, tmp_path):
     reserved = float(re.search(r"SFI: ([0-9.]+) MiB of the KV-cache budget reserved", text).group(1))
     held = float(re.search(r"GPU state ([0-9.]+) MiB", text).group(1))
     assert held > 0 and reserved >= held
+    assert totals["sglang:sfi_reuse_hits_total"] == 1 and totals["sglang:sfi_reuse_misses_total"] == 0
