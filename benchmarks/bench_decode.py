@@ -3,7 +3,8 @@
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
         [--output-len 512] [--refresh 16,32] [--tp 1] [--out benchmarks/results/decode_throughput.json]
 
-Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``), one
+Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
+``--runner engine``, an Engine with the overlap scheduler: ``engine_decode.py``), one
 process per backend and context (holding that context's batch sizes), on the same
 dummy-weight model config, with decode CUDA graphs on. Results are written after
 every process, so a shape that fails (e.g. out of memory in the one-shot prefill)
@@ -89,12 +90,15 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
     env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
     if sfi_cfg is not None:
         env["SFI_CONFIG"] = json.dumps(sfi_cfg)
-    cmd = [sys.executable, "-m", "sfi_sglang.bench_one_batch", "--model-path", model, "--load-format", "dummy",
-           "--attention-backend", backend, "--cuda-graph-backend-prefill", "disabled",
-           "--mem-fraction-static", str(fraction), "--tp-size", str(args.tp), "--context-length", str(context + args.output_len + 64),
-           "--cuda-graph-max-bs-decode", str(max(batches)),
-           "--batch-size", *map(str, batches), "--input-len", str(context),
-           "--output-len", str(args.output_len), "--run-name", name, "--result-filename", res]
+    common = ["--mem-fraction-static", str(fraction), "--tp-size", str(args.tp), "--batch-size", *map(str, batches),
+              "--input-len", str(context), "--output-len", str(args.output_len), "--result-filename", res]
+    if args.runner == "engine":
+        cmd = [sys.executable, os.path.join(HERE, "engine_decode.py"), model, backend, *common]
+    else:
+        cmd = [sys.executable, "-m", "sfi_sglang.bench_one_batch", "--model-path", model, "--load-format", "dummy",
+               "--attention-backend", backend, "--cuda-graph-backend-prefill", "disabled",
+               "--context-length", str(context + args.output_len + 64), "--cuda-graph-max-bs-decode", str(max(batches)),
+               "--run-name", name, *common]
     # own process group: a timeout must also end the tp workers, which would hold their GPU memory
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
@@ -104,6 +108,8 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
         os.killpg(p.pid, signal.SIGKILL)
         log, rc = p.communicate()[0], "timeout"
     rows = [json.loads(line) for line in open(res)] if os.path.exists(res) else []
+    for r in rows:  # one-batch rows: mean decode step over all steps after the prefill
+        r.setdefault("step_s", (r.get("total_latency", 0) - r.get("prefill_latency", 0)) / (r["output_len"] - 1))
     if rc != 0 or len(rows) < len(batches):  # tp workers' failures leave rc 0
         print(f"[{name}] exit {rc}, {len(rows)} of {len(batches)} results:\n{log[-3000:]}", file=sys.stderr)
     return rows, log
@@ -125,6 +131,9 @@ def main() -> None:
     ap.add_argument("--dense", default="flashinfer,triton,fa3")
     ap.add_argument("--mem-fraction", default="auto", help="static memory fraction; auto: sized per context")
     ap.add_argument("--tp", default=1, type=int, help="tensor parallel GPUs (sglang --tp-size)")
+    ap.add_argument("--runner", default="one_batch", choices=["one_batch", "engine"],
+                    help="one_batch: sglang's one-batch benchmark (synchronous steps); engine: an Engine with the "
+                         "overlap scheduler, as a server decodes (benchmarks/engine_decode.py)")
     ap.add_argument("--timeout", default=900, type=int)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_throughput.json"))
     args = ap.parse_args()
@@ -159,8 +168,7 @@ def main() -> None:
         frac = slow_frac_from_log(log) if cfg else 0.0
         for res in results:
             bs, ctx = res["batch_size"], res["input_len"]
-            steps = res["output_len"] - 1
-            step_s = (res["total_latency"] - res["prefill_latency"]) / steps
+            steps, step_s = res["output_len"] - 1, res["step_s"]
             if cfg:  # tokens read per KV head: slow steps the context, fast steps the memory
                 kept = base.sinks + base.topk + base.recent + r / 2
                 read = ctx / r + min(kept, ctx) * (r - 1) / r
@@ -168,7 +176,8 @@ def main() -> None:
                 read = ctx
             moved = w_bytes + bs * kv_tok * (read + steps / 2)
             rows.append({
-                "gpu": gpu, "model": args.model, "tp": args.tp, "backend": name, "batch": bs, "context": ctx,
+                "gpu": gpu, "model": args.model, "tp": args.tp, "runner": args.runner, "backend": name, "batch": bs,
+                "context": ctx,
                 "output_len": res["output_len"], "refresh_every": r, "decode_tok_s": bs / step_s,
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,

@@ -35,6 +35,11 @@ LAUNCHES = [Launch(b, c, w, s) for b, c, w, s in itertools.product(
     (32, 64, 128), (64, 128, 256, 512), (4, 8), (2, 3, 4)) if c >= b]
 
 
+def decode_call(c: Case, store: SelectionStore, slow: torch.Tensor, launch: Launch):
+    return lambda: sfi_decode(c.q, c.k, c.v, c.req_to_token, c.slots, c.seq_lens, slow, store.hi, store.count,
+                              store.pos[0], CFG.sinks, SCALE, launch=launch)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", default=20, type=int)
@@ -54,10 +59,8 @@ def main() -> None:
         flags = torch.full((bs,), slow, dtype=torch.bool, device=dev)
         nbytes = kv_bytes(bs, ctx if slow else kept)
         for launch in LAUNCHES:
-            fn = lambda: sfi_decode(c.q, c.k, c.v, c.req_to_token, c.slots, c.seq_lens, flags,  # noqa: E731
-                                    store.hi, store.count, store.pos[0], CFG.sinks, SCALE, launch=launch)
             try:
-                t, _ = timed(fn, args.iters, True)
+                t, _ = timed(decode_call(c, store, flags, launch), args.iters, True)
             except Exception as e:  # a launch the compiler rejects (e.g. out of shared memory)
                 print(f"  {launch}: {type(e).__name__}")
                 continue
@@ -68,8 +71,6 @@ def main() -> None:
         print(f"bs {bs:>2} ctx {ctx:>6} kept {kept or 'dense':>5}: best {best['time_us']:8.1f} us "
               f"({100 * best['hbm_frac']:.0f}% BW) {Launch(*(best[k] for k in Launch.__dataclass_fields__))}",
               flush=True)
-        del c, store
-        torch.cuda.empty_cache()
 
     print("\nper batch: launch with the lowest summed time over the batch's shapes vs launch_for")
     for bs in sorted({s[0] for s in SHAPES}):

@@ -1,0 +1,78 @@
+"""Steady-state decode step time as a server runs it: an sglang Engine (overlap scheduler and
+decode CUDA graphs on), one process per backend; run by ``bench_decode.py --runner engine``.
+
+For each batch size: ``batch`` random prompts of ``input_len`` tokens are prefilled once
+(``max_new_tokens`` 1, which leaves them in the radix cache), then sent twice more over the
+cached prefixes: with 1 and with ``1 + output_len`` new tokens. The decode step time is the
+difference of those two wall times over ``output_len``: prefill, tokenizer and queueing costs
+cancel, and the host work of each step overlaps the GPU work of the one before, as in serving
+(sglang's one-batch benchmark runs each step synchronously, so its host time adds to every step).
+Writes one JSON line per batch size: ``batch_size, input_len, output_len, step_s``.
+
+    python benchmarks/engine_decode.py MODEL BACKEND --input-len 8192 --batch-size 1 16 --result-filename F
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("backend")
+    ap.add_argument("--input-len", type=int, required=True)
+    ap.add_argument("--batch-size", type=int, nargs="+", required=True)
+    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--mem-fraction-static", type=float, default=None)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--result-filename", required=True)
+    args = ap.parse_args()
+
+    import sglang as sgl
+
+    with open(os.path.join(args.model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    top = max(args.batch_size)
+    kw = dict(model_path=args.model, attention_backend=args.backend, load_format=args.load_format,
+              tp_size=args.tp_size, device=args.device, mem_fraction_static=args.mem_fraction_static,
+              context_length=args.input_len + args.output_len + 64, max_running_requests=top,
+              max_total_tokens=top * (args.input_len + args.output_len + 64),
+              cuda_graph_backend_prefill="disabled", random_seed=0, log_level="info")  # info: sfi counters
+    if args.device == "cuda":
+        kw["cuda_graph_max_bs_decode"] = top
+    else:
+        kw["cuda_graph_backend_decode"] = "disabled"
+    engine = sgl.Engine(**kw)
+    rng = random.Random(0)
+    try:
+        for bs in args.batch_size:
+            prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
+
+            def run(new_tokens: int) -> float:
+                sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
+                t0 = time.perf_counter()
+                outs = engine.generate(input_ids=prompts, sampling_params=sampling)
+                assert all(len(o["output_ids"]) == new_tokens for o in outs)
+                return time.perf_counter() - t0
+
+            run(1)  # prefill into the radix cache
+            short, long = run(1), run(1 + args.output_len)
+            row = {"batch_size": bs, "input_len": args.input_len, "output_len": args.output_len,
+                   "step_s": (long - short) / args.output_len}
+            print(json.dumps(row), flush=True)
+            with open(args.result_filename, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            engine.flush_cache()
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
