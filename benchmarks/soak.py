@@ -9,7 +9,10 @@ grows by a random number of words per turn (so lengths are mixed) and is sent to
 ``/v1/completions``; some turns stream a long answer and close the connection after a
 few chunks (a client disconnect, which sglang aborts), and sessions start over when
 their prompt is long enough or at random. Memory is sampled every few seconds: GPU
-memory used (nvidia-smi) when there is a GPU, else the server's resident memory.
+memory used (nvidia-smi) when there is a GPU, else the server's resident memory; on a GPU
+the server's torch allocator (allocated / reserved, logged with sfi's counters every
+``log_interval`` decode steps) is also reported, first and last reading, to tell a leak
+(allocated grows) from the caching allocator keeping a new peak (reserved grows).
 Writes ``{"requests","failed","aborted","max_gpu_mem_mb_start","max_gpu_mem_mb_end",
 "p50_ms","p99_ms", ...}``; the goal is 0 failed and no growth from the first to the last
 window (a minute, or a quarter of a shorter run).
@@ -23,6 +26,7 @@ import datetime
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 import threading
@@ -32,6 +36,7 @@ from openai import OpenAI
 
 from sfi_sglang.agents import LocalServer
 
+ALLOCATOR = re.compile(r"torch allocated (\d+) MiB, reserved (\d+) MiB")
 WORDS = ("the report said that every host in the west region served requests while the cache warmed up and "
          "latency fell after noon when traffic moved to the new cluster").split()
 
@@ -187,6 +192,11 @@ def main() -> None:
         "server_alive_after": alive, "server_tracebacks": server_log.count("Traceback"),
         "sfi_log": [ln for ln in server_log.splitlines() if "SFI:" in ln][-1:], "errors": tally.errors,
     }
+    # the server's torch allocator (logged with sfi's counters on GPUs): first and last reading
+    alloc = ALLOCATOR.findall(server_log)
+    if alloc:
+        result.update(torch_allocated_mb_first=float(alloc[0][0]), torch_allocated_mb_last=float(alloc[-1][0]),
+                      torch_reserved_mb_first=float(alloc[0][1]), torch_reserved_mb_last=float(alloc[-1][1]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

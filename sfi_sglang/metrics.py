@@ -89,6 +89,9 @@ class SFIStats:
         ``host`` values (``HOST_FIELDS`` totals and ``GAUGES``) kept elsewhere."""
         s = self.snapshot() | (host or {})
         self.export(s)
+        if self.acc.is_cuda:  # the caching allocator's view: a leak grows "allocated", a new peak "reserved"
+            extra += (f"{'; ' if extra else ''}torch allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB, "
+                      f"reserved {torch.cuda.memory_reserved() / 2**20:.0f} MiB")
         logger.info(
             "SFI: slow rows %d, fast rows %d (slow frac %.3f), refreshes %d, "
             "mean kept tokens per fast row and KV head %.1f (%.1f%% of context), "
