@@ -116,7 +116,7 @@ class _Coverage:
         Rows that had no selection before their slow step are not measured."""
         slots, measured = self.r.slots, self.r.previous[1] >= 0
         mean = self.total / self.per_row
-        store.coverage[slots] = torch.where(measured, mean, store.coverage[slots])
+        store.add_coverage(slots, mean, self.worst, measured)
         stats.add_coverage(mean, self.worst, measured)
         if cfg.adaptive_refresh:
             store.gap[slots] = torch.where(measured, next_gap(store.gap[slots], mean, cfg), store.gap[slots])
@@ -146,6 +146,8 @@ class SFIBackend(AttentionBackend):
         self.extend_q_rows: torch.Tensor | None = None  # query rows of this prefill that score candidates
         self.extend_q: torch.Tensor | None = None  # [layers, rows, Hq, D]: those queries, saved per layer
         self.reuse = SelectionReuse(cfg.reuse_records) if cfg.reuse_records > 0 else None
+        self.cov_host = torch.zeros_like(self.store.cov_stats, device="cpu", pin_memory=self.on_cuda)
+        self.cov_copied = torch.cuda.Event() if self.on_cuda else None
         logger.info(
             "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state %.1f MiB "
             "(selections, saved queries, up to %d records; taken from the KV-cache budget), config %s",
@@ -358,6 +360,18 @@ class SFIBackend(AttentionBackend):
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
         if cover is not None:
             cover.finish(self.store, self.stats, cfg)
+            self.cov_host.copy_(self.store.cov_stats, non_blocking=True)
+            if self.cov_copied is not None:
+                self.cov_copied.record()
+
+    def coverage_summary(self, slot: int) -> dict[str, float] | None:
+        """Coverage of the request in req-pool ``slot`` over its measured slow steps (None: none yet):
+        mean, worst layer and count. Reads the host copy made after the last refresh (waits only
+        for that copy, not for later work)."""
+        if self.cov_copied is not None:
+            self.cov_copied.synchronize()
+        total, worst, n = self.cov_host[slot].tolist()
+        return {"mean": total / n, "worst_layer": worst, "slow_steps": int(n)} if n else None
 
     # ---- plumbing ---------------------------------------------------------------------------
 

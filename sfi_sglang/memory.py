@@ -10,7 +10,8 @@ attended to by fast steps), ``count`` how many positions of ``[min(sinks, hi), h
 are selected (the same for every layer and KV head), ``steps`` the decode steps since
 the last slow step, ``ready`` whether a selection exists, ``gap`` the row's boundary
 gap (see ``sfi_sglang.coverage``), ``coverage`` the last measured coverage (-1: none
-yet). ``pos[layer, slot, head]`` holds the selected positions (ascending; entries past
+yet), ``cov_stats`` the request's coverage so far (sum of the per-step means, lowest
+worst-layer value, slow steps measured). ``pos[layer, slot, head]`` holds the selected positions (ascending; entries past
 ``count`` are unused).
 """
 
@@ -35,11 +36,13 @@ class SelectionStore:
         self.ready = torch.zeros(num_slots, dtype=torch.bool, device=device)
         self.gap = torch.full((num_slots,), cfg.min_refresh_gap, dtype=torch.int32, device=device)
         self.coverage = torch.full((num_slots,), -1.0, dtype=torch.float32, device=device)
+        self.cov_stats = torch.zeros(num_slots, 3, dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.pos, self.hi, self.count, self.steps, self.ready, self.gap, self.coverage))
+                   for t in (self.pos, self.hi, self.count, self.steps, self.ready, self.gap, self.coverage,
+                             self.cov_stats))
 
     def bounds(self, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidate region ``[lo, hi)`` and selected count for a selection made at these lengths."""
@@ -72,6 +75,14 @@ class SelectionStore:
         self.steps[slots] = 0
         self.gap[slots] = self.cfg.min_refresh_gap
         self.coverage[slots] = -1.0
+        self.cov_stats[slots] = torch.tensor([0.0, 1.0, 0.0], device=self.cov_stats.device)
+
+    def add_coverage(self, slots: torch.Tensor, mean: torch.Tensor, worst: torch.Tensor, measured: torch.Tensor) -> None:
+        """A slow step's coverage of the rows in ``slots`` (where ``measured``): last value and the request's summary."""
+        self.coverage[slots] = torch.where(measured, mean, self.coverage[slots])
+        st, m = self.cov_stats[slots], measured.float()
+        self.cov_stats[slots] = torch.stack(
+            [st[:, 0] + mean * m, torch.where(measured, torch.minimum(st[:, 1], worst), st[:, 1]), st[:, 2] + m], 1)
 
     def advance(self, slots: torch.Tensor, seq_lens: torch.Tensor, slow: torch.Tensor) -> None:
         """After a decode step is planned: slow rows start a new selection, fast rows count a step."""

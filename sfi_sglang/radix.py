@@ -26,6 +26,7 @@ import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
@@ -179,15 +180,18 @@ class SFIRadixCache(RadixCache):
     """sglang's radix cache whose nodes also carry SFI selection records."""
 
     reuse: SelectionReuse
+    coverage_of: Callable[[int], dict | None] | None
 
     @classmethod
-    def adopt(cls, cache: RadixCache, reuse: SelectionReuse) -> "SFIRadixCache":
+    def adopt(cls, cache: RadixCache, reuse: SelectionReuse,
+              coverage_of: Callable[[int], dict | None] | None = None) -> "SFIRadixCache":
         """Turn a freshly built ``RadixCache`` into this class. Building a second cache instead
         would register sglang's radix-cache Prometheus metrics twice (a startup crash under
-        ``--enable-metrics``)."""
+        ``--enable-metrics``). ``coverage_of(req-pool slot)``: a finishing request's coverage
+        summary, put in its response's ``meta_info["sfi_coverage"]``."""
         assert type(cache) is RadixCache
         cache.__class__ = cls
-        cache.reuse = reuse
+        cache.reuse, cache.coverage_of = reuse, coverage_of
         reuse.linked = True
         cache.reset()
         return cache
@@ -207,6 +211,11 @@ class SFIRadixCache(RadixCache):
         self.reuse.settle(req, req.last_node)
 
     def cache_finished_req(self, req, is_insert: bool = True, **kwargs):
+        if self.coverage_of is not None and req.req_pool_idx is not None and req.output_ids:
+            # sglang's customized_info is per output token: the summary goes with the last one
+            info = req.customized_info if req.customized_info is not None else {}
+            info["sfi_coverage"] = [None] * (len(req.output_ids) - 1) + [self.coverage_of(req.req_pool_idx)]
+            req.customized_info = info
         super().cache_finished_req(req, is_insert=is_insert, **kwargs)
         self.reuse.fresh.pop(req.rid, None)
 
@@ -235,4 +244,4 @@ def create_radix_cache(ctx):
         logger.info("SFI: selection reuse is off with %s", type(cache).__name__ + (" (disabled)" if cache.disable else ""))
         return cache
     logger.info("SFI: selection reuse on (up to %d records on radix-tree nodes)", backend.reuse.max_records)
-    return SFIRadixCache.adopt(cache, backend.reuse)
+    return SFIRadixCache.adopt(cache, backend.reuse, backend.coverage_summary)

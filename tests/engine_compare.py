@@ -67,7 +67,8 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: 
             else:
                 outs += engine.generate(input_ids=batch, sampling_params=sampling, return_logprob=True)
         return [
-            {"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"]["output_token_logprobs"]]}
+            {"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"]["output_token_logprobs"]],
+             "coverage": (o["meta_info"].get("sfi_coverage") or [None])[-1]}
             for o in outs
         ]
     finally:
@@ -111,7 +112,7 @@ def main() -> None:
     dense = generate(args.model, args.dense, args, ids)
     sfi = generate(args.model, "sfi", args, ids)
     print("RESULT " + json.dumps({
-        "dense": [d["ids"] for d in dense], "sfi": [s["ids"] for s in sfi],
+        "dense": [d["ids"] for d in dense], "sfi": [s["ids"] for s in sfi], "sfi_coverage": [s["coverage"] for s in sfi],
         "first_divergence": [first_divergence(d["ids"], s["ids"]) for d, s in zip(dense, sfi)],
         "max_logprob_diff": max_logprob_diff(dense, sfi), "sfi_config": os.environ.get("SFI_CONFIG", ""),
     }))

@@ -62,6 +62,10 @@ def test_small_budget_is_sparse(tiny_model):
     assert 36 <= kept <= 4 + 16 + 16 + 16
     mean, worst, measured = map(float, COVERAGE.findall(out)[-1])
     assert measured > 0 and 0 < worst <= mean < 1  # tokens were dropped that slow steps attend to
+    # each response carries its own summary (meta_info["sfi_coverage"], last token)
+    per_request = res["sfi_coverage"]
+    assert all(c is not None and c["slow_steps"] >= 1 and 0 < c["worst_layer"] <= c["mean"] < 1 for c in per_request)
+    assert sum(c["slow_steps"] for c in per_request) == measured
 
 
 def test_selection_reuse_across_turns(tiny_model):
