@@ -41,9 +41,22 @@ def group_scores_ref(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Te
 
 
 @triton.jit
-def _region_mask(Pos, Lo, Hi, i, h, j, N, stride_ps, stride_ph):
+def _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
+                  H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (row x head ``ih``, block ``blk``): candidate offsets ``j``, query offsets ``r``
+    (and mask), which candidates exist and which lie in the region, and their logits ``[BLOCK_R, BLOCK]``."""
+    ih = tl.program_id(0)
+    blk = tl.program_id(1)
+    i = ih // H
+    h = ih % H
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, BLOCK_R)
+    rmask = r < R
     p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
-    return p >= 0, (p >= tl.load(Lo + i)) & (p < tl.load(Hi + i))
+    valid, reg = p >= 0, (p >= tl.load(Lo + i)) & (p < tl.load(Hi + i))
+    s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
+                mask=rmask[:, None] & valid[None, :], other=float("-inf"))
+    return ih, blk, j, r, rmask, valid, reg, s
 
 
 @triton.jit
@@ -53,18 +66,11 @@ def _block_stats(
     H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per (row, head, query, block): max and sum of exp over valid candidates, then over the region."""
-    ih = tl.program_id(0)
-    blk = tl.program_id(1)
-    i = ih // H
-    h = ih % H
-    j = blk * BLOCK + tl.arange(0, BLOCK)
-    r = tl.arange(0, BLOCK_R)
-    valid, reg = _region_mask(Pos, Lo, Hi, i, h, j, N, stride_ps, stride_ph)
-    s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
-                mask=(r[:, None] < R) & valid[None, :], other=float("-inf"))
+    ih, blk, j, r, rmask, valid, reg, s = _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr,
+                                                        stride_ps, stride_ph, H, R, BLOCK_R, BLOCK)
     out = Part + (ih * R + r) * NB + blk
-    _store_max_sum(out, SHR * NB, tl.where(valid[None, :], s, float("-inf")), r < R)
-    _store_max_sum(out + 2 * SHR * NB, SHR * NB, tl.where(reg[None, :], s, float("-inf")), r < R)
+    _store_max_sum(out, SHR * NB, tl.where(valid[None, :], s, float("-inf")), rmask)
+    _store_max_sum(out + 2 * SHR * NB, SHR * NB, tl.where(reg[None, :], s, float("-inf")), rmask)
 
 
 @triton.jit
@@ -82,16 +88,8 @@ def _scores(
     H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, HELD: tl.constexpr,
 ):
     """Per (row, head, block): unnormalised power-mean scores, and partial sums of them and of the held mass."""
-    ih = tl.program_id(0)
-    blk = tl.program_id(1)
-    i = ih // H
-    h = ih % H
-    j = blk * BLOCK + tl.arange(0, BLOCK)
-    r = tl.arange(0, BLOCK_R)
-    rmask = r < R
-    valid, reg = _region_mask(Pos, Lo, Hi, i, h, j, N, stride_ps, stride_ph)
-    s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
-                mask=rmask[:, None] & valid[None, :], other=float("-inf"))
+    ih, blk, j, r, rmask, valid, reg, s = _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr,
+                                                        stride_ps, stride_ph, H, R, BLOCK_R, BLOCK)
     lse_reg = tl.load(Lse + SHR + ih * R + r, mask=rmask, other=0.0)
     pa = tl.where(rmask[:, None] & reg[None, :], tl.exp(alpha * (s - lse_reg[:, None])), 0.0)
     mean = tl.sum(pa, 0) / R
