@@ -1,6 +1,6 @@
 """Agent turns over a long shared prefix: sfi with selection reuse vs sfi without it vs dense.
 
-    python benchmarks/bench_agent_reuse.py [--prefix 32768] [--turns 6] [--user 256] [--output 128]
+    python benchmarks/bench_agent_reuse.py [--prefix 16384,65536] [--turns 6] [--user 256] [--output 128]
         [--dense flashinfer] [--out benchmarks/results/agent_reuse.json]
 
 Each variant runs in its own process (an sglang Engine on one GPU, dummy Qwen3-4B
@@ -8,9 +8,11 @@ weights, decode CUDA graphs on): turn ``i`` sends the shared prefix plus every
 earlier turn's output and user message (token ids), streamed, one turn after the
 other, as an agent loop does; the radix cache holds the history. Per turn: time
 to first token, decode tokens/s, cached prompt tokens, and for sfi the selection
-reuse hits from the engine's log. Turn 1 pays the whole prefill; on later turns
-sfi with reuse scores only the selection record plus the new tokens, sfi without
-reuse re-scores the whole cached prefix at every prefill.
+reuse hits and the mean time of the prefill Selector (from selection records, and
+fresh) from the engine's log. Turn 1 pays the whole prefill; on later turns sfi with
+reuse scores only the selection record plus the new tokens, sfi without reuse re-scores
+the whole cached prefix at every prefill: over two or more ``--prefix`` lengths, the
+former's Selector time should stay flat and the latter's grow.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ def run_turns(args) -> list[dict]:
     words = lambda n: [rng.randrange(1000, 50000) for _ in range(n)]  # noqa: E731
     engine = sgl.Engine(
         model_path=args.model, attention_backend=args.backend, load_format="dummy", random_seed=0,
-        mem_fraction_static=0.7, context_length=args.prefix + args.turns * (args.user + args.output) + 64,
+        mem_fraction_static=0.7, context_length=args.prefix[0] + args.turns * (args.user + args.output) + 64,
         cuda_graph_backend_prefill="disabled", cuda_graph_max_bs_decode=4, log_level="info",
     )
-    history, rows = words(args.prefix), []
+    history, rows = words(args.prefix[0]), []
     try:
         for turn in range(args.turns):
             params = {"temperature": 0.0, "max_new_tokens": args.output, "ignore_eos": True}
@@ -72,7 +74,8 @@ def run_turns(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prefix", type=int, default=32768)
+    ap.add_argument("--prefix", default="16384,65536", type=lambda v: [int(x) for x in v.split(",")],
+                    help="shared prefix lengths (tokens), one run of every variant each")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--user", type=int, default=256, help="new user/tool tokens per turn")
     ap.add_argument("--output", type=int, default=128)
@@ -90,39 +93,60 @@ def main() -> None:
 
     model = write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
     variants = {**VARIANTS, args.dense: (args.dense, None)}
-    results = {}
-    for name, (backend, cfg) in variants.items():
-        env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
-        if cfg is not None:
-            env["SFI_CONFIG"] = json.dumps(cfg)
-        cmd = [sys.executable, __file__, "--child", model, backend, *sys.argv[1:]]
-        try:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            log = p.stdout + p.stderr
-        except subprocess.TimeoutExpired as e:
-            log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        found = [ln for ln in log.splitlines() if ln.startswith("ROWS ")]
-        if not found:
-            print(f"[{name}] failed:\n{log[-3000:]}", file=sys.stderr)
-            continue
-        reuse = re.findall(r"selection reuse: hits (\d+), misses (\d+)", log)
-        results[name] = {"turns": json.loads(found[-1][5:]),
-                         "reuse_hits": int(reuse[-1][0]) if reuse else None,
-                         "reuse_misses": int(reuse[-1][1]) if reuse else None}
-        print(f"[{name}] " + ", ".join(f"t{r['turn']} {r['ttft_ms']:.0f} ms / {r['decode_tok_s']:.0f} tok/s"
-                                       for r in results[name]["turns"]))
+    runs = []
+    for prefix in args.prefix:
+        results = {}
+        for name, (backend, cfg) in variants.items():
+            results[name] = run_variant(name, backend, cfg, model, prefix, args)
+        results = {k: v for k, v in results.items() if v is not None}
+        table(results, args.turns)
+        runs.append({"prefix": prefix, "variants": results})
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+                       "model": "qwen3-4b (dummy weights)", "user_tokens": args.user, "output_tokens": args.output,
+                       "runs": runs}, f, indent=1)
+    print("\nprefill Selector, mean ms per prefill (from records / fresh):")
+    for run in runs:
+        print(f"  prefix {run['prefix']:>6}: " + ", ".join(
+            f"{n} {v['selector_record_ms']} / {v['selector_fresh_ms']}" for n, v in run["variants"].items()
+            if v.get("selector_fresh_ms") is not None))
+    print("wrote", args.out)
+
+
+def run_variant(name: str, backend: str, cfg: dict | None, model: str, prefix: int, args) -> dict | None:
+    """One child process (one Engine) over the turns at ``prefix``; its rows and sfi's logged counters."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
+    if cfg is not None:
+        env["SFI_CONFIG"] = json.dumps(cfg)
+    cmd = [sys.executable, __file__, "--child", model, backend, "--prefix", str(prefix), "--turns", str(args.turns),
+           "--user", str(args.user), "--output", str(args.output)]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        log = p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    found = [ln for ln in log.splitlines() if ln.startswith("ROWS ")]
+    if not found:
+        print(f"[{name} prefix {prefix}] failed:\n{log[-3000:]}", file=sys.stderr)
+        return None
+    reuse = re.findall(r"selection reuse: hits (\d+), misses (\d+)", log)
+    sel = re.findall(r"prefill Selector: (\d+) from records ([\d.]+) ms, (\d+) fresh ([\d.]+) ms", log)
+    out = {"turns": json.loads(found[-1][5:]),
+           "reuse_hits": int(reuse[-1][0]) if reuse else None, "reuse_misses": int(reuse[-1][1]) if reuse else None,
+           "selector_record_ms": float(sel[-1][1]) if sel else None, "selector_fresh_ms": float(sel[-1][3]) if sel else None}
+    print(f"[{name} prefix {prefix}] " + ", ".join(f"t{r['turn']} {r['ttft_ms']:.0f} ms / {r['decode_tok_s']:.0f} tok/s"
+                                                  for r in out["turns"]))
+    return out
+
+
+def table(results: dict, turns: int) -> None:
     print(f"\n{'turn':>4} {'prompt':>7} " + " ".join(f"{n + ' ttft':>18} {'tok/s':>7}" for n in results))
-    for i in range(args.turns):
+    for i in range(turns):
         cells = [results[n]["turns"][i] for n in results if i < len(results[n]["turns"])]
         if cells:
             print(f"{i + 1:>4} {cells[0]['prompt_tokens']:>7} "
                   + " ".join(f"{c['ttft_ms']:>15.1f} ms {c['decode_tok_s']:>7.0f}" for c in cells))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-                   "model": "qwen3-4b (dummy weights)", "prefix": args.prefix, "user_tokens": args.user,
-                   "output_tokens": args.output, "variants": results}, f, indent=1)
-    print("wrote", args.out)
 
 
 if __name__ == "__main__":

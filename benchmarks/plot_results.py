@@ -19,27 +19,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def decode_speedup(rows: list[dict], ax) -> None:
-    best: dict[tuple[int, int], dict] = {}
+    """Ratios within one setup (GPU, tp, runner): the dense and sfi rows of the same runs."""
+    setup = lambda r: (r["gpu"], r.get("tp", 1), r.get("runner", "one_batch"))  # noqa: E731
+    best: dict[tuple, dict] = {}
     for r in rows:
         if r["refresh_every"] is None:
-            k = (r["batch"], r["context"])
+            k = (setup(r), r["batch"], r["context"])
             if k not in best or r["decode_tok_s"] > best[k]["decode_tok_s"]:
                 best[k] = r
-    lines: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
+    lines: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in rows:
-        d = best.get((r["batch"], r["context"]))
+        d = best.get((setup(r), r["batch"], r["context"]))
         if r["refresh_every"] is not None and d is not None:
-            lines.setdefault((r["batch"], r["refresh_every"]), []).append(
+            lines.setdefault((setup(r), r["batch"], r["refresh_every"]), []).append(
                 (r["context"], r["decode_tok_s"] / d["decode_tok_s"], d["bytes_moved"] / r["bytes_moved"]))
-    for (bs, refresh), pts in sorted(lines.items()):
+    several = len({k[0] for k in lines}) > 1
+    for ((gpu, tp, runner), bs, refresh), pts in sorted(lines.items()):
         pts.sort()
         x = [p[0] // 1024 for p in pts]
-        line, = ax.plot(x, [p[1] for p in pts], marker="o", label=f"batch {bs}, R={refresh}")
+        where = f", {gpu.removeprefix('NVIDIA ')} tp{tp} {runner}" if several else ""
+        line, = ax.plot(x, [p[1] for p in pts], marker="o", label=f"batch {bs}, R={refresh}{where}")
         ax.plot(x, [p[2] for p in pts], ls="--", marker="x", color=line.get_color(), alpha=0.5)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="context (K tokens)", ylabel="sfi / best dense decode tok/s (dashed: ideal)",
-           title=f"decode speedup, {rows[0]['gpu']}, {rows[0]['model']}")
+           title=f"decode speedup, {rows[0]['model']}")
     ax.legend(fontsize=7)
 
 

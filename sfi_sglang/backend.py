@@ -60,6 +60,7 @@ class _Refresh:
     width: int  # N
     contiguous: bool  # candidates are consecutive positions, then padding
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # decode refresh: StepRows (hi, count) to measure
+    from_record: bool = False  # prefill refresh that starts from cached selection records
 
 
 def _region_refresh(slots, q_rows, lo, hi, width: int) -> _Refresh:
@@ -88,7 +89,7 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
     width = int((hi - start).max())
     new = region_positions(to_device(start), to_device(hi), width).expand(-1, heads, -1)
     return _Refresh(slots, q_rows, to_device(lo), to_device(hi), lambda l: torch.cat([cached[l], new], -1), kept + width,
-                    False)
+                    False, from_record=True)
 
 
 class _Coverage:
@@ -296,7 +297,8 @@ class SFIBackend(AttentionBackend):
             self.extend_q[li] = q.reshape(-1, self.shape.q_heads, self.shape.head_dim)[self.extend_q_rows]
             if li == self.shape.num_layers - 1:
                 for r in self.extend_refresh:
-                    self._select(range(self.shape.num_layers), self.extend_q.__getitem__, r)
+                    with self.stats.prefill_selector.time(r.from_record):
+                        self._select(range(self.shape.num_layers), self.extend_q.__getitem__, r)
                 if self.new_records:
                     self._keep_records(forward_batch)
                 self.extend_refresh, self.extend_q = [], None

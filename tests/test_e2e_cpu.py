@@ -17,6 +17,7 @@ pytestmark = pytest.mark.e2e
 
 STATS = re.compile(r"SFI: slow rows (\d+), fast rows (\d+) .*refreshes (\d+), mean kept tokens per fast row and KV head ([\d.]+)")
 REUSE = re.compile(r"selection reuse: hits (\d+), misses (\d+), records (\d+)")
+PREFILL_SELECTOR = re.compile(r"prefill Selector: (\d+) from records [\d.]+ ms, (\d+) fresh [\d.]+ ms")
 COVERAGE = re.compile(r"coverage ([\d.]+) \(worst layer ([\d.]+)\) over (\d+) slow rows")
 
 
@@ -79,6 +80,7 @@ def test_selection_reuse_across_turns(tiny_model):
                               "--shared-prefix", "--sequential")
     hits, misses, records = map(int, REUSE.findall(out)[-1])
     assert (hits, misses) == (3, 0) and records >= 1
+    assert tuple(map(int, PREFILL_SELECTOR.findall(out)[-1])) == (3, 1)  # timed apart: reused vs fresh
     assert res["dense"][0][:16] == res["dense"][1][:16]
     assert res["sfi"][0][:16] == res["sfi"][1][:16]
 
