@@ -93,17 +93,17 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
 
 
 class _Coverage:
-    """Coverage of a slow-step refresh's rows, accumulated over layer groups (device only)."""
+    """Coverage of a slow-step refresh's rows (req-pool ``slots``, their ``previous`` selection state),
+    accumulated over layer groups (device only)."""
 
-    def __init__(self, r: _Refresh, per_row: int):
-        self.r, self.per_row = r, per_row
-        s = r.slots.shape[0]
-        self.total = torch.zeros(s, dtype=torch.float32, device=r.slots.device)
-        self.worst = torch.ones(s, dtype=torch.float32, device=r.slots.device)
+    def __init__(self, slots: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor], per_row: int):
+        self.slots, self.previous, self.per_row = slots, previous, per_row
+        self.total = torch.zeros(slots.shape[0], dtype=torch.float32, device=slots.device)
+        self.worst = torch.ones(slots.shape[0], dtype=torch.float32, device=slots.device)
 
     def held(self, part: slice, pos, prev_sel, g: int, sinks: int) -> torch.Tensor:
         """What the previous selections ``[g*S', Hkv, K]`` of ``g`` layers for the rows ``part`` held."""
-        prev_hi, prev_cnt = (t[part].repeat(g) for t in self.r.previous)
+        prev_hi, prev_cnt = (t[part].repeat(g) for t in self.previous)
         return kept_mask(pos, sinks, prev_hi, prev_sel, prev_cnt)
 
     def add(self, part: slice, cov: torch.Tensor, g: int) -> None:
@@ -115,7 +115,7 @@ class _Coverage:
     def finish(self, store: SelectionStore, stats: SFIStats, cfg: SFIConfig) -> None:
         """Per row: mean over layers and KV heads -> the store, the counters and (adaptive) the gap.
         Rows that had no selection before their slow step are not measured."""
-        slots, measured = self.r.slots, self.r.previous[1] >= 0
+        slots, measured = self.slots, self.previous[1] >= 0
         mean = self.total / self.per_row
         store.add_coverage(slots, mean, self.worst, measured)
         stats.add_coverage(mean, self.worst, measured)
@@ -205,17 +205,22 @@ class SFIBackend(AttentionBackend):
         if self.slow_ready is not None:
             self.slow_ready.synchronize()  # recorded before the previous step's forward: long done
         rows = self.slow_host[:real].nonzero().flatten()
-        lo, hi, _ = self.store.bounds(seq_lens[rows])
-        keep = hi > lo
-        if not keep.any():
-            return
-        rows_d = self._to_device(rows[keep])
-        n = seq_lens[rows][keep]
-        r = _slow_step_refresh(self.rows.slots[rows_d], rows_d.unsqueeze(1), self._to_device(lo[keep].int()),
-                               self._to_device(hi[keep].int()), self._to_device(n.int()), int(n.max()),
-                               (self.rows.hi[rows_d], self.rows.count[rows_d]))
-        self._select(range(self.shape.num_layers), self.q_hist.__getitem__, r)
-        self.stats.add_refreshes(len(rows_d))
+        n = seq_lens[rows]
+        lo, hi, _ = self.store.bounds(n)
+        fits = hi - lo <= self.cfg.topk
+        for scored, sub in (False, (hi > lo) & fits), (True, ~fits):
+            if not sub.any():
+                continue
+            rows_d = self._to_device(rows[sub])
+            slots, lo_d, hi_d = self.rows.slots[rows_d], self._to_device(lo[sub].int()), self._to_device(hi[sub].int())
+            previous = (self.rows.hi[rows_d], self.rows.count[rows_d])
+            if scored:
+                r = _slow_step_refresh(slots, rows_d.unsqueeze(1), lo_d, hi_d, self._to_device(n[sub].int()),
+                                       int(n[sub].max()), previous)
+                self._select(range(self.shape.num_layers), self.q_hist.__getitem__, r)
+            else:
+                self._keep_whole_region(slots, lo_d, hi_d, int((hi - lo)[sub].max()), previous)
+            self.stats.add_refreshes(len(rows_d))
 
     def _plan_extend(self, fb) -> list[_Refresh]:
         """Selections at the end of a prefill: from scratch, or from the record of a cached prefix."""
@@ -231,8 +236,14 @@ class SFIBackend(AttentionBackend):
         # last `prefill_queries` prompt rows of each request (a shorter extend repeats its first row)
         q_rows = torch.tensor([[max(e - i, e - n) for i in range(n_q, 0, -1)] for e, n in zip(accumulate(ext), ext)])
         rows = (hi > lo).nonzero().flatten().tolist()
+        whole = [i for i in rows if hi[i] - lo[i] <= self.cfg.topk]
+        if whole:
+            idx = torch.tensor(whole)
+            self._keep_whole_region(slots[self._to_device(idx)], self._to_device(lo[idx]), self._to_device(hi[idx]),
+                                    int((hi - lo)[idx].max()))
+        rows = [i for i in rows if hi[i] - lo[i] > self.cfg.topk]  # scored by the Selector
         records = self._take_records(fb, rows, hi)
-        self.stats.add_refreshes(len(rows))
+        self.stats.add_refreshes(len(rows) + len(whole))
         if self.reuse is not None and self.reuse.linked and fb.rids is not None:
             self.new_records = [(fb.rids[i], i, int(hi[i]), int(count[i])) for i in rows]
         if not rows:
@@ -255,6 +266,17 @@ class SFIBackend(AttentionBackend):
             else:
                 out.append(_region_refresh(*args[:2], *map(self._to_device, args[2:]), int((hi - lo)[idx].max())))
         return out
+
+    def _keep_whole_region(self, slots, lo, hi, width: int, previous=None) -> None:
+        """Rows whose region ``[lo, hi)`` fits the budget select all of it, for every layer and KV head:
+        what the Selector would return, without scoring. After a slow step (``previous``: the rows'
+        selection state before it), the selection this replaces held every token as well (its region,
+        shorter, fitted too), so the coverage is 1."""
+        self.store.pos[:, slots, :, :width] = region_positions(lo, hi, width)
+        if previous is not None:
+            cover = _Coverage(slots, previous, per_row=1)
+            cover.total += 1.0
+            self._finish_coverage(cover)
 
     def _take_records(self, fb, rows: list[int], hi: torch.Tensor) -> dict[int, SelectionRecord]:
         """Records offered by the radix cache to this prefill's requests, where they still apply
@@ -328,7 +350,7 @@ class SFIBackend(AttentionBackend):
         A refresh after a slow step also measures the coverage of the selections it replaces.
         """
         cfg, sh = self.cfg, self.shape
-        cover = _Coverage(r, sh.kv_heads * len(layers)) if r.previous is not None else None
+        cover = _Coverage(r.slots, r.previous, sh.kv_heads * len(layers)) if r.previous is not None else None
         logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
         scores_fn = group_scores if self.on_cuda else group_scores_ref
         unit = sh.q_heads * r.q_rows.shape[1] * max(r.width, 1)  # logits of one (layer, request)
@@ -361,10 +383,15 @@ class SFIBackend(AttentionBackend):
                 sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
         if cover is not None:
-            cover.finish(self.store, self.stats, cfg)
-            self.cov_host.copy_(self.store.cov_stats, non_blocking=True)
-            if self.cov_copied is not None:
-                self.cov_copied.record()
+            self._finish_coverage(cover)
+
+    def _finish_coverage(self, cover: _Coverage) -> None:
+        """Coverage of a slow-step refresh into the store and counters; the per-request summaries
+        copied to the host (asynchronously) for the responses."""
+        cover.finish(self.store, self.stats, self.cfg)
+        self.cov_host.copy_(self.store.cov_stats, non_blocking=True)
+        if self.cov_copied is not None:
+            self.cov_copied.record()
 
     def coverage_summary(self, slot: int) -> dict[str, float] | None:
         """Coverage of the request in req-pool ``slot`` over its measured slow steps (None: none yet):

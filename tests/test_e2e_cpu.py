@@ -50,6 +50,8 @@ def test_full_budget_equals_dense(tiny_model):
     assert fast > 0 and slow > 0 and refreshes > 5  # 5 prefills + refreshes after slow steps
     mean, worst, measured = COVERAGE.findall(out)[-1]
     assert int(measured) > 0 and float(mean) == float(worst) == 1.0  # the memory held every token
+    # every region fit the budget: kept whole, the Selector never ran
+    assert tuple(map(int, PREFILL_SELECTOR.findall(out)[-1])) == (0, 0)
 
 
 def test_small_budget_is_sparse(tiny_model):
