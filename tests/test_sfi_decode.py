@@ -172,3 +172,58 @@ def test_advance_moves_slow_rows_to_a_new_selection():
         else:
             assert (store.hi[s], store.count[s]) == (before["hi"][i], before["count"][i])
             assert store.steps[s] == before["steps"][i] + 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fuzz_decode_steps_stay_inside_each_request(seed):
+    """Random budgets, lengths and boundary tokens through several decode steps of the real step
+    planner (compiled Triton plan_step and sfi_decode: interpreter on CPU, against the references),
+    with a Selector stand-in picking random region positions for slow rows: every token list stays
+    inside its request (no index outside [0, n), no duplicates), and the kernel agrees with the reference."""
+    from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
+    from sfi_sglang.memory import StepRows
+    from sfi_sglang.metrics import SFIStats
+
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    cfg = SFIConfig(sinks=rng.randint(0, 4), topk=rng.randint(1, 12), recent=rng.randint(1, 8),
+                    max_fast_steps=rng.randint(1, 6), min_refresh_gap=1)
+    hkv, ratio, d, slots_n, max_len, vocab = rng.randint(1, 3), rng.choice([1, 3, 4]), 16, 8, 64, 50
+    bs = rng.randint(1, slots_n)
+    slots = torch.tensor(rng.sample(range(slots_n), bs))
+    seq_lens = torch.tensor([rng.randint(1, max_len - 12) for _ in range(bs)], dtype=torch.int32)
+    is_boundary = torch.rand(vocab, generator=g) < 0.3
+    req_to_token = torch.randperm(slots_n * max_len, generator=g).view(slots_n, max_len).to(torch.int32)
+    k = torch.randn(slots_n * max_len, hkv, d, generator=g)
+    v = torch.randn(slots_n * max_len, hkv, d, generator=g)
+    states = {}
+    for name in ("ref", "triton"):
+        store = SelectionStore(cfg, 1, slots_n, hkv, "cpu")
+        store.pos.copy_(torch.randint(0, max_len, store.pos.shape, generator=torch.Generator().manual_seed(seed)))
+        states[name] = (store, SFIStats("cpu"), StepRows.zeros(bs, "cpu"))
+    for step in range(8):
+        ids = torch.randint(0, vocab, (bs,), generator=g)
+        for name, plan in (("ref", plan_step_ref), ("triton", plan_step)):
+            store, stats, rows = states[name]
+            plan(store, stats, is_boundary, ids, slots, seq_lens, bs, bs, rows)
+        (store, _, rows), (store_t, _, rows_t) = states["ref"], states["triton"]
+        assert torch.equal(rows.slow, rows_t.slow) and torch.equal(store.hi, store_t.hi)
+        assert torch.equal(store.count, store_t.count)
+        # the Selector's stand-in: new positions for slow rows (sorted, unique, in the region)
+        for b in rows.slow.nonzero().flatten().tolist():
+            s, n = int(slots[b]), int(seq_lens[b])
+            lo, hi, cnt = min(cfg.sinks, n), int(store.hi[s]), int(store.count[s])
+            for h in range(hkv):
+                picked = sorted(rng.sample(range(lo, hi), cnt)) if cnt else []
+                store.pos[0, s, h, :cnt] = store_t.pos[0, s, h, :cnt] = torch.tensor(picked, dtype=torch.int32)
+        slow = rows.slow.clone()
+        for b in range(bs):
+            s, n = int(slots[b]), int(seq_lens[b])
+            for h in range(hkv):
+                got = token_positions(bool(slow[b]), n, int(store.hi[s]), int(store.count[s]), cfg.sinks,
+                                      store.pos[0, s, h]).tolist()
+                assert len(set(got)) == len(got) and all(0 <= p < n for p in got), (step, b, h, got)
+        q = torch.randn(bs, hkv * ratio, d, generator=g)
+        args = (q, k, v, req_to_token, slots, seq_lens, slow, store.hi, store.count, store.pos[0], cfg.sinks, 0.25)
+        torch.testing.assert_close(sfi_decode_mod.sfi_decode(*args), sfi_decode_ref(*args), atol=1e-5, rtol=1e-5)
+        seq_lens = seq_lens + 1  # the next step's token
