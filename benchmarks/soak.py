@@ -14,7 +14,8 @@ the server's torch allocator (allocated / reserved, logged with sfi's counters e
 ``log_interval`` decode steps) is also reported, first and last reading, to tell a leak
 (allocated grows) from the caching allocator keeping a new peak (reserved grows).
 Writes ``{"requests","failed","aborted","max_gpu_mem_mb_start","max_gpu_mem_mb_end",
-"p50_ms","p99_ms", ...}``; the goal is 0 failed and no growth from the first to the last
+"p50_ms","p99_ms", ...}`` and sfi's Prometheus values at the end (``--enable-metrics``, on by
+default: selection-reuse hits and misses, records and bytes held); the goal is 0 failed and no growth from the first to the last
 window (a minute, or a quarter of a shorter run).
 """
 
@@ -34,7 +35,7 @@ import time
 
 from openai import OpenAI
 
-from sfi_sglang.agents import LocalServer
+from sfi_sglang.agents import LocalServer, metric_totals
 
 ALLOCATOR = re.compile(r"torch allocated (\d+) MiB, reserved (\d+) MiB")
 WORDS = ("the report said that every host in the west region served requests while the cache warmed up and "
@@ -122,7 +123,7 @@ def main() -> None:
     ap.add_argument("--url", help="OpenAI-compatible base URL of a running server")
     ap.add_argument("--model-path", help="start sglang with --attention-backend sfi on this model")
     ap.add_argument("--tiny", action="store_true", help="start a CPU server on a tiny random-weight model")
-    ap.add_argument("--server-args", default="--cuda-graph-backend-prefill disabled")
+    ap.add_argument("--server-args", default="--cuda-graph-backend-prefill disabled --enable-metrics")
     ap.add_argument("--sfi-config", default=None, help="SFI_CONFIG for a server started here")
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--sessions", type=int, default=64)
@@ -175,6 +176,7 @@ def main() -> None:
             client.models.list()
         except Exception:  # noqa: BLE001
             alive = False
+        sfi_metrics = metric_totals(url)  # sfi's Prometheus values (None without --enable-metrics)
 
     window = min(60.0, 15.0 * args.minutes)
     mem = [(t, m) for t, m, _ in samples if m is not None]
@@ -190,7 +192,8 @@ def main() -> None:
         "max_gpu_mem_mb_end": max((m for t, m in mem if t >= last - window), default=None),
         "p50_ms": percentile(tally.latencies_ms, 0.5), "p99_ms": percentile(tally.latencies_ms, 0.99),
         "server_alive_after": alive, "server_tracebacks": server_log.count("Traceback"),
-        "sfi_log": [ln for ln in server_log.splitlines() if "SFI:" in ln][-1:], "errors": tally.errors,
+        "sfi_log": [ln for ln in server_log.splitlines() if "SFI:" in ln][-1:], "sfi_metrics": sfi_metrics,
+        "errors": tally.errors,
     }
     # the server's torch allocator (logged with sfi's counters on GPUs): first and last reading
     alloc = ALLOCATOR.findall(server_log)
