@@ -52,6 +52,12 @@ def main() -> None:
     engine = sgl.Engine(**kw)
     rng = random.Random(0)
     try:
+        info = engine.get_server_info()  # the whole batch must run at once, or the step time is not its
+        need = top * (args.input_len + args.output_len + 1)
+        if info["max_total_num_tokens"] < need or info["max_running_requests"] < top:
+            raise SystemExit(f"{args.backend}: the KV pool holds {info['max_total_num_tokens']} tokens and "
+                             f"{info['max_running_requests']} requests; batch {top} needs {need} and {top}: "
+                             "raise --mem-fraction-static")
         for bs in args.batch_size:
             prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
 
