@@ -9,7 +9,16 @@ one growing conversation: every turn re-sends the whole history, which sglang's
 radix cache serves from cache. Per model call it prints wall time, time to first
 token, prompt / cached / completion tokens, decode tokens/s and the tools called; per
 question, the selection-reuse hits and misses of sfi (read from the server's ``/metrics``,
-so the server needs ``--enable-metrics``, which the demo passes to a server it starts).
+so the server needs ``--enable-metrics``; cached tokens need ``--enable-cache-report``: the
+demo passes both to a server it starts).
+
+On a CPU, with the real SmolLM2-135M weights that benchmarks/fidelity.py converts (its chat
+template has no tools, so each question is one call), from a source checkout:
+
+    SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/stubs SFI_CONFIG='{"topk": 128, "recent": 64}' \
+    python examples/agent_demo.py --model-path ~/.cache/sfi-sglang/smollm2-135m --max-tokens 48 \
+        --server-args "--device cpu --cuda-graph-backend-prefill disabled --cuda-graph-backend-decode disabled \
+        --enable-metrics --enable-cache-report --max-total-tokens 16384"
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ def main() -> None:
     ap.add_argument("--url", help="OpenAI-compatible base URL of a running server")
     ap.add_argument("--model-path", help="start sglang with --attention-backend sfi on this model")
     ap.add_argument("--port", type=int, default=30000)
-    ap.add_argument("--server-args", default="--cuda-graph-backend-prefill disabled --enable-metrics")
+    ap.add_argument("--server-args", default="--cuda-graph-backend-prefill disabled --enable-metrics --enable-cache-report")
     ap.add_argument("--docs", help="folder the tools may read (default: a generated log)")
     ap.add_argument("--max-tokens", type=int, default=400)
     args = ap.parse_args()
