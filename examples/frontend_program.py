@@ -14,8 +14,10 @@ import time
 
 import sglang as sgl
 
-DOCUMENT = " ".join(f"Entry {i}: sensor {i % 17} read {(i * 37) % 101} units." for i in range(1500))
-DOCUMENT += " Entry 1500: the calibration code is 7319."
+def document(entries: int) -> str:
+    """Sensor log of ``entries`` lines (about 13 tokens each) ending with the fact the questions ask for."""
+    lines = [f"Entry {i}: sensor {i % 17} read {(i * 37) % 101} units." for i in range(entries)]
+    return " ".join(lines + [f"Entry {entries}: the calibration code is 7319."])
 
 
 @sgl.function
@@ -32,12 +34,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:30000")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--entries", type=int, default=1500, help="document size (1500: about 20K tokens)")
     args = ap.parse_args()
     sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
     questions = ["What is the calibration code?", "What did sensor 3 read in entry 3?",
                  "Repeat the calibration code and add 1 to it."]
     t0 = time.perf_counter()
-    state = review.run(document=DOCUMENT, questions=questions, max_tokens=args.max_tokens)
+    state = review.run(document=document(args.entries), questions=questions, max_tokens=args.max_tokens)
     for i, q in enumerate(questions):
         print(f"Q: {q}\nA: {state[f'answer_{i}'].strip()}\n")
     print(f"{time.perf_counter() - t0:.1f} s for {len(questions)} turns")
