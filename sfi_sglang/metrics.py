@@ -60,6 +60,8 @@ class SelectorTimer:
             yield
             end.record()
             self.pending.append((from_record, start, end))
+            if len(self.pending) > 64:  # bounded without a log line (e.g. prefill-only traffic)
+                self._collect()
         else:
             t0 = time.perf_counter()
             yield
@@ -69,8 +71,8 @@ class SelectorTimer:
         self.ms[from_record] += ms
         self.count[from_record] += 1
 
-    def summary(self) -> str:
-        """Mean milliseconds per prefill refresh, of those completed so far."""
+    def _collect(self) -> None:
+        """Adds the timed calls that have completed on the device."""
         still = []
         for from_record, start, end in self.pending:
             if end.query():
@@ -78,6 +80,10 @@ class SelectorTimer:
             else:
                 still.append((from_record, start, end))
         self.pending = still
+
+    def summary(self) -> str:
+        """Mean milliseconds per prefill refresh, of those completed so far."""
+        self._collect()
         mean = lambda k: self.ms[k] / self.count[k] if self.count[k] else 0.0  # noqa: E731
         return (f"prefill Selector: {self.count[True]} from records {mean(True):.2f} ms, "
                 f"{self.count[False]} fresh {mean(False):.2f} ms")
