@@ -176,14 +176,15 @@ def test_advance_moves_slow_rows_to_a_new_selection():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fuzz_decode_steps_stay_inside_each_request(seed):
-    """Random budgets, lengths and boundary tokens through several decode steps of the real step
-    planner (compiled Triton plan_step and sfi_decode: interpreter on CPU, against the references),
-    with a Selector stand-in picking random region positions for slow rows: every token list stays
-    inside its request (no index outside [0, n), no duplicates), and the kernel agrees with the reference."""
+    """Random budgets, lengths and boundary tokens through several decode steps of the step planner
+    and the decode kernel (Triton, compiled on a GPU or interpreted on CPU, against the torch
+    references), with a Selector stand-in picking random region positions for slow rows: every
+    token list stays inside its request (no index outside [0, n), no duplicates)."""
     from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
     from sfi_sglang.memory import StepRows
     from sfi_sglang.metrics import SFIStats
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     cfg = SFIConfig(sinks=rng.randint(0, 4), topk=rng.randint(1, 12), recent=rng.randint(1, 8),
@@ -194,28 +195,30 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
     seq_lens = torch.tensor([rng.randint(1, max_len - 12) for _ in range(bs)], dtype=torch.int32)
     is_boundary = torch.rand(vocab, generator=g) < 0.3
     req_to_token = torch.randperm(slots_n * max_len, generator=g).view(slots_n, max_len).to(torch.int32)
-    k = torch.randn(slots_n * max_len, hkv, d, generator=g)
-    v = torch.randn(slots_n * max_len, hkv, d, generator=g)
+    k, v = torch.randn(2, slots_n * max_len, hkv, d, generator=g)
+    stale = torch.randint(0, max_len, (1, slots_n, hkv, cfg.topk), generator=g, dtype=torch.int32)
     states = {}
-    for name in ("ref", "triton"):
-        store = SelectionStore(cfg, 1, slots_n, hkv, "cpu")
-        store.pos.copy_(torch.randint(0, max_len, store.pos.shape, generator=torch.Generator().manual_seed(seed)))
-        states[name] = (store, SFIStats("cpu"), StepRows.zeros(bs, "cpu"))
+    for name, where in (("ref", "cpu"), ("triton", dev)):
+        store = SelectionStore(cfg, 1, slots_n, hkv, where)
+        store.pos.copy_(stale)
+        states[name] = (store, SFIStats(where), StepRows.zeros(bs, where))
+    to = lambda *ts: [t.to(dev) for t in ts]  # noqa: E731
+    tol = 1e-5 if dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
     for step in range(8):
         ids = torch.randint(0, vocab, (bs,), generator=g)
-        for name, plan in (("ref", plan_step_ref), ("triton", plan_step)):
-            store, stats, rows = states[name]
-            plan(store, stats, is_boundary, ids, slots, seq_lens, bs, bs, rows)
+        plan_step_ref(*states["ref"][:2], is_boundary, ids, slots, seq_lens, bs, bs, states["ref"][2])
+        plan_step(*states["triton"][:2], *to(is_boundary, ids, slots, seq_lens), bs, bs, states["triton"][2])
         (store, _, rows), (store_t, _, rows_t) = states["ref"], states["triton"]
-        assert torch.equal(rows.slow, rows_t.slow) and torch.equal(store.hi, store_t.hi)
-        assert torch.equal(store.count, store_t.count)
+        for a, b in ((rows.slow, rows_t.slow), (store.hi, store_t.hi), (store.count, store_t.count)):
+            assert torch.equal(a, b.cpu())
         # the Selector's stand-in: new positions for slow rows (sorted, unique, in the region)
         for b in rows.slow.nonzero().flatten().tolist():
             s, n = int(slots[b]), int(seq_lens[b])
             lo, hi, cnt = min(cfg.sinks, n), int(store.hi[s]), int(store.count[s])
             for h in range(hkv):
-                picked = sorted(rng.sample(range(lo, hi), cnt)) if cnt else []
-                store.pos[0, s, h, :cnt] = store_t.pos[0, s, h, :cnt] = torch.tensor(picked, dtype=torch.int32)
+                picked = torch.tensor(sorted(rng.sample(range(lo, hi), cnt)), dtype=torch.int32)
+                store.pos[0, s, h, :cnt] = picked
+                store_t.pos[0, s, h, :cnt] = picked.to(dev)
         slow = rows.slow.clone()
         for b in range(bs):
             s, n = int(slots[b]), int(seq_lens[b])
@@ -224,6 +227,9 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
                                       store.pos[0, s, h]).tolist()
                 assert len(set(got)) == len(got) and all(0 <= p < n for p in got), (step, b, h, got)
         q = torch.randn(bs, hkv * ratio, d, generator=g)
-        args = (q, k, v, req_to_token, slots, seq_lens, slow, store.hi, store.count, store.pos[0], cfg.sinks, 0.25)
-        torch.testing.assert_close(sfi_decode_mod.sfi_decode(*args), sfi_decode_ref(*args), atol=1e-5, rtol=1e-5)
+        want = sfi_decode_ref(q, k, v, req_to_token, slots, seq_lens, slow, store.hi, store.count, store.pos[0],
+                              cfg.sinks, 0.25)
+        got = sfi_decode_mod.sfi_decode(*to(q, k, v, req_to_token, slots, seq_lens, slow), store_t.hi, store_t.count,
+                                        store_t.pos[0], cfg.sinks, 0.25)
+        torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)
         seq_lens = seq_lens + 1  # the next step's token
