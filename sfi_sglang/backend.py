@@ -82,14 +82,13 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
     after it, ``[record.hi, hi)``: the cost depends on the new tokens, not on the cached prefix."""
     layers, heads = records[0].pos.shape[:2]
     kept = max(r.count for r in records)
-    cached = torch.full((layers, len(records), heads, kept), -1, dtype=torch.int32, device=records[0].pos.device)
-    for i, r in enumerate(records):
-        cached[:, i, :, : r.count] = r.pos
     start = torch.tensor([r.hi for r in records], dtype=torch.int32)
     width = int((hi - start).max())
-    new = region_positions(to_device(start), to_device(hi), width).expand(-1, heads, -1)
-    return _Refresh(slots, q_rows, to_device(lo), to_device(hi), lambda l: torch.cat([cached[l], new], -1), kept + width,
-                    False, from_record=True)
+    cand = torch.full((layers, len(records), heads, kept + width), -1, dtype=torch.int32, device=records[0].pos.device)
+    for i, r in enumerate(records):
+        cand[:, i, :, : r.count] = r.pos
+    cand[..., kept:] = region_positions(to_device(start), to_device(hi), width)  # the same for every layer and head
+    return _Refresh(slots, q_rows, to_device(lo), to_device(hi), cand.__getitem__, kept + width, False, from_record=True)
 
 
 class _Coverage:
