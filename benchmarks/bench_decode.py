@@ -108,8 +108,9 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
         os.killpg(p.pid, signal.SIGKILL)
         log, rc = p.communicate()[0], "timeout"
     rows = [json.loads(line) for line in open(res)] if os.path.exists(res) else []
-    for r in rows:  # one-batch rows: mean decode step over all steps after the prefill
-        r.setdefault("step_s", (r.get("total_latency", 0) - r.get("prefill_latency", 0)) / (r["output_len"] - 1))
+    for r in rows:
+        if "step_s" not in r:  # one-batch rows: mean decode step over all steps after the prefill
+            r["step_s"] = (r["total_latency"] - r["prefill_latency"]) / (r["output_len"] - 1)
     if rc != 0 or len(rows) < len(batches):  # tp workers' failures leave rc 0
         print(f"[{name}] exit {rc}, {len(rows)} of {len(batches)} results:\n{log[-3000:]}", file=sys.stderr)
     return rows, log

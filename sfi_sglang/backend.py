@@ -35,7 +35,7 @@ from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logi
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
-from sfi_sglang.memory import SelectionStore, StepRows, static_bytes
+from sfi_sglang.memory import SelectionStore, StepRows, saved_queries, static_bytes
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
@@ -158,9 +158,8 @@ class SFIBackend(AttentionBackend):
 
     def _alloc_rows(self, rows: int) -> None:
         """Static per-batch-row buffers (their addresses are baked into captured graphs)."""
-        sh = self.shape
         dtype = self.token_to_kv_pool.get_key_buffer(self.start_layer).dtype
-        self.q_hist = torch.zeros(sh.num_layers, rows, sh.q_heads, sh.head_dim, dtype=dtype, device=self.device)
+        self.q_hist = saved_queries(self.shape, rows, dtype, self.device)
         self.rows = StepRows.zeros(rows, self.device)
         self.slow_host = torch.zeros(rows, dtype=torch.bool, pin_memory=self.on_cuda)
         self.slow_ready = torch.cuda.Event() if self.on_cuda else None

@@ -11,8 +11,8 @@ are selected (the same for every layer and KV head), ``steps`` the decode steps 
 the last slow step, ``ready`` whether a selection exists, ``gap`` the row's boundary
 gap (see ``sfi_sglang.coverage``), ``coverage`` the last measured coverage (-1: none
 yet), ``cov_stats`` the request's coverage so far (sum of the per-step means, lowest
-worst-layer value, slow steps measured). ``pos[layer, slot, head]`` holds the selected positions (ascending; entries past
-``count`` are unused).
+worst-layer value, slow steps measured). ``pos[layer, slot, head]`` holds the selected
+positions (ascending; entries past ``count`` are unused).
 """
 
 from __future__ import annotations
@@ -110,12 +110,18 @@ class StepRows:
         return cls(z(torch.bool), z(torch.int64), z(torch.int32), z(torch.int32))
 
 
+def saved_queries(shape: AttentionShape, rows: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Per layer and batch row, the decode step's queries ``[layers, rows, Hq, D]``: a slow row's
+    refresh scores candidates with them at the next step."""
+    return torch.zeros(shape.num_layers, rows, shape.q_heads, shape.head_dim, dtype=dtype, device=device)
+
+
 def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype) -> int:
     """GPU bytes the sfi backend holds for ``rows`` req-pool rows (selection state, saved slow-step
     queries, step buffers) plus the most its selection records may hold: what sfi takes out of
     sglang's KV-cache budget. Sized from the same buffers, built on the meta device."""
     store = SelectionStore(cfg, shape.num_layers, rows, shape.kv_heads, "meta")
     step = StepRows.zeros(rows, "meta")
-    q_hist = shape.num_layers * rows * shape.q_heads * shape.head_dim * act_dtype.itemsize
     records = cfg.reuse_records * store.pos[:, 0].nbytes
-    return store.nbytes + q_hist + sum(t.nbytes for t in vars(step).values()) + records
+    return (store.nbytes + saved_queries(shape, rows, act_dtype, "meta").nbytes
+            + sum(t.nbytes for t in vars(step).values()) + records)
