@@ -12,6 +12,7 @@ batch's shapes next to the current :func:`launch_for` choice. The chosen rule go
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -85,7 +86,8 @@ def main() -> None:
         print(f"bs {bs:>2}: best {best} {complete[best]:.1f} us; launch_for {launch_for(bs)} "
               + (f"{cur:.1f} us ({cur / complete[best]:.2f}x)" if cur else "not timed"))
     with open(args.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "copy_bw_gbs": bw / 1e9, "rows": rows}, f, indent=1)
+        json.dump({"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                   "copy_bw_gbs": bw / 1e9, "rows": rows}, f, indent=1)
     print("wrote", args.out)
 
 
