@@ -16,6 +16,9 @@ all decode steps (slow steps and Selector refreshes included), not the median.
 Prints a table with the ratio sfi / best dense backend, the ideal ratio from bytes
 moved, and the fraction of HBM copy bandwidth (measured in this run) each step uses;
 with ``--tp N`` bytes and bandwidth are per GPU (weights and KV heads split N ways).
+A shape of context <= 1024 at some batch size (e.g. ``16x512``) measures the step
+outside attention (weights, GEMMs, norms, sampling, launches) at that batch; the table
+then adds ``attn``, the ratio of the attention parts (each step minus that floor).
 """
 
 from __future__ import annotations
@@ -193,11 +196,17 @@ def main() -> None:
     print("wrote", args.out)
 
 
+FLOOR_CONTEXT = 1024  # shapes up to this context measure the step outside attention
+
+
 def table(rows: list[dict]) -> None:
-    """Per (batch, context): best dense backend vs each sfi setting, measured and ideal ratio."""
+    """Per (batch, context): best dense backend vs each sfi setting, measured and ideal ratio, and
+    (where a short-context shape ran at that batch) the ratio of the steps' attention parts."""
     print(f"\n{'batch':>5} {'ctx':>6} {'best dense':>16} {'sfi':>8} {'tok/s':>9} {'ratio':>6} {'ideal':>6} "
-          f"{'slow':>6} {'%HBM':>5}")
+          f"{'slow':>6} {'%HBM':>5} {'attn':>5}")
     for bs, ctx in sorted({(r["batch"], r["context"]) for r in rows}):
+        short = [r["step_ms"] for r in rows if r["batch"] == bs and r["context"] <= FLOOR_CONTEXT]
+        floor = min(short) if short and ctx > FLOOR_CONTEXT else None
         at = [r for r in rows if (r["batch"], r["context"]) == (bs, ctx)]
         dense = [r for r in at if r["refresh_every"] is None]
         if not dense:
@@ -206,7 +215,8 @@ def table(rows: list[dict]) -> None:
         for r in (r for r in at if r["refresh_every"] is not None):
             print(f"{bs:>5} {ctx:>6} {best['backend']:>9} {best['decode_tok_s']:6.0f} {r['backend']:>8} "
                   f"{r['decode_tok_s']:9.1f} {r['decode_tok_s'] / best['decode_tok_s']:6.2f} "
-                  f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} {100 * r['hbm_frac']:5.1f}")
+                  f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} {100 * r['hbm_frac']:5.1f} "
+                  + (f"{(best['step_ms'] - floor) / (r['step_ms'] - floor):5.2f}" if floor else f"{'-':>5}"))
 
 
 if __name__ == "__main__":

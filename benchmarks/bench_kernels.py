@@ -49,6 +49,7 @@ from sfi_sglang.kernels.candidate_logits import candidate_logits  # noqa: E402
 from sfi_sglang.kernels.group_scores import group_scores  # noqa: E402
 from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
+from sfi_sglang.kernels.topk_select import topk_select  # noqa: E402
 from sfi_sglang.memory import SelectionStore, StepRows  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
 from sfi_sglang.coverage import kept_mask  # noqa: E402
@@ -180,7 +181,7 @@ def selector(c: Case, store: SelectionStore) -> Fn:
         logits, log_norm = candidate_logits(q, c.k, c.req_to_token, c.slots, pos, SCALE, norms=norms)
         held = kept_mask(pos, CFG.sinks, prev[0], prev[2], prev[1])
         f, _ = group_scores(logits, pos, lo, hi, CFG.alpha, held)
-        sel = select(f, restrict(pos, lo, hi), CFG, (lo, hi), log_norm, contiguous=True)
+        sel = select(f, restrict(pos, lo, hi), CFG, (lo, hi), log_norm, True, topk_select)
         store.pos[0, c.slots, :, : sel.shape[-1]] = sel
     return run
 

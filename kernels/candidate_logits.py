@@ -22,9 +22,10 @@ BLOCK_N = 64
 
 
 def candidate_logits_ref(q, k_buf, req_to_token, slots, positions, sm_scale: float,
-                         logit_cap: float = 0.0, norms: bool = False):
+                         logit_cap: float = 0.0, norms: bool = False, out: torch.Tensor | None = None):
     """q ``[S, W, Hq, D]``; k_buf ``[P, Hkv, D]``; positions ``[S, 1 or Hkv, N]`` (int, -1: padding)
-    -> logits ``[S, Hkv, W*G, N]`` (fp32) and, if ``norms``, log key norms ``[S, Hkv, N]`` (else None)."""
+    -> logits ``[S, Hkv, W*G, N]`` (fp32; written into ``out`` if given, e.g. a slice of a batch
+    of layers) and, if ``norms``, log key norms ``[S, Hkv, N]`` (else None)."""
     s_rows, w, hq, d = q.shape
     hkv = k_buf.shape[1]
     g = hq // hkv
@@ -37,6 +38,8 @@ def candidate_logits_ref(q, k_buf, req_to_token, slots, positions, sm_scale: flo
     if logit_cap > 0:
         x = logit_cap * torch.tanh(x / logit_cap)
     logits = x.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    if out is not None:
+        logits = out.copy_(logits)
     log_norm = keys.norm(dim=-1).clamp_min(1e-6).log().masked_fill(~valid, 0.0) if norms else None
     return logits, log_norm
 
@@ -69,7 +72,8 @@ def _candidate_logits(
     if CAP:
         s = logit_cap * (2.0 * tl.sigmoid(2.0 * s / logit_cap) - 1.0)
     s = tl.where(valid[None, :], s, float("-inf"))
-    tl.store(Out + i * stride_os + h * stride_oh + offs_r[:, None] * stride_or + j[None, :], s, mask=r_mask[:, None])
+    tl.store(Out + i * stride_os + h * stride_oh + offs_r[:, None] * stride_or + j[None, :], s,
+             mask=r_mask[:, None] & (j < N)[None, :])
     if NORMS:
         kf = k.to(tl.float32)
         ln = 0.5 * tl.log(tl.maximum(tl.sum(kf * kf, 1), 1e-12))
@@ -77,7 +81,7 @@ def _candidate_logits(
 
 
 def candidate_logits(q, k_buf, req_to_token, slots, positions, sm_scale: float,
-                     logit_cap: float = 0.0, norms: bool = False):
+                     logit_cap: float = 0.0, norms: bool = False, out: torch.Tensor | None = None):
     """Triton version of :func:`candidate_logits_ref` (same arguments and results)."""
     s_rows, w, hq, d = q.shape
     hkv = k_buf.shape[1]
@@ -85,7 +89,9 @@ def candidate_logits(q, k_buf, req_to_token, slots, positions, sm_scale: float,
     n = positions.shape[-1]
     pos = positions.contiguous().expand(s_rows, hkv, n)
     blocks = triton.cdiv(n, BLOCK_N)
-    out = torch.empty(s_rows, hkv, w * g, blocks * BLOCK_N, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(s_rows, hkv, w * g, n, dtype=torch.float32, device=q.device)
+    assert out.shape == (s_rows, hkv, w * g, n) and out.stride(-1) == 1
     log_norm = torch.empty(s_rows, hkv, blocks * BLOCK_N, dtype=torch.float32, device=q.device) if norms else out
     _candidate_logits[(s_rows, hkv, blocks)](
         q, k_buf, req_to_token, slots, pos, out, log_norm, sm_scale, logit_cap if logit_cap > 0 else 1.0, n,
@@ -96,4 +102,4 @@ def candidate_logits(q, k_buf, req_to_token, slots, positions, sm_scale: float,
         D=d, BLOCK_D=triton.next_power_of_2(d), CAP=logit_cap > 0, NORMS=norms,
         num_warps=4,
     )
-    return out[..., :n], (log_norm[..., :n] if norms else None)
+    return out, (log_norm[..., :n] if norms else None)

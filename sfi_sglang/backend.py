@@ -35,6 +35,7 @@ from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logi
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
+from sfi_sglang.kernels.topk_select import topk_select
 from sfi_sglang.memory import SelectionStore, StepRows, saved_queries, static_bytes
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
@@ -351,7 +352,8 @@ class SFIBackend(AttentionBackend):
         cover = _Coverage(r.slots, r.previous, sh.kv_heads * len(layers)) if r.previous is not None else None
         logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
         scores_fn = group_scores if self.on_cuda else group_scores_ref
-        unit = sh.q_heads * r.q_rows.shape[1] * max(r.width, 1)  # logits of one (layer, request)
+        wg = r.q_rows.shape[1] * (sh.q_heads // sh.kv_heads)  # queries per KV head
+        unit = sh.kv_heads * wg * max(r.width, 1)  # logits of one (layer, request)
         rows = max(1, min(r.slots.shape[0], SELECTOR_SCRATCH // unit))
         per = max(1, SELECTOR_SCRATCH // (unit * rows))
         layers = list(layers)
@@ -361,14 +363,17 @@ class SFIBackend(AttentionBackend):
             for b in range(0, len(layers), per):
                 group = layers[b:b + per]
                 pos = [r.positions(l)[part] for l in group]
-                parts = [
+                g, n_s = len(group), len(slots)
+                # each layer's logits straight into its slice of the group's buffer
+                logits = torch.empty(g * n_s, sh.kv_heads, wg, r.width, dtype=torch.float32, device=self.device)
+                norms = [
                     logits_fn(q_of(l)[q_rows], self.token_to_kv_pool.get_key_buffer(l + self.start_layer),
-                              self.req_to_token, slots, p, sh.sm_scale, sh.logit_cap, norms=cfg.prior_lambda_max > 0)
-                    for l, p in zip(group, pos)
+                              self.req_to_token, slots, p, sh.sm_scale, sh.logit_cap, norms=cfg.prior_lambda_max > 0,
+                              out=logits[x * n_s:(x + 1) * n_s])[1]
+                    for x, (l, p) in enumerate(zip(group, pos))
                 ]
-                log_norm = torch.cat([p[1] for p in parts]) if cfg.prior_lambda_max > 0 else None
-                g = len(group)
-                logits, pos = torch.cat([p[0] for p in parts]), torch.cat(pos)
+                log_norm = torch.cat(norms) if cfg.prior_lambda_max > 0 else None
+                pos = torch.cat(pos)
                 lo_g, hi_g = lo.repeat(g), hi.repeat(g)
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
                 held = None
@@ -378,7 +383,8 @@ class SFIBackend(AttentionBackend):
                 if cover is not None:
                     cover.add(part, cov, g)
                     pos = restrict(pos, lo_g, hi_g)
-                sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous).view(g, len(slots), sh.kv_heads, -1)
+                sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None)
+                sel = sel.view(g, n_s, sh.kv_heads, -1)
                 self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
         if cover is not None:
             self._finish_coverage(cover)

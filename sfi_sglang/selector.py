@@ -19,6 +19,7 @@ is masked); the logits come from ``sfi_sglang.kernels.candidate_logits``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -145,9 +146,16 @@ def select(
     region: tuple[torch.Tensor, torch.Tensor],
     log_norm: torch.Tensor | None = None,
     contiguous: bool = False,
+    fused_topk: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Selector under ``cfg`` after ``group_scores``: group attention ``f [S, Hkv, N]`` of
-    candidates at ``positions`` (restricted to the region) -> ``[S, Hkv, min(topk, N)]`` selected
-    positions (see :func:`topk_positions`)."""
-    s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window, contiguous)
-    return topk_positions(s, positions, cfg.topk)
+    candidates at ``positions`` (restricted to the region, ascending) -> ``[S, Hkv, min(topk, N)]``
+    selected positions (see :func:`topk_positions`). ``fused_topk``
+    (``sfi_sglang.kernels.topk_select``) does the top-k, and the neighbour spread of consecutive
+    candidates, in one launch instead of these torch ops."""
+    fused_window = cfg.neighbor_window if fused_topk is not None and contiguous else 0
+    s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window - fused_window,
+                    contiguous)
+    if fused_topk is None:
+        return topk_positions(s, positions, cfg.topk)
+    return fused_topk(s, positions, cfg.topk, fused_window)

@@ -1,0 +1,78 @@
+"""The Selector's one-launch top-k (Triton; interpreted on CPU) against its torch reference."""
+
+import pytest
+import torch
+
+from sfi_sglang.kernels.topk_select import BLOCK_N, topk_select, topk_select_ref
+from sfi_sglang.selector import PAD_POSITION, region_positions
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check(f, pos, k, window=0):
+    want = topk_select_ref(f, pos, k, window)
+    got = topk_select(f.to(DEV), pos.to(DEV), k, window).cpu()
+    assert torch.equal(got, want)
+    return got
+
+
+@pytest.mark.parametrize("window", [0, 2])
+@pytest.mark.parametrize("n, k", [(BLOCK_N + 77, 300), (50, 7), (3 * BLOCK_N, BLOCK_N + 5), (9, 20)])
+def test_contiguous_regions_with_ties(n, k, window):
+    """Regions of different lengths (padding after them), lengths off the block size, k above some
+    rows' candidate counts, many ties (rounded scores), exact zeros."""
+    g = torch.Generator().manual_seed(n + k + window)
+    lens = torch.tensor([n, max(1, n // 3), 1])
+    lo = torch.tensor([0, 4, 0])
+    pos = region_positions(lo, lo + lens, n)
+    f = (4 * torch.rand(3, 2, n, generator=g)).floor() / 4
+    f = f.masked_fill(pos < 0, 0.0)
+    got = check(f, pos, k, window)
+    assert got.shape == (3, 2, min(k, n))
+    assert (got[2, :, 1:] == PAD_POSITION).all() and (got[2, :, 0] == 0).all()
+
+
+def test_per_head_candidates_with_padding_inside():
+    """A cached selection's positions, padding, then new tokens (the reuse refresh's layout),
+    a different list per KV head, and distinct scores."""
+    g = torch.Generator().manual_seed(0)
+    s_rows, hkv, kept, new = 2, 3, 600, 700
+    pos = torch.full((s_rows, hkv, kept + new), -1, dtype=torch.int32)
+    for i in range(s_rows):
+        for h in range(hkv):
+            count = kept - 100 * (i + h)
+            pos[i, h, :count] = torch.randperm(5000, generator=g)[:count].sort().values.int()
+    pos[..., kept:] = torch.arange(5000, 5000 + new, dtype=torch.int32)
+    f = torch.rand(s_rows, hkv, kept + new, generator=g).masked_fill(pos < 0, 0.0)
+    got = check(f, pos, 512)
+    assert (got >= 0).all() and (got != PAD_POSITION).all()
+
+
+def test_all_equal_scores_take_the_first_k():
+    pos = torch.arange(3000, dtype=torch.int32).view(1, 1, -1)
+    got = check(torch.zeros(1, 4, 3000), pos, 2048, window=2)
+    assert torch.equal(got[0, 0], torch.arange(2048, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("contiguous, lam", [(True, 0.0), (True, 0.5), (False, 0.0)])
+def test_selector_with_fused_topk_equals_torch_ops(contiguous, lam):
+    """``select`` gives the same positions through the kernel as through its torch ops, with the
+    prior and the neighbour spread (fused for consecutive candidates, torch otherwise)."""
+    from sfi_sglang.config import SFIConfig
+    from sfi_sglang.kernels.group_scores import group_scores_ref
+    from sfi_sglang.selector import restrict, select
+
+    g = torch.Generator().manual_seed(int(contiguous) + int(10 * lam))
+    cfg = SFIConfig(topk=100, neighbor_window=2, prior_lambda_max=lam)
+    n = torch.tensor([1500, 900])
+    lo, hi = torch.tensor([4, 4]), n - 64
+    pos = region_positions(torch.zeros(2, dtype=torch.long), n, 1500)
+    if not contiguous:
+        pos = torch.where(torch.arange(1500) % 3 == 1, -1, pos)  # sparse candidates, still ascending
+    pos = restrict(pos, lo, hi)
+    logits = torch.randn(2, 2, 4, 1500, generator=g).masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
+    f = group_scores_ref(logits, pos, lo, hi, cfg.alpha)[0]
+    log_norm = torch.randn(2, 2, 1500, generator=g)
+    want = select(f, pos, cfg, (lo, hi), log_norm, contiguous)
+    got = select(f.to(DEV), pos.to(DEV), cfg, (lo.to(DEV), hi.to(DEV)), log_norm.to(DEV), contiguous, topk_select)
+    assert torch.equal(got.cpu(), want)
