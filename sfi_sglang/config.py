@@ -24,14 +24,17 @@ class SFIConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SFIConfig:
-    """Knobs of Slow-Fast Inference. Defaults follow the reference implementation."""
+    """Knobs of Slow-Fast Inference. Defaults follow the reference implementation, except where
+    measured otherwise (``recent``, ``prior_lambda_max``, ``neighbor_window``)."""
 
     sinks: int = 4
     """First tokens of every request that fast steps always attend to."""
     topk: int = 2048
     """Tokens the Selector keeps per (layer, request, KV head)."""
-    recent: int = 256
-    """Trailing tokens fast steps always attend to (the window grows until the next slow step)."""
+    recent: int = 512
+    """Trailing tokens fast steps always attend to (the window grows until the next slow step).
+    The reference uses 256; 512 measured better on real weights at 8K (three texts: top-1
+    94.5% -> 96.9%, mean KL 0.021 -> 0.009; ``fidelity_8k_x3.json``) for 11% more kept tokens."""
     max_fast_steps: int = 96
     """A slow step is forced once this many fast steps ran since the last one."""
     min_refresh_gap: int = 24
