@@ -38,7 +38,8 @@ def test_full_budget_equals_dense(tiny_model):
     Five requests of different lengths, at most two running at once: requests leave
     and join a running batch, and later ones reuse earlier ones' req-pool slots.
     """
-    cfg = json.dumps({"topk": 4096, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10,
+    # recent 64: a Selector region exists in these short prompts, so refreshes run (and keep it whole)
+    cfg = json.dumps({"topk": 4096, "recent": 64, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10,
                       "adaptive_refresh": True})
     res, stats, out = run_compare(tiny_model, cfg, "--prompts", "5", "--prompt-len", "150", "--new-tokens", "16",
                              "--max-running-requests", "2")
