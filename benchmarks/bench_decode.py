@@ -215,7 +215,8 @@ def table(rows: list[dict]) -> None:
         for r in (r for r in at if r["refresh_every"] is not None):
             print(f"{bs:>5} {ctx:>6} {best['backend']:>9} {best['decode_tok_s']:6.0f} {r['backend']:>8} "
                   f"{r['decode_tok_s']:9.1f} {r['decode_tok_s'] / best['decode_tok_s']:6.2f} "
-                  f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} {100 * r['hbm_frac']:5.1f} "
+                  f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} "
+                  f"{100 * r['hbm_frac']:5.1f} "
                   + (f"{(best['step_ms'] - floor) / (r['step_ms'] - floor):5.2f}" if floor else f"{'-':>5}"))
 
 

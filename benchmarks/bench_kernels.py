@@ -18,6 +18,10 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
   buffer, all rows in one call (``SFIBackend._select`` may split big batches); ``--profile``
   prints its kernels by CUDA time;
 - ``selector_plus_dense``: selector + dense_decode; ``vs_dense`` is its ratio to dense alone;
+- ``refresh_all_layers``: the backend's own refresh after a slow step (``SFIBackend._select``, eager
+  as the backend runs it) over ``--layers`` layers sharing this layer's K: its batching of layers
+  and rows within the Selector's scratch budget included, so batch 1 is measured as it runs;
+  ``slow_step_all_layers`` adds ``--layers`` dense decodes (``vs_dense``: over those alone);
 - ``index_builder``: SFI builds no index lists (``sfi_decode`` derives them on the device), so this
   times the per-step planning launch ``plan_step`` instead (per batch; no context).
 ``bytes_moved``: K+V bytes of the attended tokens (selector: K only); ``hbm_frac``: that rate over
@@ -36,6 +40,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -52,6 +57,7 @@ from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
 from sfi_sglang.kernels.topk_select import topk_select  # noqa: E402
 from sfi_sglang.memory import SelectionStore, StepRows  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
+from sfi_sglang.model_check import AttentionShape  # noqa: E402
 from sfi_sglang.coverage import kept_mask  # noqa: E402
 from sfi_sglang.selector import region_positions, restrict, select  # noqa: E402
 
@@ -87,12 +93,15 @@ def kv_bytes(bs: int, tokens: int, tensors: int = 2) -> int:
     return bs * tokens * HKV * D * 2 * tensors
 
 
-def timed(fn: Fn, iters: int, cuda: bool) -> tuple[float | None, bool]:
-    """Per-call microseconds of ``fn`` (best replay of a graph of ``iters`` calls) and whether
-    it ran in a graph; without CUDA one eager call and no time."""
+def timed(fn: Fn, iters: int, cuda: bool, graph: bool = True) -> tuple[float | None, bool]:
+    """Per-call microseconds of ``fn`` (best replay of a graph of ``iters`` calls, or of ``iters``
+    eager calls without ``graph``) and whether it ran in a graph; without CUDA one eager call and
+    no time."""
     fn()  # compile, JIT, allocator warm-up
     if not cuda:
         return None, False
+    if not graph:
+        return _best_of(lambda: [fn() for _ in range(iters)], iters), False
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -108,6 +117,11 @@ def timed(fn: Fn, iters: int, cuda: bool) -> tuple[float | None, bool]:
         print(f"  capture failed ({str(e).splitlines()[0]}); timing eagerly")
         run, graphed = (lambda: [fn() for _ in range(iters)]), False
     run()
+    return _best_of(run, iters), graphed
+
+
+def _best_of(run: Fn, iters: int) -> float:
+    """Microseconds per call of ``run`` (``iters`` calls), best of ``REPLAYS``."""
     best = math.inf
     for _ in range(REPLAYS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -116,7 +130,7 @@ def timed(fn: Fn, iters: int, cuda: bool) -> tuple[float | None, bool]:
         end.record()
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end))
-    return 1e3 * best / iters, graphed
+    return 1e3 * best / iters
 
 
 @functools.cache
@@ -186,6 +200,24 @@ def selector(c: Case, store: SelectionStore) -> Fn:
     return run
 
 
+def refresh_all_layers(c: Case, layers: int) -> Fn:
+    """``SFIBackend._select`` itself, as the refresh after a slow step of every row runs it, over
+    ``layers`` layers that all read this case's K buffer (a backend built from parts, no runner)."""
+    from sfi_sglang.backend import SFIBackend, _slow_step_refresh
+
+    dev = c.q.device
+    b = SFIBackend.__new__(SFIBackend)
+    b.cfg, b.device, b.on_cuda, b.start_layer = CFG, dev, dev.type == "cuda", 0
+    b.shape = AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0)
+    b.token_to_kv_pool = SimpleNamespace(get_key_buffer=lambda _: c.k)
+    b.req_to_token, b.store, b.stats = c.req_to_token, SelectionStore(CFG, layers, c.bs, HKV, dev), SFIStats(dev)
+    b.cov_host, b.cov_copied = torch.zeros_like(b.store.cov_stats, device="cpu"), None
+    lo, hi, count = b.store.bounds(c.seq_lens)
+    r = _slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
+                           (hi.int(), count.int()))
+    return lambda: b._select(range(layers), lambda _: c.q, r)
+
+
 def profile(fn: Fn, label: str, top: int = 12) -> None:
     """CUDA time per kernel of one call of ``fn`` (after a warm-up call), largest first."""
     fn()
@@ -211,8 +243,9 @@ def planner(bs: int, dev: torch.device) -> Fn:
 def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> list[dict]:
     rows: list[dict] = []
 
-    def add(kernel: str, bs: int, ctx: int | None, kept: int | None, fn: Fn, nbytes: int | None) -> None:
-        t, graphed = timed(fn, args.iters, dev.type == "cuda")
+    def add(kernel: str, bs: int, ctx: int | None, kept: int | None, fn: Fn, nbytes: int | None,
+            graph: bool = True) -> None:
+        t, graphed = timed(fn, args.iters, dev.type == "cuda", graph)
         rows.append({"kernel": kernel, "batch": bs, "context": ctx, "kept_tokens": kept, "time_us": t,
                      "bytes_moved": nbytes, "graph": graphed})
         print(f"{kernel:>16} bs {bs:>3} ctx {ctx or '-':>6} kept {kept or '-':>6}: "
@@ -245,21 +278,27 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
             add("selector", bs, ctx, CFG.topk, run, kv_bytes(bs, ctx, tensors=1))
             if args.profile and dev.type == "cuda":
                 profile(run, f"selector batch {bs} context {ctx}")
+            if args.layers:
+                add("refresh_all_layers", bs, ctx, CFG.topk, refresh_all_layers(c, args.layers),
+                    args.layers * kv_bytes(bs, ctx, tensors=1), graph=False)
             del c, store, dense
     for bs in args.batches:
         add("index_builder", bs, None, None, planner(bs, dev), None)
     return rows
 
 
-def finish(rows: list[dict], gpu: str, bw: float | None) -> list[dict]:
-    """Adds selector_plus_dense rows, HBM fractions and speedups."""
+def finish(rows: list[dict], gpu: str, bw: float | None, layers: int) -> list[dict]:
+    """Adds selector_plus_dense and slow_step_all_layers rows, HBM fractions and speedups."""
     dense = {(r["batch"], r["context"]): r for r in rows if r["kernel"] == "dense_decode" and r["time_us"]}
-    for r in [r for r in rows if r["kernel"] == "selector" and r["time_us"]]:
-        d = dense.get((r["batch"], r["context"]))
-        if d:
-            t = r["time_us"] + d["time_us"]
-            rows.append({**r, "kernel": "selector_plus_dense", "time_us": t, "graph": r["graph"] and d["graph"],
-                         "bytes_moved": r["bytes_moved"] + d["bytes_moved"], "vs_dense": t / d["time_us"]})
+    pairs = (("selector", "selector_plus_dense", 1), ("refresh_all_layers", "slow_step_all_layers", layers))
+    for name, plus, n in pairs:
+        for r in [r for r in rows if r["kernel"] == name and r["time_us"]]:
+            d = dense.get((r["batch"], r["context"]))
+            if d:
+                t = r["time_us"] + n * d["time_us"]
+                rows.append({**r, "kernel": plus, "time_us": t, "graph": r["graph"] and d["graph"], "layers": n,
+                             "bytes_moved": r["bytes_moved"] + n * d["bytes_moved"],
+                             "vs_dense": t / (n * d["time_us"])})
     for r in rows:
         t, d = r["time_us"], dense.get((r["batch"], r["context"]))
         r.update(gpu=gpu, hbm_frac=r["bytes_moved"] / (t * 1e-6) / bw if t and bw and r["bytes_moved"] else None,
@@ -283,6 +322,8 @@ def report(rows: list[dict]) -> None:
         ("sparse_decode >= 10x dense at 16K, batch 16, kept 256", "speedup_vs_dense", min, lambda x: x >= 10,
          pick("sparse_decode", lambda r: (r["batch"], r["context"], r["kept_tokens"]) == (16, 16384, 256))),
         ("selector + dense <= 1.3x dense", "vs_dense", max, lambda x: x <= 1.3, pick("selector_plus_dense", bool)),
+        ("all layers: refresh + dense <= 1.3x dense", "vs_dense", max, lambda x: x <= 1.3,
+         pick("slow_step_all_layers", bool)),
         ("index_builder (plan_step) <= 10 us at batch 32", "time_us", max, lambda x: x <= 10,
          pick("index_builder", lambda r: r["batch"] == 32)),
     ]
@@ -307,6 +348,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one tiny shape: context 1024, batch 2, kept 256,512")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--profile", action="store_true", help="also print the selector's kernels by CUDA time")
+    ap.add_argument("--layers", default=36, type=int, help="layers of the refresh_all_layers row (0: none)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
     args = ap.parse_args()
     if args.quick:
@@ -320,7 +362,7 @@ def main() -> None:
     bw = copy_bandwidth() if cuda else None
     print(f"{gpu}: copy bandwidth " + (f"{bw / 1e12:.2f} TB/s" if bw else "not measured (CPU smoke run)"))
 
-    rows = finish(sweep(args, dev, torch.bfloat16 if cuda else torch.float16), gpu, bw)
+    rows = finish(sweep(args, dev, torch.bfloat16 if cuda else torch.float16), gpu, bw, args.layers)
     report(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
