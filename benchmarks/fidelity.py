@@ -195,6 +195,22 @@ def correlations(x: list[float], y: list[float]) -> dict:
     return {"pearson": pearson(a, b), "spearman": pearson(rank(a), rank(b))}
 
 
+SWEEP_KEYS = ("budget", "refresh_every", "policy", "min_refresh_gap", "coverage_target")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per sweep point, over its contexts (``--contexts 8000 8000 8000``: three texts of one length):
+    mean and worst top-1 agreement and mean KL."""
+    points: dict[tuple, list[dict]] = {}
+    for r in rows:
+        points.setdefault(tuple(r[k] for k in SWEEP_KEYS), []).append(r)
+    return [{**dict(zip(SWEEP_KEYS, key)), "contexts": [r["context"] for r in rs],
+             "top1_agreement": round(sum(r["top1_agreement"] for r in rs) / len(rs), 4),
+             "worst_top1": min(r["top1_agreement"] for r in rs),
+             "mean_kl": round(sum(r["mean_kl"] for r in rs) / len(rs), 5),
+             "worst_kl": max(r["mean_kl"] for r in rs)} for key, rs in points.items()]
+
+
 def run_worker(spec: dict, env: dict) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
@@ -283,7 +299,7 @@ def main() -> None:
             in_ctx = [i for i, c in enumerate(cases) if c["length"] == pc["context"]]
             iv = [x for x in res["intervals"] if x["row"] == k]
             rows.append({
-                "budget": budget, "refresh_every": refresh, "context": pc["context"],
+                "budget": budget, "refresh_every": refresh, "context": pc["context"], "text": k,
                 "policy": "adaptive" if policy.get("adaptive_refresh") else "fixed",
                 "min_refresh_gap": policy["min_refresh_gap"], "coverage_target": policy.get("coverage_target"),
                 "top1_agreement": round(pc["top1_agreement"], 4), "mean_kl": round(pc["mean_kl"], 5),
@@ -301,12 +317,15 @@ def main() -> None:
 
     corr = correlations([x["coverage"] for x in intervals], [x["mean_kl"] for x in intervals])
     print(f"coverage vs fast-step KL over {len(intervals)} intervals: {corr}")
+    summary = summarize(rows)
+    for line in summary:
+        print("SUMMARY " + json.dumps(line))
 
     result = {"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
               "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent,
               "config": json.loads(args.config),
               "passkey_cases": cases, "passkey_dense": dense_hits, "passkeys": passkeys,
-              "coverage_kl_all": {"intervals": len(intervals), **corr}, "rows": rows}
+              "coverage_kl_all": {"intervals": len(intervals), **corr}, "summary": summary, "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

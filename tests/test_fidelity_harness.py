@@ -36,3 +36,8 @@ def test_tiny_sweep(tmp_path):
         assert rows[4096, ctx]["top1_agreement"] == 1.0 and rows[4096, ctx]["mean_kl"] < 1e-3
         assert rows[16, ctx]["mean_kl"] > rows[4096, ctx]["mean_kl"]  # a tiny budget really drops tokens
     assert rows[4096, 200]["passkey_sfi"] == rows[4096, 200]["passkey_dense"]
+    summary = {(p["budget"], p["policy"]): p for p in res["summary"]}  # per sweep point, over both contexts
+    assert len(summary) == 4 and summary[4096, "fixed"]["contexts"] == [200, 320]
+    tiny = summary[16, "fixed"]
+    assert tiny["worst_kl"] == max(rows[16, 200]["mean_kl"], rows[16, 320]["mean_kl"])
+    assert tiny["mean_kl"] == round((rows[16, 200]["mean_kl"] + rows[16, 320]["mean_kl"]) / 2, 5)
