@@ -39,8 +39,8 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -202,16 +202,11 @@ def selector(c: Case, store: SelectionStore) -> Fn:
 
 def refresh_all_layers(c: Case, layers: int) -> Fn:
     """``SFIBackend._select`` itself, as the refresh after a slow step of every row runs it, over
-    ``layers`` layers that all read this case's K buffer (a backend built from parts, no runner)."""
+    ``layers`` layers that all read this case's K buffer."""
     from sfi_sglang.backend import SFIBackend, _slow_step_refresh
 
-    dev = c.q.device
-    b = SFIBackend.__new__(SFIBackend)
-    b.cfg, b.device, b.on_cuda, b.start_layer = CFG, dev, dev.type == "cuda", 0
-    b.shape = AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0)
-    b.token_to_kv_pool = SimpleNamespace(get_key_buffer=lambda _: c.k)
-    b.req_to_token, b.store, b.stats = c.req_to_token, SelectionStore(CFG, layers, c.bs, HKV, dev), SFIStats(dev)
-    b.cov_host, b.cov_copied = torch.zeros_like(b.store.cov_stats, device="cpu"), None
+    b = SFIBackend.selector_only(CFG, AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), lambda _: c.k,
+                                 c.req_to_token, c.q.device)
     lo, hi, count = b.store.bounds(c.seq_lens)
     r = _slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
                            (hi.int(), count.int()))
@@ -219,14 +214,20 @@ def refresh_all_layers(c: Case, layers: int) -> Fn:
 
 
 def profile(fn: Fn, label: str, top: int = 12) -> None:
-    """CUDA time per kernel of one call of ``fn`` (after a warm-up call), largest first."""
+    """CUDA time per kernel of one call of ``fn`` (after a warm-up call), largest first, and the
+    call's wall time against its summed kernel time (what is left is launch and host time)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-    print(f"\nprofile: {label}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu = sum(e.device_time_total for e in events) / 1e3
+    print(f"\nprofile: {label}: wall {wall * 1e3:.2f} ms, kernels {gpu:.2f} ms, "
+          f"{sum(e.count for e in events)} launches")
+    print(events.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
 
 
 def planner(bs: int, dev: torch.device) -> Fn:
@@ -279,8 +280,11 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
             if args.profile and dev.type == "cuda":
                 profile(run, f"selector batch {bs} context {ctx}")
             if args.layers:
-                add("refresh_all_layers", bs, ctx, CFG.topk, refresh_all_layers(c, args.layers),
-                    args.layers * kv_bytes(bs, ctx, tensors=1), graph=False)
+                run = refresh_all_layers(c, args.layers)
+                add("refresh_all_layers", bs, ctx, CFG.topk, run, args.layers * kv_bytes(bs, ctx, tensors=1),
+                    graph=False)
+                if args.profile and dev.type == "cuda":
+                    profile(run, f"refresh_all_layers batch {bs} context {ctx}", top=20)
             del c, store, dense
     for bs in args.batches:
         add("index_builder", bs, None, None, planner(bs, dev), None)
@@ -347,7 +351,7 @@ def main() -> None:
     ap.add_argument("--iters", default=20, type=int, help="kernel calls per CUDA graph")
     ap.add_argument("--quick", action="store_true", help="one tiny shape: context 1024, batch 2, kept 256,512")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--profile", action="store_true", help="also print the selector's kernels by CUDA time")
+    ap.add_argument("--profile", action="store_true", help="also print the kernels of selector and refresh_all_layers by CUDA time")
     ap.add_argument("--layers", default=36, type=int, help="layers of the refresh_all_layers row (0: none)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
     args = ap.parse_args()

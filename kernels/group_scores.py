@@ -22,7 +22,7 @@ import triton.language as tl
 
 from sfi_sglang.coverage import coverage
 
-BLOCK_N = 256
+BLOCK_N = 512  # 256: 1.5x slower on an H200 (benchmarks/results/tune_selector_h200.json)
 
 
 def in_region(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -104,17 +104,19 @@ def _scores(
 
 
 def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                 alpha: float, held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton version of :func:`group_scores_ref` (same arguments and results)."""
+                 alpha: float, held: torch.Tensor | None = None,
+                 block: int = BLOCK_N) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton version of :func:`group_scores_ref` (same arguments and results); ``block``:
+    candidates per program (``benchmarks/tune_selector.py``)."""
     s_rows, hkv, r, n = logits.shape
     assert logits.stride(-1) == 1 and positions.stride(-1) == 1
-    nb = triton.cdiv(n, BLOCK_N)
+    nb = triton.cdiv(n, block)
     shr = s_rows * hkv * r
     lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
     pos = positions.expand(s_rows, -1, n)
     strides = (logits.stride(0), logits.stride(1), logits.stride(2), pos.stride(0),
                pos.stride(1) if pos.shape[1] > 1 else 0)
-    meta = dict(H=hkv, R=r, BLOCK_R=triton.next_power_of_2(r), BLOCK=BLOCK_N, num_warps=4)
+    meta = dict(H=hkv, R=r, BLOCK_R=triton.next_power_of_2(r), BLOCK=block, num_warps=4)
     grid = (s_rows * hkv, nb)
     part = torch.empty(4, shr, nb, dtype=torch.float32, device=logits.device)
     _block_stats[grid](logits, pos, lo, hi, part, n, nb, shr, *strides, **meta)

@@ -9,13 +9,17 @@ the earlier candidate, in candidate order; picked padding reads
 ``PAD_POSITION`` at the end.
 
 One program per (row, head): four 8-bit radix-histogram passes over the row
-find the k-th score exactly (scores as order-preserving int keys), then one
-pass compacts the winners in order with a running count. This replaces a
-torch pipeline (topk, masks, two scans, scatter, sort) whose launches and
-full-size temporaries cost more than the logits pass. A row runs in one
-program because the backend batches layers, so rows are many: splitting rows
-into chunks (11-bit histograms summed with atomics, five launches) measured
-slower on an H200 at batch 4-16 (``benchmarks/results/kernels_h200_chunked_topk.json``).
+find the k-th score exactly (scores as order-preserving int keys; the first
+pass makes the keys, neighbour spread included, into a scratch row that the
+others read: 15% faster than remaking them each pass), then one pass compacts
+the winners in order with a running count. This replaces a torch pipeline
+(topk, masks, two scans, scatter, sort) whose launches and full-size
+temporaries cost more than the logits pass. A row runs in one program because
+the backend batches layers, so rows are many: the time grows with rows x
+candidates, not with a program's latency (``tune_selector_h200.json``), and
+splitting rows into chunks (11-bit histograms summed with atomics, five
+launches) measured slower on an H200 at batch 4-16 (``kernels_h200_chunked_topk.json``;
+both in ``benchmarks/results``).
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
@@ -28,7 +32,8 @@ import triton.language as tl
 
 from sfi_sglang.selector import PAD_POSITION, spread_to_neighbors, topk_positions
 
-BLOCK_N = 1024
+BLOCK_N = 4096  # with 8 warps: best or near it at every shape of benchmarks/tune_selector.py (H200)
+NUM_WARPS = 8
 
 
 def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0) -> torch.Tensor:
@@ -56,28 +61,35 @@ def _keys(F, Pos, j, N, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _topk_select(F, Pos, Out, N, K, stride_fs, stride_fh, stride_ps, stride_ph,
+def _topk_select(F, Pos, Keys, Out, N, K, stride_fs, stride_fh, stride_ps, stride_ph,
                  H: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr, PAD: tl.constexpr):
     ih = tl.program_id(0)
     i = ih // H
     h = ih % H
     F += i * stride_fs + h * stride_fh
     Pos += i * stride_ps + h * stride_ph
+    Keys += ih.to(tl.int64) * N
     Out += ih.to(tl.int64) * K
     bins = tl.arange(0, 256)
     offs = tl.arange(0, BLOCK)
-    # radix select of the K-th largest key, 8 bits at a time from the top (keys are < 2**31)
+    # radix select of the K-th largest key, 8 bits at a time from the top (keys are < 2**31); the
+    # first pass makes the keys (neighbour spread included) and keeps them for the other passes
     prefix = 0
     want = K  # how many still to pick among keys matching the prefix
     for shift in tl.static_range(24, -1, -8):
         hist = tl.zeros([256], dtype=tl.int32)
         for start in range(0, N, BLOCK):
             j = start + offs
-            key, p = _keys(F, Pos, j, N, WINDOW)
             match = j < N
-            if shift < 24:
+            if shift == 24:
+                key, _ = _keys(F, Pos, j, N, WINDOW)
+                tl.store(Keys + j, key, mask=match)
+            else:
+                key = tl.load(Keys + j, mask=match, other=0)
                 match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
             hist += tl.histogram((key >> shift) & 255, 256, mask=match)
+        if shift == 24:
+            tl.debug_barrier()  # the keys stored above are read back by other threads
         above = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # matching keys in higher bins
         b = tl.max(tl.where((above < want) & (above + hist >= want), bins, -1), 0)
         want -= tl.sum(tl.where(bins == b, above, 0), 0)
@@ -87,7 +99,8 @@ def _topk_select(F, Pos, Out, N, K, stride_fs, stride_fh, stride_ps, stride_ph,
     ties = 0
     for start in range(0, N, BLOCK):
         j = start + offs
-        key, p = _keys(F, Pos, j, N, WINDOW)
+        key = tl.load(Keys + j, mask=j < N, other=0)
+        p = tl.load(Pos + j, mask=j < N, other=-1)
         tie = (key == prefix) & (j < N)
         take = (key > prefix) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= want))
         take = take & (p >= 0)  # picked padding goes to the end instead
@@ -100,8 +113,10 @@ def _topk_select(F, Pos, Out, N, K, stride_fs, stride_fh, stride_ps, stride_ph,
         tl.store(Out + j, tl.full([BLOCK], PAD, tl.int32), mask=j < K)
 
 
-def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0) -> torch.Tensor:
-    """Triton version of :func:`topk_select_ref` (same arguments and result)."""
+def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0,
+                block: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """Triton version of :func:`topk_select_ref` (same arguments and result); ``block`` (candidates
+    per loop step) and ``num_warps`` are the launch shape (``benchmarks/tune_selector.py``)."""
     s_rows, hkv, n = f.shape
     k = min(k, n)
     out = torch.empty(s_rows, hkv, k, dtype=torch.int32, device=f.device)
@@ -109,8 +124,9 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
         return out
     assert f.stride(-1) == 1 and positions.stride(-1) == 1 and f.dtype == torch.float32
     pos = positions.expand(s_rows, -1, n)
+    keys = torch.empty(s_rows * hkv, n, dtype=torch.int32, device=f.device)
     _topk_select[(s_rows * hkv,)](
-        f, pos, out, n, k, f.stride(0), f.stride(1), pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0,
-        H=hkv, WINDOW=window, BLOCK=BLOCK_N, PAD=PAD_POSITION, num_warps=8,
+        f, pos, keys, out, n, k, f.stride(0), f.stride(1), pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0,
+        H=hkv, WINDOW=window, BLOCK=block, PAD=PAD_POSITION, num_warps=num_warps,
     )
     return out

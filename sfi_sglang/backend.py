@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from itertools import accumulate
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -156,6 +157,20 @@ class SFIBackend(AttentionBackend):
             int(self.is_boundary.sum()), rows, static_bytes(cfg, self.shape, rows, self.q_hist.dtype) / 2**20,
             cfg.reuse_records, cfg.to_dict(),
         )
+
+    @classmethod
+    def selector_only(cls, cfg: SFIConfig, shape: AttentionShape, key_buffer: Callable[[int], torch.Tensor],
+                      req_to_token: torch.Tensor, device: torch.device) -> "SFIBackend":
+        """A backend holding only what the Selector (``_select``) needs, without a model runner:
+        for benchmarks and tests of the refresh. ``key_buffer``: layer id -> that layer's K pool."""
+        b = cls.__new__(cls)
+        b.cfg, b.shape, b.device, b.on_cuda, b.start_layer = cfg, shape, device, device.type == "cuda", 0
+        b.token_to_kv_pool = SimpleNamespace(get_key_buffer=key_buffer)
+        b.req_to_token = req_to_token
+        b.store = SelectionStore(cfg, shape.num_layers, req_to_token.shape[0], shape.kv_heads, device)
+        b.stats = SFIStats(device)
+        b.cov_host, b.cov_copied = torch.zeros_like(b.store.cov_stats, device="cpu"), None
+        return b
 
     def _alloc_rows(self, rows: int) -> None:
         """Static per-batch-row buffers (their addresses are baked into captured graphs)."""

@@ -95,17 +95,20 @@ def rank_scores(
     region: tuple[torch.Tensor, torch.Tensor] | None = None,
     neighbor_window: int = 0,
     contiguous: bool = False,
+    mask: bool = True,
 ) -> torch.Tensor:
     """Group attention ``f [S, Hkv, N]`` (``group_scores``: sums to 1 over the region) of candidates
     at ``positions [S, 1 or Hkv, N]`` (-1: padding or outside the region, see :func:`restrict`)
     -> score per KV head and candidate ``[S, Hkv, N]``; ``-1`` on padding. The prior
     (``lambda_max > 0``) needs the key norms and the candidate ``region`` ``(lo, hi)``;
-    ``contiguous``: candidates are consecutive positions (see :func:`spread_to_neighbors`)."""
+    ``contiguous``: candidates are consecutive positions (see :func:`spread_to_neighbors`).
+    ``mask=False`` leaves padding at its score (0 from ``group_scores``, never above a real one):
+    for a top-k that drops padding by position itself (``sfi_sglang.kernels.topk_select``)."""
     if lambda_max > 0:
         f = mix_prior(f, prior(log_norm, positions, *region), lambda_max)
     if neighbor_window > 0:
         f = spread_to_neighbors(f, positions, neighbor_window, contiguous)
-    return f.masked_fill(positions < 0, -1.0)
+    return f.masked_fill(positions < 0, -1.0) if mask else f
 
 
 def topk_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,7 +158,7 @@ def select(
     candidates, in one launch instead of these torch ops."""
     fused_window = cfg.neighbor_window if fused_topk is not None and contiguous else 0
     s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window - fused_window,
-                    contiguous)
+                    contiguous, mask=fused_topk is None)
     if fused_topk is None:
         return topk_positions(s, positions, cfg.topk)
     return fused_topk(s, positions, cfg.topk, fused_window)
