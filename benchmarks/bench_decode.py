@@ -1,7 +1,7 @@
 """Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
 
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
-        [--output-len 512] [--refresh 16,32] [--tp 1] [--out benchmarks/results/decode_throughput.json]
+        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--tp 1] [--out benchmarks/results/decode_throughput.json]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
 ``--runner engine``, an Engine with the overlap scheduler: ``engine_decode.py``), one
@@ -132,6 +132,8 @@ def main() -> None:
                     type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")], help="BATCHxCONTEXT,...")
     ap.add_argument("--output-len", default=512, type=int)
     ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--lags", default="1", type=lambda s: [int(x) for x in s.split(",")],
+                    help="sfi refresh_lag values (each R runs once per lag; > 1: Selector on a side stream)")
     ap.add_argument("--dense", default="flashinfer,triton,fa3")
     ap.add_argument("--mem-fraction", default="auto", help="static memory fraction; auto: sized per context")
     ap.add_argument("--tp", default=1, type=int, help="tensor parallel GPUs (sglang --tp-size)")
@@ -157,9 +159,10 @@ def main() -> None:
         runs.append((dense, dense, None, None))
     base = SFIConfig()
     for r in args.refresh:
-        cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1), "boundary": False,
-               "log_interval": 64}
-        runs.append((f"sfi_R{r}", "sfi", cfg, r))
+        for lag in args.lags:
+            cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1), "boundary": False,
+                   "log_interval": 64, "refresh_lag": lag}
+            runs.append((f"sfi_R{r}" + (f"_lag{lag}" if lag > 1 else ""), "sfi", cfg, r))
     runs.sort(key=lambda run: run[0] in args.dense.split(",")[1:])  # first dense, sfi, then the other dense
 
     groups: dict[int, list[int]] = {}
@@ -182,7 +185,8 @@ def main() -> None:
             rows.append({
                 "gpu": gpu, "model": args.model, "tp": args.tp, "runner": args.runner, "backend": name, "batch": bs,
                 "context": ctx,
-                "output_len": res["output_len"], "refresh_every": r, "decode_tok_s": bs / step_s,
+                "output_len": res["output_len"], "refresh_every": r,
+                "refresh_lag": cfg["refresh_lag"] if cfg else None, "decode_tok_s": bs / step_s,
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })
@@ -202,7 +206,7 @@ FLOOR_CONTEXT = 1024  # shapes up to this context measure the step outside atten
 def table(rows: list[dict]) -> None:
     """Per (batch, context): best dense backend vs each sfi setting, measured and ideal ratio, and
     (where a short-context shape ran at that batch) the ratio of the steps' attention parts."""
-    print(f"\n{'batch':>5} {'ctx':>6} {'best dense':>16} {'sfi':>8} {'tok/s':>9} {'ratio':>6} {'ideal':>6} "
+    print(f"\n{'batch':>5} {'ctx':>6} {'best dense':>16} {'sfi':>13} {'tok/s':>9} {'ratio':>6} {'ideal':>6} "
           f"{'slow':>6} {'%HBM':>5} {'attn':>5}")
     for bs, ctx in sorted({(r["batch"], r["context"]) for r in rows}):
         short = [r["step_ms"] for r in rows if r["batch"] == bs and r["context"] <= FLOOR_CONTEXT]
@@ -213,7 +217,7 @@ def table(rows: list[dict]) -> None:
             continue
         best = max(dense, key=lambda r: r["decode_tok_s"])
         for r in (r for r in at if r["refresh_every"] is not None):
-            print(f"{bs:>5} {ctx:>6} {best['backend']:>9} {best['decode_tok_s']:6.0f} {r['backend']:>8} "
+            print(f"{bs:>5} {ctx:>6} {best['backend']:>9} {best['decode_tok_s']:6.0f} {r['backend']:>13} "
                   f"{r['decode_tok_s']:9.1f} {r['decode_tok_s'] / best['decode_tok_s']:6.2f} "
                   f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} "
                   f"{100 * r['hbm_frac']:5.1f} "

@@ -10,7 +10,10 @@ each slow row's attention the previous selection held (``sfi_sglang.coverage``),
 from the same logits. Decode step, per layer (inside the
 graph): write this step's K/V, save the query for the Selector, and attend
 (slow rows: whole context; fast rows: sinks + selected + live tail). A slow
-step's selection is used from the next step on, as in the reference.
+step's selection is used from the next step on, as in the reference; with
+``refresh_lag`` L > 1 the Selector runs on a side stream instead, overlapping the
+next L - 1 steps (the rows keep their previous selection meanwhile), and its
+result takes over at step L: the main stream waits on an event, not the host.
 
 Prefill (``forward_extend``): the wrapped backend does the work; each layer saves
 the last prompt queries, and after the last layer the Selector builds the first
@@ -48,6 +51,9 @@ logger = logging.getLogger("sfi_sglang")
 
 # Scratch budget of one Selector call (logits and softmax temporaries), in float32 elements.
 SELECTOR_SCRATCH = 64 * 2**20
+# Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
+# in line. Each holds its new selections until they take over (2.3 MiB for Qwen3-4B at topk 2048).
+DEFERRED_ROWS = 64
 
 
 @dataclass
@@ -124,6 +130,23 @@ class _Coverage:
             store.gap[slots] = torch.where(measured, next_gap(store.gap[slots], mean, cfg), store.gap[slots])
 
 
+@dataclass
+class _Deferred:
+    """A refresh after a slow step running on the side stream (``refresh_lag`` > 1); it takes
+    over at decode step ``due``. Its tensors were made on the main stream and live here until
+    then, so the side stream never reads or writes memory the main stream has freed."""
+
+    due: int
+    slots: torch.Tensor  # [S] req-pool slots
+    generation: torch.Tensor  # [S] the slots' store.generation when it started
+    hi: torch.Tensor  # [S] the new selection state, as the slow step's plan set it
+    count: torch.Tensor
+    pos: torch.Tensor  # [layers, S, Hkv, topk] the new selections, written by the side stream
+    cover: _Coverage
+    inputs: tuple[torch.Tensor, ...]  # what the side stream reads (queries, candidate bounds)
+    done: torch.cuda.Event | None
+
+
 class SFIBackend(AttentionBackend):
     def __init__(self, runner, dense: AttentionBackend, cfg: SFIConfig):
         super().__init__()
@@ -150,6 +173,9 @@ class SFIBackend(AttentionBackend):
         self.reuse = SelectionReuse(cfg.reuse_records) if cfg.reuse_records > 0 else None
         self.cov_host = torch.zeros_like(self.store.cov_stats, device="cpu", pin_memory=self.on_cuda)
         self.cov_copied = torch.cuda.Event() if self.on_cuda else None
+        self.step = 0  # decode steps run (not counting graph capture)
+        self.deferred: list[_Deferred] = []
+        self.side = torch.cuda.Stream(self.device) if self.on_cuda and cfg.refresh_lag > 1 else None
         logger.info(
             "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state %.1f MiB "
             "(selections, saved queries, up to %d records; taken from the KV-cache budget), config %s",
@@ -192,6 +218,8 @@ class SFIBackend(AttentionBackend):
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         """Decode metadata; also run before every graph replay. Device work only, no host sync."""
+        if not in_capture:
+            self._apply_deferred()
         self._refresh_previous_slow_rows()
         fb = forward_batch
         bs = fb.batch_size
@@ -205,6 +233,8 @@ class SFIBackend(AttentionBackend):
                 self.slow_ready.record()
             host_lens = fb.seq_lens_cpu[:real] if fb.seq_lens_cpu is not None else fb.seq_lens[:real].cpu()
             self.pending = (real, host_lens.clone())
+        if not in_capture:
+            self.step += 1
         if self.cfg.log_interval and self.stats.decode_steps % self.cfg.log_interval == 0:
             reuse = self.reuse
             self.stats.log(reuse.summary() if reuse else "", reuse.metrics() if reuse else None)
@@ -231,10 +261,68 @@ class SFIBackend(AttentionBackend):
             if scored:
                 r = _slow_step_refresh(slots, rows_d.unsqueeze(1), lo_d, hi_d, self._to_device(n[sub].int()),
                                        int(n[sub].max()), previous)
-                self._select(range(self.shape.num_layers), self.q_hist.__getitem__, r)
+                pending = sum(d.slots.shape[0] for d in self.deferred)
+                if self.cfg.refresh_lag > 1 and pending + len(rows_d) <= DEFERRED_ROWS:
+                    self._defer(r)
+                else:
+                    self._refresh_now(r, self.q_hist.__getitem__)
             else:
                 self._keep_whole_region(slots, lo_d, hi_d, int((hi - lo)[sub].max()), previous)
             self.stats.add_refreshes(len(rows_d))
+
+    def _refresh_now(self, r: _Refresh, q_of: Callable[[int], torch.Tensor]) -> None:
+        """The refresh ``r`` after a slow step, on this stream, for every layer: new selections, and
+        the coverage of those they replace."""
+        cover = _Coverage(r.slots, r.previous, self.shape.kv_heads * self.shape.num_layers)
+        self._select(range(self.shape.num_layers), q_of, r, cover)
+        self._finish_coverage(cover)
+
+    def _defer(self, r: _Refresh) -> None:
+        """Start the refresh ``r`` after a slow step on the side stream (on CPU: now), for
+        :meth:`_apply_deferred` to put in place ``refresh_lag - 1`` steps later; until then the
+        rows get their previous selection state back, so they keep decoding with it."""
+        st, sh = self.store, self.shape
+        slots = r.slots
+        new_hi, new_count = st.hi[slots], st.count[slots]  # set by the slow step's plan
+        st.hi[slots], st.count[slots] = r.previous
+        q = self.q_hist[:, r.q_rows[:, 0]]  # the slow step's queries: the next steps overwrite q_hist
+        r.q_rows = torch.arange(len(slots), device=self.device).unsqueeze(1)
+        d = _Deferred(
+            due=self.step + self.cfg.refresh_lag - 1, slots=slots, generation=st.generation[slots],
+            hi=new_hi, count=new_count,
+            pos=torch.zeros(sh.num_layers, len(slots), sh.kv_heads, self.cfg.topk, dtype=torch.int32,
+                            device=self.device),
+            cover=_Coverage(slots, r.previous, sh.kv_heads * sh.num_layers),
+            inputs=(q, r.q_rows, r.lo, r.hi, r.positions(0)), done=None,
+        )
+        if self.side is None:
+            self._select(range(sh.num_layers), q.__getitem__, r, d.cover, d.pos)
+        else:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self._select(range(sh.num_layers), q.__getitem__, r, d.cover, d.pos)
+                d.done = torch.cuda.Event()
+                d.done.record()
+        self.deferred.append(d)
+
+    def _apply_deferred(self) -> None:
+        """Put in place the deferred refreshes due at this step (the main stream waits for each on
+        the device), except for slots that started another request since (``store.generation``)."""
+        due = [d for d in self.deferred if d.due <= self.step]
+        if not due:
+            return
+        self.deferred = [d for d in self.deferred if d.due > self.step]
+        st = self.store
+        for d in due:
+            if d.done is not None:
+                torch.cuda.current_stream().wait_event(d.done)
+            same = st.generation[d.slots] == d.generation
+            st.hi[d.slots] = torch.where(same, d.hi, st.hi[d.slots])
+            st.count[d.slots] = torch.where(same, d.count, st.count[d.slots])
+            st.pos[:, d.slots] = torch.where(same.view(1, -1, 1, 1), d.pos, st.pos[:, d.slots])
+            prev_hi, prev_count = d.cover.previous
+            d.cover.previous = (prev_hi, torch.where(same, prev_count, -1))  # a new request's: not measured
+            self._finish_coverage(d.cover)
 
     def _plan_extend(self, fb) -> list[_Refresh]:
         """Selections at the end of a prefill: from scratch, or from the record of a cached prefix."""
@@ -356,15 +444,17 @@ class SFIBackend(AttentionBackend):
         )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
 
-    def _select(self, layers: Sequence[int], q_of: Callable[[int], torch.Tensor], r: _Refresh) -> None:
-        """Selector: for each layer ``l``, queries ``q_of(l)[r.q_rows]`` -> ``store.pos[l]`` of ``r.slots``.
+    def _select(self, layers: Sequence[int], q_of: Callable[[int], torch.Tensor], r: _Refresh,
+                cover: _Coverage | None = None, out: torch.Tensor | None = None) -> None:
+        """Selector: for each layer ``l``, queries ``q_of(l)[r.q_rows]`` -> ``store.pos[l]`` of ``r.slots``
+        (or ``out[l]``, one row per slot, for a deferred refresh).
 
         Layers are batched (one pass of the score/top-k ops over many layers) within a
         scratch budget, since a refresh after a slow step covers every layer at once.
-        A refresh after a slow step also measures the coverage of the selections it replaces.
+        A refresh after a slow step also measures, into ``cover``, the coverage of the
+        selections it replaces.
         """
         cfg, sh = self.cfg, self.shape
-        cover = _Coverage(r.slots, r.previous, sh.kv_heads * len(layers)) if r.previous is not None else None
         logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
         scores_fn = group_scores if self.on_cuda else group_scores_ref
         wg = r.q_rows.shape[1] * (sh.q_heads // sh.kv_heads)  # queries per KV head
@@ -400,9 +490,10 @@ class SFIBackend(AttentionBackend):
                     pos = restrict(pos, lo_g, hi_g)
                 sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None)
                 sel = sel.view(g, n_s, sh.kv_heads, -1)
-                self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
-        if cover is not None:
-            self._finish_coverage(cover)
+                if out is None:
+                    self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
+                else:
+                    out[idx.view(-1), a:a + n_s, :, : sel.shape[-1]] = sel
 
     def _finish_coverage(self, cover: _Coverage) -> None:
         """Coverage of a slow-step refresh into the store and counters; the per-request summaries

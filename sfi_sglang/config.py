@@ -39,6 +39,12 @@ class SFIConfig:
     """A slow step is forced once this many fast steps ran since the last one."""
     min_refresh_gap: int = 24
     """Boundary tokens do not trigger a slow step within this many steps of the last one."""
+    refresh_lag: int = 1
+    """Decode steps from a slow step until the selection it makes is used. 1 (the reference): the
+    Selector runs before the next step. L > 1 (CUDA): it runs on a side stream, overlapping the
+    next L - 1 steps, whose fast rows keep the previous selection and a live tail grown from it;
+    the new one takes over at step L however long the Selector took (deterministic). Needs
+    ``refresh_lag <= min_refresh_gap`` (no second slow step before it lands) and ``prefill_queries > 0``."""
     adaptive_refresh: bool = False
     """Per-request boundary gap from the measured coverage (``sfi_sglang.coverage``): it doubles,
     up to ``max_fast_steps``, after a slow step whose coverage reached ``coverage_target``, and
@@ -75,7 +81,7 @@ class SFIConfig:
     log_interval: int = 1000
     """Log counters every this many decode steps (0: never)."""
 
-    _positive = ("topk", "max_fast_steps")
+    _positive = ("topk", "max_fast_steps", "refresh_lag")
     _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval",
                      "reuse_records")
 
@@ -94,6 +100,11 @@ class SFIConfig:
             raise SFIConfigError(
                 f"SFI config field 'min_refresh_gap' ({self.min_refresh_gap}) must be <= "
                 f"'max_fast_steps' ({self.max_fast_steps})"
+            )
+        if self.refresh_lag > 1 and (self.refresh_lag > self.min_refresh_gap or self.prefill_queries == 0):
+            raise SFIConfigError(
+                f"SFI config field 'refresh_lag' ({self.refresh_lag}) above 1 needs 'min_refresh_gap' >= it "
+                f"(got {self.min_refresh_gap}) and 'prefill_queries' > 0 (got {self.prefill_queries})"
             )
         if not 0.0 < self.alpha <= 1.0:
             raise SFIConfigError(f"SFI config field 'alpha' must be in (0, 1], got {self.alpha}")
@@ -115,7 +126,7 @@ class SFIConfig:
     @property
     def max_kept(self) -> int:
         """Upper bound of tokens a fast step attends to per (request, KV head)."""
-        return self.sinks + self.topk + self.recent + self.max_fast_steps
+        return self.sinks + self.topk + self.recent + self.max_fast_steps + self.refresh_lag - 1
 
     def resolve_dense_backend(self, device: str) -> str:
         if self.dense_backend != "auto":

@@ -27,7 +27,7 @@ def refresh(scratch: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
     b.store.pos.copy_(torch.randint(0, 90, b.store.pos.shape, generator=g).sort(-1).values)  # previous selection
     r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, int(lens.max()),
                            (hi.int(), count.int()))
-    b._select(range(LAYERS), q.__getitem__, r)
+    b._refresh_now(r, q.__getitem__)
     return b.store.pos.clone(), b.store.cov_stats.clone()
 
 
@@ -37,3 +37,52 @@ def test_batching_does_not_change_the_selection(monkeypatch):
         part = refresh(scratch, monkeypatch)
         assert torch.equal(part[0], whole[0])
         torch.testing.assert_close(part[1], whole[1])
+
+
+def deferred_backend(lag: int):
+    """A selector-only backend with two requests mid-decode (slots 0 and 1), each with a previous
+    selection, just after a slow step whose plan set their new selection state."""
+    from sfi_sglang.memory import StepRows
+
+    g = torch.Generator().manual_seed(1)
+    cfg = SFIConfig(topk=24, sinks=2, recent=8, refresh_lag=lag, min_refresh_gap=max(lag, 4))
+    req_to_token = torch.randperm(2 * 96, generator=g).int().view(2, 96)
+    keys = [torch.randn(2 * 96, HKV, D, generator=g) for _ in range(LAYERS)]
+    b = SFIBackend.selector_only(cfg, AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0), keys.__getitem__,
+                                 req_to_token, torch.device("cpu"))
+    b.q_hist = torch.randn(LAYERS, 2, HQ, D, generator=g)
+    b.step, b.deferred, b.side = 0, [], None
+    b.rows = StepRows.zeros(2, "cpu")
+    lens = torch.tensor([90, 70], dtype=torch.int32)
+    b.store.pos.copy_(torch.randint(2, 40, b.store.pos.shape, generator=g).sort(-1).values)
+    b.rows.slots[:] = torch.arange(2)
+    b.rows.hi[:], b.rows.count[:] = torch.tensor([40, 40]), torch.tensor([24, 24])  # before the slow step
+    lo, hi, count = b.store.bounds(lens)
+    b.store.hi[:], b.store.count[:] = hi, count  # the slow step's plan
+    slots = torch.arange(2)
+    r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, int(lens.max()),
+                           (b.rows.hi.clone(), b.rows.count.clone()))
+    return b, r
+
+
+def test_deferred_refresh_takes_over_after_the_lag():
+    """refresh_lag 3: the rows keep their previous selection state for two steps, then get
+    exactly what the refresh in line gives; a slot that started a new request meanwhile keeps its own."""
+    now, r = deferred_backend(1)
+    now._refresh_now(r, now.q_hist.__getitem__)
+    b, r = deferred_backend(3)
+    before = (b.store.pos.clone(), b.rows.hi.clone(), b.rows.count.clone())
+    b._defer(r)
+    for _ in range(2):  # steps 0 and 1: previous state
+        b._apply_deferred()
+        assert torch.equal(b.store.pos, before[0])
+        assert torch.equal(b.store.hi, before[1]) and torch.equal(b.store.count, before[2])
+        b.step += 1
+    b.store.generation[1] += 1  # slot 1 started another request
+    b._apply_deferred()  # step 2: the new selection of slot 0
+    assert not b.deferred
+    assert torch.equal(b.store.pos[:, 0], now.store.pos[:, 0]) and torch.equal(b.store.pos[:, 1], before[0][:, 1])
+    assert b.store.hi[0] == now.store.hi[0] and b.store.count[0] == now.store.count[0]
+    assert b.store.hi[1] == before[1][1] and b.store.count[1] == before[2][1]
+    torch.testing.assert_close(b.store.cov_stats[0], now.store.cov_stats[0])
+    assert b.store.cov_stats[1, 2] == 0  # not measured: another request's

@@ -11,7 +11,7 @@ def test_defaults_are_valid():
     cfg = SFIConfig()
     assert cfg == SFIConfig.from_dict({})
     assert cfg == SFIConfig.from_dict(cfg.to_dict())
-    assert cfg.max_kept == cfg.sinks + cfg.topk + cfg.recent + cfg.max_fast_steps
+    assert cfg.max_kept == cfg.sinks + cfg.topk + cfg.recent + cfg.max_fast_steps + cfg.refresh_lag - 1
     assert cfg.resolve_dense_backend("cuda") == "flashinfer"
     assert cfg.resolve_dense_backend("cpu") == "torch_native"
 
@@ -24,6 +24,8 @@ def test_defaults_are_valid():
         ("recent", -1),
         ("max_fast_steps", 0),
         ("min_refresh_gap", SFIConfig().max_fast_steps + 1),
+        ("refresh_lag", 0),
+        ("refresh_lag", SFIConfig().min_refresh_gap + 1),
         ("prefill_queries", 17),
         ("neighbor_window", -1),
         ("alpha", 0),
@@ -50,6 +52,12 @@ def test_bad_value_names_the_field(field, value):
 def test_min_refresh_gap_equal_to_max_fast_steps_is_ok():
     cfg = SFIConfig(max_fast_steps=10, min_refresh_gap=10)
     assert cfg.min_refresh_gap == cfg.max_fast_steps
+
+
+def test_refresh_lag_needs_prefill_queries():
+    assert SFIConfig(refresh_lag=8).refresh_lag == 8
+    with pytest.raises(SFIConfigError, match="'refresh_lag'.*'prefill_queries'"):
+        SFIConfig(refresh_lag=8, prefill_queries=0)
 
 
 def test_unknown_field_is_named():

@@ -88,10 +88,13 @@ def test_selection_reuse_across_turns(tiny_model):
     assert res["sfi"][0][:16] == res["sfi"][1][:16]
 
 
-def test_same_request_alone_and_in_a_busy_batch(tiny_model):
+@pytest.mark.parametrize("lag", [1, 4])
+def test_same_request_alone_and_in_a_busy_batch(tiny_model, lag):
     """Determinism: a sparse greedy request gives the same tokens alone and again inside a
-    batch of other requests (the second time over its cached prefix and selection record)."""
-    cfg = json.dumps({"topk": 16, "recent": 16, "max_fast_steps": 16, "min_refresh_gap": 4, "log_interval": 10})
+    batch of other requests (the second time over its cached prefix and selection record),
+    also when each refresh takes over only ``refresh_lag`` steps after its slow step."""
+    cfg = json.dumps({"topk": 16, "recent": 16, "max_fast_steps": 16, "min_refresh_gap": 4, "log_interval": 10,
+                      "refresh_lag": lag})
     res, stats, _ = run_compare(tiny_model, cfg, "--prompts", "4", "--prompt-len", "300", "--new-tokens", "24",
                                 "--repeat-in-batch")
     assert len(res["alone"]) == 24 and len(res["busy"]) == 4
