@@ -187,12 +187,12 @@ def selector(c: Case, store: SelectionStore) -> Fn:
     """The refresh after a slow step, as ``SFIBackend._select`` runs it: logits over the whole
     context, coverage of the selection held in ``store``, then the Selector over the region."""
     lo, hi, _ = store.bounds(c.seq_lens)
-    q, norms = c.q.unsqueeze(1), CFG.prior_lambda_max > 0
+    q, norms = c.q[None, :, None], CFG.prior_lambda_max > 0
     prev = (store.hi[c.slots].clone(), store.count[c.slots].clone(), store.pos[0, c.slots].clone())
 
     def run() -> None:
         pos = region_positions(torch.zeros_like(c.seq_lens), c.seq_lens, c.ctx)
-        logits, log_norm = candidate_logits(q, c.k, c.req_to_token, c.slots, pos, SCALE, norms=norms)
+        logits, log_norm = candidate_logits(q, [c.k], c.req_to_token, c.slots, pos, SCALE, norms=norms)
         held = kept_mask(pos, CFG.sinks, prev[0], prev[2], prev[1])
         f, _ = group_scores(logits, pos, lo, hi, CFG.alpha, held)
         sel = select(f, restrict(pos, lo, hi), CFG, (lo, hi), log_norm, True, topk_select)
@@ -210,7 +210,7 @@ def refresh_all_layers(c: Case, layers: int) -> Fn:
     lo, hi, count = b.store.bounds(c.seq_lens)
     r = _slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
                            (hi.int(), count.int()))
-    return lambda: b._refresh_now(r, lambda _: c.q)
+    return lambda: b._refresh_now(r, c.q.expand(layers, -1, -1, -1))
 
 
 def profile(fn: Fn, label: str, top: int = 12) -> None:

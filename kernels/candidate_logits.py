@@ -1,18 +1,23 @@
-"""Selector input: attention logits of a few queries over a request's candidate tokens.
+"""Selector input: attention logits of a few queries over a request's candidate tokens, for
+several layers in one launch.
 
-For refresh row ``i`` (req-pool slot ``slots[i]``), KV head ``h`` and candidate
-``j``: the logits of the ``W * G`` queries of that KV head's group (``W`` query
-tokens, ``G`` query heads per KV head) against the key at token position
-``positions[i, h, j]``, read straight from the KV pool through ``req_to_token``
-(no gathered copy of the keys). ``positions`` may have one head row shared by
-all KV heads (a contiguous region) or one per KV head (a cached selection plus
-new tokens); ``-1`` marks a padding candidate, whose logits are ``-inf``.
+For layer ``l`` of the group, refresh row ``i`` (req-pool slot ``slots[i]``), KV head
+``h`` and candidate ``j``: the logits of the ``W * G`` queries of that KV head's group
+(``W`` query tokens, ``G`` query heads per KV head) against the layer's key at token
+position ``positions[l * S + i, h, j]``, read straight from the layer's KV pool through
+``req_to_token`` (no gathered copy of the keys). ``positions`` may have one head row
+shared by all KV heads (a contiguous region) or one per KV head (a cached selection
+plus new tokens); ``-1`` marks a padding candidate, whose logits are ``-inf``.
 Optionally also the log key norms (the Selector's prior needs them).
 
-``candidate_logits_ref`` is the torch reference; ``candidate_logits`` the Triton kernel.
+``candidate_logits_ref`` is the torch reference; ``candidate_logits`` the Triton kernel,
+one launch for all layers (the layers' K pools are reached as offsets from the first
+one's): a launch per layer cost more host time than the kernels took at 8K-32K contexts.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import triton
@@ -21,82 +26,87 @@ import triton.language as tl
 BLOCK_N = 64
 
 
-def candidate_logits_ref(q, k_buf, req_to_token, slots, positions, sm_scale: float,
-                         logit_cap: float = 0.0, norms: bool = False, out: torch.Tensor | None = None):
-    """q ``[S, W, Hq, D]``; k_buf ``[P, Hkv, D]``; positions ``[S, 1 or Hkv, N]`` (int, -1: padding)
-    -> logits ``[S, Hkv, W*G, N]`` (fp32; written into ``out`` if given, e.g. a slice of a batch
-    of layers) and, if ``norms``, log key norms ``[S, Hkv, N]`` (else None)."""
-    s_rows, w, hq, d = q.shape
-    hkv = k_buf.shape[1]
+def candidate_logits_ref(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, positions, sm_scale: float,
+                         logit_cap: float = 0.0, norms: bool = False):
+    """q ``[L, S, W, Hq, D]`` (the queries of L layers); k_bufs: those layers' K pools ``[P, Hkv, D]``;
+    positions ``[L*S, 1 or Hkv, N]`` (int, -1: padding; layer-major) -> logits ``[L*S, Hkv, W*G, N]``
+    (fp32) and, if ``norms``, log key norms ``[L*S, Hkv, N]`` (else None)."""
+    n_layers, s_rows, w, hq, d = q.shape
+    hkv = k_bufs[0].shape[1]
     g = hq // hkv
-    pos = positions.expand(s_rows, hkv, -1).long()
+    pos = positions.expand(n_layers * s_rows, hkv, -1).long()
     valid = pos >= 0
-    tok = req_to_token[slots.long().view(-1, 1, 1), pos.clamp_min(0)].long()  # [S, Hkv, N]
-    keys = k_buf[tok, torch.arange(hkv, device=q.device).view(1, -1, 1)].float()  # [S, Hkv, N, D]
-    qg = q.float().view(s_rows, w, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(s_rows, hkv, w * g, d)
+    tok = req_to_token[slots.long().repeat(n_layers).view(-1, 1, 1), pos.clamp_min(0)].long()  # [L*S, Hkv, N]
+    heads = torch.arange(hkv, device=q.device).view(1, -1, 1)
+    keys = torch.cat([k[tok[x * s_rows:(x + 1) * s_rows], heads] for x, k in enumerate(k_bufs)]).float()
+    qg = q.float().reshape(n_layers * s_rows, w, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(-1, hkv, w * g, d)
     x = torch.einsum("shrd,shnd->shrn", qg, keys) * sm_scale
     if logit_cap > 0:
         x = logit_cap * torch.tanh(x / logit_cap)
     logits = x.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    if out is not None:
-        logits = out.copy_(logits)
     log_norm = keys.norm(dim=-1).clamp_min(1e-6).log().masked_fill(~valid, 0.0) if norms else None
     return logits, log_norm
 
 
 @triton.jit
 def _candidate_logits(
-    Q, K, ReqToToken, Slots, Pos, Out, LogNorm, sm_scale, logit_cap, N,
-    stride_qs, stride_qw, stride_qh, stride_kt, stride_kh, stride_r, stride_ps, stride_ph,
+    Q, K, KOffsets, ReqToToken, Slots, Pos, Out, LogNorm, sm_scale, logit_cap, N, S,
+    stride_ql, stride_qs, stride_qw, stride_qh, stride_kt, stride_kh, stride_r, stride_ps, stride_ph,
     stride_os, stride_oh, stride_or, stride_ns, stride_nh,
     G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, CAP: tl.constexpr, NORMS: tl.constexpr,
 ):
-    i = tl.program_id(0)
+    li = tl.program_id(0)  # layer * S + row
     h = tl.program_id(1)
     blk = tl.program_id(2)
-    slot = tl.load(Slots + i).to(tl.int64)
+    layer = li // S
+    slot = tl.load(Slots + li % S).to(tl.int64)
     j = blk * BLOCK + tl.arange(0, BLOCK)
-    p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
+    p = tl.load(Pos + li * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
     valid = p >= 0
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     r_mask = offs_r < R
     dmask = offs_d < D
-    qoff = (offs_r // G) * stride_qw + (h * G + offs_r % G) * stride_qh
-    q = tl.load(Q + i * stride_qs + qoff[:, None] + offs_d[None, :], mask=r_mask[:, None] & dmask[None, :], other=0.0)
+    qoff = layer * stride_ql + (li % S) * stride_qs + (offs_r // G) * stride_qw + (h * G + offs_r % G) * stride_qh
+    q = tl.load(Q + qoff[:, None] + offs_d[None, :], mask=r_mask[:, None] & dmask[None, :], other=0.0)
     tok = tl.load(ReqToToken + slot * stride_r + p, mask=valid, other=0).to(tl.int64)
-    k = tl.load(K + tok[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+    k = tl.load(K + tl.load(KOffsets + layer) + tok[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                 mask=valid[:, None] & dmask[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k)) * sm_scale
     if CAP:
         s = logit_cap * (2.0 * tl.sigmoid(2.0 * s / logit_cap) - 1.0)
     s = tl.where(valid[None, :], s, float("-inf"))
-    tl.store(Out + i * stride_os + h * stride_oh + offs_r[:, None] * stride_or + j[None, :], s,
+    tl.store(Out + li * stride_os + h * stride_oh + offs_r[:, None] * stride_or + j[None, :], s,
              mask=r_mask[:, None] & (j < N)[None, :])
     if NORMS:
         kf = k.to(tl.float32)
         ln = 0.5 * tl.log(tl.maximum(tl.sum(kf * kf, 1), 1e-12))
-        tl.store(LogNorm + i * stride_ns + h * stride_nh + j, tl.where(valid, ln, 0.0))
+        tl.store(LogNorm + li * stride_ns + h * stride_nh + j, tl.where(valid, ln, 0.0))
 
 
-def candidate_logits(q, k_buf, req_to_token, slots, positions, sm_scale: float,
-                     logit_cap: float = 0.0, norms: bool = False, out: torch.Tensor | None = None):
-    """Triton version of :func:`candidate_logits_ref` (same arguments and results)."""
-    s_rows, w, hq, d = q.shape
-    hkv = k_buf.shape[1]
+def candidate_logits(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, positions, sm_scale: float,
+                     logit_cap: float = 0.0, norms: bool = False):
+    """Triton version of :func:`candidate_logits_ref` (same arguments and results). The K pools must
+    share dtype and strides (one KV pool's layers)."""
+    n_layers, s_rows, w, hq, d = q.shape
+    k0 = k_bufs[0]
+    hkv = k0.shape[1]
     g = hq // hkv
     n = positions.shape[-1]
-    pos = positions.contiguous().expand(s_rows, hkv, n)
+    assert len(k_bufs) == n_layers and all(k.dtype == k0.dtype and k.stride() == k0.stride() for k in k_bufs)
+    # each layer's pool as an element offset from the first one's (pinned, asynchronous copy: no sync)
+    offsets = torch.tensor([(k.data_ptr() - k0.data_ptr()) // k0.element_size() for k in k_bufs], dtype=torch.int64)
+    offsets = offsets.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else offsets
+    pos = positions.contiguous().expand(n_layers * s_rows, hkv, n)
     blocks = triton.cdiv(n, BLOCK_N)
-    if out is None:
-        out = torch.empty(s_rows, hkv, w * g, n, dtype=torch.float32, device=q.device)
-    assert out.shape == (s_rows, hkv, w * g, n) and out.stride(-1) == 1
-    log_norm = torch.empty(s_rows, hkv, blocks * BLOCK_N, dtype=torch.float32, device=q.device) if norms else out
-    _candidate_logits[(s_rows, hkv, blocks)](
-        q, k_buf, req_to_token, slots, pos, out, log_norm, sm_scale, logit_cap if logit_cap > 0 else 1.0, n,
-        q.stride(0), q.stride(1), q.stride(2), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
-        pos.stride(0), pos.stride(1),
+    out = torch.empty(n_layers * s_rows, hkv, w * g, n, dtype=torch.float32, device=q.device)
+    log_norm = (torch.empty(n_layers * s_rows, hkv, blocks * BLOCK_N, dtype=torch.float32, device=q.device)
+                if norms else out)
+    _candidate_logits[(n_layers * s_rows, hkv, blocks)](
+        q, k0, offsets, req_to_token, slots, pos, out, log_norm, sm_scale, logit_cap if logit_cap > 0 else 1.0, n,
+        s_rows, q.stride(0), q.stride(1), q.stride(2), q.stride(3), k0.stride(0), k0.stride(1),
+        req_to_token.stride(0), pos.stride(0), pos.stride(1),
         out.stride(0), out.stride(1), out.stride(2), log_norm.stride(0), log_norm.stride(1),
         G=g, R=w * g, BLOCK_R=max(16, triton.next_power_of_2(w * g)), BLOCK=BLOCK_N,
         D=d, BLOCK_D=triton.next_power_of_2(d), CAP=logit_cap > 0, NORMS=norms,

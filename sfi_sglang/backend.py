@@ -40,7 +40,7 @@ from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.kernels.topk_select import topk_select
-from sfi_sglang.memory import SelectionStore, StepRows, saved_queries, static_bytes
+from sfi_sglang.memory import DEFERRED_ROWS, SelectionStore, StepRows, saved_queries, static_bytes
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
@@ -51,9 +51,6 @@ logger = logging.getLogger("sfi_sglang")
 
 # Scratch budget of one Selector call (logits and softmax temporaries), in float32 elements.
 SELECTOR_SCRATCH = 64 * 2**20
-# Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
-# in line. Each holds its new selections until they take over (2.3 MiB for Qwen3-4B at topk 2048).
-DEFERRED_ROWS = 64
 
 
 @dataclass
@@ -178,7 +175,8 @@ class SFIBackend(AttentionBackend):
         self.side = torch.cuda.Stream(self.device) if self.on_cuda and cfg.refresh_lag > 1 else None
         logger.info(
             "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state %.1f MiB "
-            "(selections, saved queries, up to %d records; taken from the KV-cache budget), config %s",
+            "(selections, saved queries, up to %d records and deferred refreshes; taken from the KV-cache budget), "
+            "config %s",
             type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,
             int(self.is_boundary.sum()), rows, static_bytes(cfg, self.shape, rows, self.q_hist.dtype) / 2**20,
             cfg.reuse_records, cfg.to_dict(),
@@ -265,16 +263,16 @@ class SFIBackend(AttentionBackend):
                 if self.cfg.refresh_lag > 1 and pending + len(rows_d) <= DEFERRED_ROWS:
                     self._defer(r)
                 else:
-                    self._refresh_now(r, self.q_hist.__getitem__)
+                    self._refresh_now(r, self.q_hist)
             else:
                 self._keep_whole_region(slots, lo_d, hi_d, int((hi - lo)[sub].max()), previous)
             self.stats.add_refreshes(len(rows_d))
 
-    def _refresh_now(self, r: _Refresh, q_of: Callable[[int], torch.Tensor]) -> None:
-        """The refresh ``r`` after a slow step, on this stream, for every layer: new selections, and
-        the coverage of those they replace."""
+    def _refresh_now(self, r: _Refresh, q: torch.Tensor) -> None:
+        """The refresh ``r`` after a slow step, on this stream, for every layer (queries ``q``:
+        ``[layers, rows, Hq, D]``): new selections, and the coverage of those they replace."""
         cover = _Coverage(r.slots, r.previous, self.shape.kv_heads * self.shape.num_layers)
-        self._select(range(self.shape.num_layers), q_of, r, cover)
+        self._select(range(self.shape.num_layers), q, r, cover)
         self._finish_coverage(cover)
 
     def _defer(self, r: _Refresh) -> None:
@@ -296,11 +294,11 @@ class SFIBackend(AttentionBackend):
             inputs=(q, r.q_rows, r.lo, r.hi, r.positions(0)), done=None,
         )
         if self.side is None:
-            self._select(range(sh.num_layers), q.__getitem__, r, d.cover, d.pos)
+            self._select(range(sh.num_layers), q, r, d.cover, d.pos)
         else:
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                self._select(range(sh.num_layers), q.__getitem__, r, d.cover, d.pos)
+                self._select(range(sh.num_layers), q, r, d.cover, d.pos)
                 d.done = torch.cuda.Event()
                 d.done.record()
         self.deferred.append(d)
@@ -422,7 +420,7 @@ class SFIBackend(AttentionBackend):
             if li == self.shape.num_layers - 1:
                 for r in self.extend_refresh:
                     with self.stats.prefill_selector.time(r.from_record):
-                        self._select(range(self.shape.num_layers), self.extend_q.__getitem__, r)
+                        self._select(range(self.shape.num_layers), self.extend_q, r)
                 if self.new_records:
                     self._keep_records(forward_batch)
                 self.extend_refresh, self.extend_q = [], None
@@ -444,10 +442,10 @@ class SFIBackend(AttentionBackend):
         )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
 
-    def _select(self, layers: Sequence[int], q_of: Callable[[int], torch.Tensor], r: _Refresh,
+    def _select(self, layers: Sequence[int], q: torch.Tensor, r: _Refresh,
                 cover: _Coverage | None = None, out: torch.Tensor | None = None) -> None:
-        """Selector: for each layer ``l``, queries ``q_of(l)[r.q_rows]`` -> ``store.pos[l]`` of ``r.slots``
-        (or ``out[l]``, one row per slot, for a deferred refresh).
+        """Selector: for each layer ``l``, queries ``q[l][r.q_rows]`` (``q``: ``[layers, rows, Hq, D]``)
+        -> ``store.pos[l]`` of ``r.slots`` (or ``out[l]``, one row per slot, for a deferred refresh).
 
         Layers are batched (one pass of the score/top-k ops over many layers) within a
         scratch budget, since a refresh after a slow step covers every layer at once.
@@ -467,20 +465,13 @@ class SFIBackend(AttentionBackend):
             slots, lo, hi, q_rows = r.slots[part], r.lo[part], r.hi[part], r.q_rows[part]
             for b in range(0, len(layers), per):
                 group = layers[b:b + per]
-                pos = [r.positions(l)[part] for l in group]
                 g, n_s = len(group), len(slots)
-                # each layer's logits straight into its slice of the group's buffer
-                logits = torch.empty(g * n_s, sh.kv_heads, wg, r.width, dtype=torch.float32, device=self.device)
-                norms = [
-                    logits_fn(q_of(l)[q_rows], self.token_to_kv_pool.get_key_buffer(l + self.start_layer),
-                              self.req_to_token, slots, p, sh.sm_scale, sh.logit_cap, norms=cfg.prior_lambda_max > 0,
-                              out=logits[x * n_s:(x + 1) * n_s])[1]
-                    for x, (l, p) in enumerate(zip(group, pos))
-                ]
-                log_norm = torch.cat(norms) if cfg.prior_lambda_max > 0 else None
-                pos = torch.cat(pos)
-                lo_g, hi_g = lo.repeat(g), hi.repeat(g)
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
+                pos = torch.cat([r.positions(l)[part] for l in group])
+                k_bufs = [self.token_to_kv_pool.get_key_buffer(l + self.start_layer) for l in group]
+                logits, log_norm = logits_fn(q[idx.view(-1, 1, 1), q_rows.unsqueeze(0)], k_bufs, self.req_to_token,
+                                             slots, pos, sh.sm_scale, sh.logit_cap, norms=cfg.prior_lambda_max > 0)
+                lo_g, hi_g = lo.repeat(g), hi.repeat(g)
                 held = None
                 if cover is not None:
                     held = cover.held(part, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)

@@ -26,6 +26,11 @@ from sfi_sglang.config import SFIConfig
 from sfi_sglang.model_check import AttentionShape
 
 
+# Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
+# in line. Each holds its new selections until they take over (2.3 MiB for Qwen3-4B at topk 2048).
+DEFERRED_ROWS = 64
+
+
 class SelectionStore:
     def __init__(self, cfg: SFIConfig, num_layers: int, num_slots: int, kv_heads: int, device: torch.device | str):
         self.cfg = cfg
@@ -121,10 +126,11 @@ def saved_queries(shape: AttentionShape, rows: int, dtype: torch.dtype, device: 
 
 def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype) -> int:
     """GPU bytes the sfi backend holds for ``rows`` req-pool rows (selection state, saved slow-step
-    queries, step buffers) plus the most its selection records may hold: what sfi takes out of
-    sglang's KV-cache budget. Sized from the same buffers, built on the meta device."""
+    queries, step buffers) plus the most its selection records and deferred refreshes may hold:
+    what sfi takes out of sglang's KV-cache budget. Sized from the same buffers, built on the meta device."""
     store = SelectionStore(cfg, shape.num_layers, rows, shape.kv_heads, "meta")
     step = StepRows.zeros(rows, "meta")
-    records = cfg.reuse_records * store.pos[:, 0].nbytes
+    deferred = min(rows, DEFERRED_ROWS) if cfg.refresh_lag > 1 else 0
+    held = (cfg.reuse_records + deferred) * store.pos[:, 0].nbytes
     return (store.nbytes + saved_queries(shape, rows, act_dtype, "meta").nbytes
-            + sum(t.nbytes for t in vars(step).values()) + records)
+            + sum(t.nbytes for t in vars(step).values()) + held)

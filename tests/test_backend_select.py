@@ -19,7 +19,7 @@ def refresh(scratch: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
     lens = torch.tensor([90, 61, 40], dtype=torch.int32)
     req_to_token = torch.randperm(3 * 96, generator=g).int().view(3, 96)
     keys = [torch.randn(3 * 96, HKV, D, generator=g) for _ in range(LAYERS)]
-    q = [torch.randn(3, HQ, D, generator=g) for _ in range(LAYERS)]
+    q = torch.randn(LAYERS, 3, HQ, D, generator=g)
     b = SFIBackend.selector_only(cfg, AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0), keys.__getitem__,
                                  req_to_token, torch.device("cpu"))
     slots = torch.arange(3)
@@ -27,7 +27,7 @@ def refresh(scratch: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
     b.store.pos.copy_(torch.randint(0, 90, b.store.pos.shape, generator=g).sort(-1).values)  # previous selection
     r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, int(lens.max()),
                            (hi.int(), count.int()))
-    b._refresh_now(r, q.__getitem__)
+    b._refresh_now(r, q)
     return b.store.pos.clone(), b.store.cov_stats.clone()
 
 
@@ -69,7 +69,7 @@ def test_deferred_refresh_takes_over_after_the_lag():
     """refresh_lag 3: the rows keep their previous selection state for two steps, then get
     exactly what the refresh in line gives; a slot that started a new request meanwhile keeps its own."""
     now, r = deferred_backend(1)
-    now._refresh_now(r, now.q_hist.__getitem__)
+    now._refresh_now(r, now.q_hist)
     b, r = deferred_backend(3)
     before = (b.store.pos.clone(), b.rows.hi.clone(), b.rows.count.clone())
     b._defer(r)
@@ -86,3 +86,15 @@ def test_deferred_refresh_takes_over_after_the_lag():
     assert b.store.hi[1] == before[1][1] and b.store.count[1] == before[2][1]
     torch.testing.assert_close(b.store.cov_stats[0], now.store.cov_stats[0])
     assert b.store.cov_stats[1, 2] == 0  # not measured: another request's
+
+
+def test_deferred_refreshes_are_reserved_up_front():
+    """With refresh_lag > 1, the memory sfi takes from the KV-cache budget includes the selections
+    that deferred refreshes may hold at once."""
+    from sfi_sglang.memory import DEFERRED_ROWS, static_bytes
+
+    shape = AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0)
+    for rows in (3, 200):
+        extra = static_bytes(SFIConfig(refresh_lag=8), shape, rows, torch.bfloat16) - static_bytes(
+            SFIConfig(), shape, rows, torch.bfloat16)
+        assert extra == min(rows, DEFERRED_ROWS) * LAYERS * HKV * SFIConfig().topk * 4

@@ -79,7 +79,7 @@ def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
     req_to_token = torch.arange(n, dtype=torch.int32).view(1, n)
     lo, hi = torch.zeros(1, dtype=torch.int32), torch.full((1,), n, dtype=torch.int32)
     pos = region_positions(lo, hi, n)
-    logits, log_norm = candidate_logits_ref(q.unsqueeze(0), keys, req_to_token, lo, pos, scale, norms=lam > 0)
+    logits, log_norm = candidate_logits_ref(q[None, None], [keys], req_to_token, lo, pos, scale, norms=lam > 0)
     return aggregate(logits, pos, alpha, lam, log_norm, (lo, hi), window)[0]
 
 
@@ -121,7 +121,7 @@ def test_batched_scores_equal_one_request_at_a_time():
     slots, lo = torch.tensor([2, 0, 3, 1]), torch.tensor([3, 0, 2, 4])
     hi = lo + torch.tensor(lens)
     pos = region_positions(lo, hi, max(lens))
-    logits, log_norm = candidate_logits_ref(q, pool, req_to_token, slots, pos, 0.3, norms=True)
+    logits, log_norm = candidate_logits_ref(q[None], [pool], req_to_token, slots, pos, 0.3, norms=True)
     f = aggregate(logits, pos, 0.5, 0.25, log_norm, (lo, hi), 2)
     for i, n in enumerate(lens):
         keys = pool[req_to_token[slots[i], lo[i]:hi[i]].long()]
@@ -131,19 +131,21 @@ def test_batched_scores_equal_one_request_at_a_time():
 
 @pytest.mark.parametrize("ratio, w, cap", [(1, 1, 0.0), (3, 2, 0.0), (4, 1, 3.0), (8, 2, 0.0)])
 def test_triton_logits_match_reference(ratio, w, cap):
+    """Two layers in one call (separate K pools, one query set each), as the Selector batches them."""
     hkv, d = 2, 16
-    pool = torch.randn(300, hkv, d, generator=gen(ratio))
+    pool = [torch.randn(300, hkv, d, generator=gen(ratio + x)) for x in range(2)]
     req_to_token = torch.randperm(300, generator=gen(1))[:240].view(3, 80).to(torch.int32)
-    q = torch.randn(3, w, hkv * ratio, d, generator=gen(2))
+    q = torch.randn(2, 3, w, hkv * ratio, d, generator=gen(2))
     slots = torch.tensor([1, 2, 0])
     region = region_positions(torch.tensor([0, 4, 7]), torch.tensor([70, 5, 77]), 70)
     # per-head lists: a cached selection (ascending, padded) then new tokens, as selection reuse builds them
     per_head = torch.stack([torch.cat([torch.randperm(60, generator=gen(h))[:9].sort().values, torch.tensor([-1]),
                                        torch.arange(60, 75)]) for h in range(hkv)]).int()
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
-    q, pool, req_to_token, slots = (t.to(dev) for t in (q, pool, req_to_token, slots))
+    q, req_to_token, slots = (t.to(dev) for t in (q, req_to_token, slots))
+    pool = [p.to(dev) for p in pool]
     tol = 1e-5 if dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
-    for pos in (region.to(dev), per_head.expand(3, -1, -1).to(dev)):
+    for pos in (region.repeat(2, 1, 1).to(dev), per_head.expand(6, -1, -1).to(dev)):
         args = (q, pool, req_to_token, slots, pos, 0.2, cap)
         want, want_norm = candidate_logits_ref(*args, norms=True)
         got, got_norm = candidate_logits(*args, norms=True)
