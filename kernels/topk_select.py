@@ -8,11 +8,11 @@ does for consecutive candidates) -> the positions of the ``k`` best, ties to
 the earlier candidate, in candidate order; picked padding reads
 ``PAD_POSITION`` at the end.
 
-One program per (row, head): four 8-bit radix-histogram passes over the row
-find the k-th score exactly (scores as order-preserving int keys; the first
-pass makes the keys, neighbour spread included, into a scratch row that the
-others read: 15% faster than remaking them each pass), then one pass compacts
-the winners in order with a running count. This replaces a torch pipeline
+One program per (row, head): two 8-bit radix-histogram passes over the row
+find the k-th score exactly at the Selector's ranking precision (scores as
+order-preserving 16-bit keys: ``sfi_sglang.selector.coarse``; the first pass
+makes the keys, neighbour spread included, into a scratch row that the second
+reads), then one pass compacts the winners in order with a running count. This replaces a torch pipeline
 (topk, masks, two scans, scatter, sort) whose launches and full-size
 temporaries cost more than the logits pass. A row runs in one program because
 the backend batches layers, so rows are many: the time grows with rows x
@@ -55,8 +55,9 @@ def _keys(F, Pos, j, N, WINDOW: tl.constexpr):
             m = tl.maximum(m, tl.load(F + j - d, mask=inb & (j >= d), other=float("-inf")))
             m = tl.maximum(m, tl.load(F + j + d, mask=(j + d) < N, other=float("-inf")))
         s = 0.5 * (s + m)
-    # scores are >= 0, so their float bits order as ints; +1 puts every real candidate above padding
-    key = tl.where(p >= 0, s.to(tl.int32, bitcast=True) + 1, 0)
+    # scores are >= 0, so their float bits order as ints; the top 16 bits are the coarse score
+    # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding
+    key = tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
     return key, p
 
 
@@ -72,23 +73,23 @@ def _topk_select(F, Pos, Keys, Out, N, K, stride_fs, stride_fh, stride_ps, strid
     Out += ih.to(tl.int64) * K
     bins = tl.arange(0, 256)
     offs = tl.arange(0, BLOCK)
-    # radix select of the K-th largest key, 8 bits at a time from the top (keys are < 2**31); the
-    # first pass makes the keys (neighbour spread included) and keeps them for the other passes
+    # radix select of the K-th largest key, 8 bits at a time from the top (keys are < 2**16); the
+    # first pass makes the keys (neighbour spread included) and keeps them for the second
     prefix = 0
     want = K  # how many still to pick among keys matching the prefix
-    for shift in tl.static_range(24, -1, -8):
+    for shift in tl.static_range(8, -1, -8):
         hist = tl.zeros([256], dtype=tl.int32)
         for start in range(0, N, BLOCK):
             j = start + offs
             match = j < N
-            if shift == 24:
+            if shift == 8:
                 key, _ = _keys(F, Pos, j, N, WINDOW)
                 tl.store(Keys + j, key, mask=match)
             else:
                 key = tl.load(Keys + j, mask=match, other=0)
-                match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                match = match & ((key >> 8) == (prefix >> 8))
             hist += tl.histogram((key >> shift) & 255, 256, mask=match)
-        if shift == 24:
+        if shift == 8:
             tl.debug_barrier()  # the keys stored above are read back by other threads
         above = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # matching keys in higher bins
         b = tl.max(tl.where((above < want) & (above + hist >= want), bins, -1), 0)

@@ -48,6 +48,15 @@ def test_per_head_candidates_with_padding_inside():
     assert (got >= 0).all() and (got != PAD_POSITION).all()
 
 
+def test_scores_equal_at_ranking_precision_tie():
+    """Scores that differ only below bfloat16 precision tie, and the earlier candidate wins; one
+    bit of bfloat16 precision more decides."""
+    f = torch.tensor([[[1.0, 1.0 + 2**-10, 0.5, 1.0 + 2**-7]]])
+    pos = torch.arange(4, dtype=torch.int32).view(1, 1, -1)
+    assert check(f, pos, 1).tolist() == [[[3]]]
+    assert check(f[..., :3], pos[..., :3], 1).tolist() == [[[0]]]
+
+
 def test_all_equal_scores_take_the_first_k():
     pos = torch.arange(3000, dtype=torch.int32).view(1, 1, -1)
     got = check(torch.zeros(1, 4, 3000), pos, 2048, window=2)
