@@ -13,15 +13,15 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
   ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
   and the live tail ``[hi, n)`` of 256 tokens (64 for ``kept <= 256``: 188 selected);
 - ``selector``: one layer's refresh after a decode slow step, every row refreshed from one query
-  row, as the backend runs it: candidate_logits over the whole context -> group_scores (and the
-  coverage of the held selection) -> select over the region (aggregate, top-k; SFIConfig defaults) -> write the position
-  buffer, all rows in one call (``SFIBackend._select`` may split big batches); ``--profile``
-  prints its kernels by CUDA time;
+  row, by the backend itself (``SFIBackend._refresh_now``: candidate_logits over the whole
+  context -> group_scores and the coverage of the previous selection -> the Selector over the
+  region -> the position buffer), eager as the backend runs it (host time included; it decides
+  on the host how to batch, so it is not graph-captured); ``--profile`` prints its kernels by
+  CUDA time;
 - ``selector_plus_dense``: selector + dense_decode; ``vs_dense`` is its ratio to dense alone;
-- ``refresh_all_layers``: the backend's own refresh after a slow step (``SFIBackend._select``, eager
-  as the backend runs it) over ``--layers`` layers sharing this layer's K: its batching of layers
-  and rows within the Selector's scratch budget included, so batch 1 is measured as it runs;
-  ``slow_step_all_layers`` adds ``--layers`` dense decodes (``vs_dense``: over those alone);
+- ``refresh_all_layers``: the same over ``--layers`` layers sharing this layer's K: its batching
+  of layers and rows within the Selector's scratch budget included, so batch 1 is measured as it
+  runs; ``slow_step_all_layers`` adds ``--layers`` dense decodes (``vs_dense``: over those alone);
 - ``index_builder``: SFI builds no index lists (``sfi_decode`` derives them on the device), so this
   times the per-step planning launch ``plan_step`` instead (per batch; no context).
 ``bytes_moved``: K+V bytes of the attended tokens (selector: K only); ``hbm_frac``: that rate over
@@ -50,16 +50,11 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from bench_decode import copy_bandwidth  # noqa: E402
 from sfi_sglang.config import SFIConfig  # noqa: E402
-from sfi_sglang.kernels.candidate_logits import candidate_logits  # noqa: E402
-from sfi_sglang.kernels.group_scores import group_scores  # noqa: E402
 from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
-from sfi_sglang.kernels.topk_select import topk_select  # noqa: E402
 from sfi_sglang.memory import SelectionStore, StepRows  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
 from sfi_sglang.model_check import AttentionShape  # noqa: E402
-from sfi_sglang.coverage import kept_mask  # noqa: E402
-from sfi_sglang.selector import region_positions, restrict, select  # noqa: E402
 
 HQ, HKV, D, VOCAB = 32, 8, 128, 151936
 SCALE = D ** -0.5
@@ -183,26 +178,10 @@ def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
     return True
 
 
-def selector(c: Case, store: SelectionStore) -> Fn:
-    """The refresh after a slow step, as ``SFIBackend._select`` runs it: logits over the whole
-    context, coverage of the selection held in ``store``, then the Selector over the region."""
-    lo, hi, _ = store.bounds(c.seq_lens)
-    q, norms = c.q[None, :, None], CFG.prior_lambda_max > 0
-    prev = (store.hi[c.slots].clone(), store.count[c.slots].clone(), store.pos[0, c.slots].clone())
-
-    def run() -> None:
-        pos = region_positions(torch.zeros_like(c.seq_lens), c.seq_lens, c.ctx)
-        logits, log_norm = candidate_logits(q, [c.k], c.req_to_token, c.slots, pos, SCALE, norms=norms)
-        held = kept_mask(pos, CFG.sinks, prev[0], prev[2], prev[1])
-        f, _ = group_scores(logits, pos, lo, hi, CFG.alpha, held)
-        sel = select(f, restrict(pos, lo, hi), CFG, (lo, hi), log_norm, True, topk_select)
-        store.pos[0, c.slots, :, : sel.shape[-1]] = sel
-    return run
-
-
-def refresh_all_layers(c: Case, layers: int) -> Fn:
-    """``SFIBackend._select`` itself, as the refresh after a slow step of every row runs it, over
-    ``layers`` layers that all read this case's K buffer."""
+def refresh(c: Case, layers: int) -> Fn:
+    """The backend's own refresh after a slow step of every row (``SFIBackend._refresh_now``:
+    logits over the whole context, coverage of the previous selection, the Selector over the
+    region, eager), over ``layers`` layers that all read this case's K buffer."""
     from sfi_sglang.backend import SFIBackend, _slow_step_refresh
 
     b = SFIBackend.selector_only(CFG, AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), lambda _: c.k,
@@ -275,12 +254,12 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
                     add("sparse_decode", bs, ctx, kept, sfi(c, store, slow=False), kv_bytes(bs, kept))
                 else:
                     print(f"skip sparse_decode kept {kept}: context {ctx} too short")
-            run = selector(c, store)
-            add("selector", bs, ctx, CFG.topk, run, kv_bytes(bs, ctx, tensors=1))
+            run = refresh(c, 1)
+            add("selector", bs, ctx, CFG.topk, run, kv_bytes(bs, ctx, tensors=1), graph=False)
             if args.profile and dev.type == "cuda":
                 profile(run, f"selector batch {bs} context {ctx}")
             if args.layers:
-                run = refresh_all_layers(c, args.layers)
+                run = refresh(c, args.layers)
                 add("refresh_all_layers", bs, ctx, CFG.topk, run, args.layers * kv_bytes(bs, ctx, tensors=1),
                     graph=False)
                 if args.profile and dev.type == "cuda":
