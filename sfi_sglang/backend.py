@@ -37,6 +37,7 @@ from sfi_sglang.config import SFIConfig
 from sfi_sglang.coverage import kept_mask, next_gap
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
+from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.kernels.topk_select import topk_select
@@ -108,7 +109,7 @@ class _Coverage:
     def held(self, part: slice, pos, prev_sel, g: int, sinks: int) -> torch.Tensor:
         """What the previous selections ``[g*S', Hkv, K]`` of ``g`` layers for the rows ``part`` held."""
         prev_hi, prev_cnt = (t[part].repeat(g) for t in self.previous)
-        return kept_mask(pos, sinks, prev_hi, prev_sel, prev_cnt)
+        return (held_mask if pos.is_cuda else kept_mask)(pos, sinks, prev_hi, prev_sel, prev_cnt)
 
     def add(self, part: slice, cov: torch.Tensor, g: int) -> None:
         """Coverage ``[g*S', Hkv]`` of ``g`` layers for the rows ``part``."""

@@ -37,6 +37,26 @@ def test_kept_mask_and_coverage_match_loops(seed):
             assert abs(float(cov[i, h]) - float(mass)) < 1e-5
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_held_mask_matches_kept_mask(seed):
+    """The one-launch kernel (interpreted on CPU) against the torch reference, for ascending
+    selections (as the Selector writes them): counts -1..k, padding, lengths off the block size."""
+    from sfi_sglang.kernels.held_mask import BLOCK_N, held_mask
+
+    g = torch.Generator().manual_seed(seed)
+    s, hkv, k = 3, 2, 37
+    n = torch.randint(10, BLOCK_N + 200, (s,), generator=g)
+    pos = region_positions(torch.zeros(s, dtype=torch.long), n, int(n.max()))
+    prev_hi = torch.stack([torch.randint(0, int(x) + 1, (1,), generator=g)[0] for x in n])
+    prev_cnt = torch.tensor([-1, 0, k])[torch.randperm(3, generator=g)] if seed == 0 else \
+        torch.randint(-1, k + 1, (s,), generator=g)
+    prev_sel = torch.stack([torch.stack([torch.randperm(int(n.max()) + 50, generator=g)[:k].sort().values
+                                         for _ in range(hkv)]) for _ in range(s)]).int()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = (pos.to(dev), 3, prev_hi.to(dev), prev_sel.to(dev), prev_cnt.to(dev))
+    assert torch.equal(held_mask(*args).cpu(), kept_mask(*args).cpu())
+
+
 def test_everything_held_is_full_coverage_and_nothing_is_zero():
     pos, prev_hi, prev_sel, prev_cnt, logits, n = case(7)
     everything = kept_mask(pos, 0, torch.zeros_like(prev_hi), prev_sel, prev_cnt)
