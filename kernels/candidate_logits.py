@@ -71,7 +71,8 @@ def _candidate_logits(
     qoff = layer * stride_ql + (li % S) * stride_qs + (offs_r // G) * stride_qw + (h * G + offs_r % G) * stride_qh
     q = tl.load(Q + qoff[:, None] + offs_d[None, :], mask=r_mask[:, None] & dmask[None, :], other=0.0)
     tok = tl.load(ReqToToken + slot * stride_r + p, mask=valid, other=0).to(tl.int64)
-    k = tl.load(K + tl.load(KOffsets + layer) + tok[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+    k_off = tl.multiple_of(tl.load(KOffsets + layer), 16)  # keeps the key loads vectorised
+    k = tl.load(K + k_off + tok[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                 mask=valid[:, None] & dmask[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k)) * sm_scale
     if CAP:
@@ -96,7 +97,9 @@ def candidate_logits(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, pos
     n = positions.shape[-1]
     assert len(k_bufs) == n_layers and all(k.dtype == k0.dtype and k.stride() == k0.stride() for k in k_bufs)
     # each layer's pool as an element offset from the first one's (pinned, asynchronous copy: no sync)
-    offsets = torch.tensor([(k.data_ptr() - k0.data_ptr()) // k0.element_size() for k in k_bufs], dtype=torch.int64)
+    offsets = [(k.data_ptr() - k0.data_ptr()) // k0.element_size() for k in k_bufs]
+    assert all(o % 16 == 0 for o in offsets) or not q.is_cuda, "K pools must be 16-element aligned"
+    offsets = torch.tensor(offsets, dtype=torch.int64)
     offsets = offsets.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else offsets
     pos = positions.contiguous().expand(n_layers * s_rows, hkv, n)
     blocks = triton.cdiv(n, BLOCK_N)
