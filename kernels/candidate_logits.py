@@ -83,7 +83,7 @@ def _candidate_logits(
     if NORMS:
         kf = k.to(tl.float32)
         ln = 0.5 * tl.log(tl.maximum(tl.sum(kf * kf, 1), 1e-12))
-        tl.store(LogNorm + li * stride_ns + h * stride_nh + j, tl.where(valid, ln, 0.0))
+        tl.store(LogNorm + li * stride_ns + h * stride_nh + j, tl.where(valid, ln, 0.0), mask=j < N)
 
 
 def candidate_logits(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, positions, sm_scale: float,
@@ -104,8 +104,7 @@ def candidate_logits(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, pos
     pos = positions.contiguous().expand(n_layers * s_rows, hkv, n)
     blocks = triton.cdiv(n, BLOCK_N)
     out = torch.empty(n_layers * s_rows, hkv, w * g, n, dtype=torch.float32, device=q.device)
-    log_norm = (torch.empty(n_layers * s_rows, hkv, blocks * BLOCK_N, dtype=torch.float32, device=q.device)
-                if norms else out)
+    log_norm = torch.empty(n_layers * s_rows, hkv, n, dtype=torch.float32, device=q.device) if norms else out
     _candidate_logits[(n_layers * s_rows, hkv, blocks)](
         q, k0, offsets, req_to_token, slots, pos, out, log_norm, sm_scale, logit_cap if logit_cap > 0 else 1.0, n,
         s_rows, q.stride(0), q.stride(1), q.stride(2), q.stride(3), k0.stride(0), k0.stride(1),
@@ -115,4 +114,4 @@ def candidate_logits(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, pos
         D=d, BLOCK_D=triton.next_power_of_2(d), CAP=logit_cap > 0, NORMS=norms,
         num_warps=4,
     )
-    return out, (log_norm[..., :n] if norms else None)
+    return out, (log_norm if norms else None)

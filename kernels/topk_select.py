@@ -12,14 +12,14 @@ One program per (row, head): two 8-bit radix-histogram passes over the row
 find the k-th score exactly at the Selector's ranking precision (scores as
 order-preserving 16-bit keys: ``sfi_sglang.selector.coarse``; the first pass
 makes the keys, neighbour spread included, into a scratch row that the second
-reads), then one pass compacts the winners in order with a running count. This replaces a torch pipeline
-(topk, masks, two scans, scatter, sort) whose launches and full-size
-temporaries cost more than the logits pass. A row runs in one program because
-the backend batches layers, so rows are many: the time grows with rows x
-candidates, not with a program's latency (``tune_selector_h200.json``), and
-splitting rows into chunks (11-bit histograms summed with atomics, five
-launches) measured slower on an H200 at batch 4-16 (``kernels_h200_chunked_topk.json``;
-both in ``benchmarks/results``).
+reads), then one pass compacts the winners in order with a running count.
+This replaces a torch pipeline (topk, masks, two scans, scatter, sort) whose
+launches and full-size temporaries cost more than the logits pass. A row runs
+in one program because the backend batches layers, so rows are many: the time
+grows with rows x candidates, not with a program's latency
+(``tune_selector_h200.json``), and splitting rows into chunks (11-bit histograms
+summed with atomics, five launches) measured slower on an H200 at batch 4-16
+(``kernels_h200_chunked_topk.json``; both in ``benchmarks/results``).
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
@@ -45,7 +45,8 @@ def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: in
 
 @triton.jit
 def _keys(F, Pos, j, N, WINDOW: tl.constexpr):
-    """Order-preserving int32 keys of candidates ``j`` (0: padding or out of range) and their positions."""
+    """Order-preserving keys of candidates ``j`` at ranking precision (0: padding or out of range) and
+    their positions."""
     inb = j < N
     p = tl.load(Pos + j, mask=inb, other=-1)
     s = tl.load(F + j, mask=inb, other=0.0)

@@ -117,10 +117,13 @@ class _Coverage:
         self.total[part] += cov.sum((0, 2))
         self.worst[part] = torch.minimum(self.worst[part], cov.mean(2).min(0).values)
 
-    def finish(self, store: SelectionStore, stats: SFIStats, cfg: SFIConfig) -> None:
+    def finish(self, store: SelectionStore, stats: SFIStats, cfg: SFIConfig,
+               keep: torch.Tensor | None = None) -> None:
         """Per row: mean over layers and KV heads -> the store, the counters and (adaptive) the gap.
-        Rows that had no selection before their slow step are not measured."""
+        Rows that had no selection before their slow step, or are not in ``keep``, are not measured."""
         slots, measured = self.slots, self.previous[1] >= 0
+        if keep is not None:
+            measured = measured & keep
         mean = self.total / self.per_row
         store.add_coverage(slots, mean, self.worst, measured)
         stats.add_coverage(mean, self.worst, measured)
@@ -135,13 +138,13 @@ class _Deferred:
     then, so the side stream never reads or writes memory the main stream has freed."""
 
     due: int
-    slots: torch.Tensor  # [S] req-pool slots
+    refresh: _Refresh  # what the side stream reads: slots, candidate bounds and positions
+    q: torch.Tensor  # [layers, S, Hq, D] the slow step's queries
     generation: torch.Tensor  # [S] the slots' store.generation when it started
     hi: torch.Tensor  # [S] the new selection state, as the slow step's plan set it
     count: torch.Tensor
     pos: torch.Tensor  # [layers, S, Hkv, topk] the new selections, written by the side stream
     cover: _Coverage
-    inputs: tuple[torch.Tensor, ...]  # what the side stream reads (queries, candidate bounds)
     done: torch.cuda.Event | None
 
 
@@ -260,7 +263,7 @@ class SFIBackend(AttentionBackend):
             if scored:
                 r = _slow_step_refresh(slots, rows_d.unsqueeze(1), lo_d, hi_d, self._to_device(n[sub].int()),
                                        int(n[sub].max()), previous)
-                pending = sum(d.slots.shape[0] for d in self.deferred)
+                pending = sum(d.refresh.slots.shape[0] for d in self.deferred)
                 if self.cfg.refresh_lag > 1 and pending + len(rows_d) <= DEFERRED_ROWS:
                     self._defer(r)
                 else:
@@ -287,12 +290,11 @@ class SFIBackend(AttentionBackend):
         q = self.q_hist[:, r.q_rows[:, 0]]  # the slow step's queries: the next steps overwrite q_hist
         r.q_rows = torch.arange(len(slots), device=self.device).unsqueeze(1)
         d = _Deferred(
-            due=self.step + self.cfg.refresh_lag - 1, slots=slots, generation=st.generation[slots],
+            due=self.step + self.cfg.refresh_lag - 1, refresh=r, q=q, generation=st.generation[slots],
             hi=new_hi, count=new_count,
             pos=torch.zeros(sh.num_layers, len(slots), sh.kv_heads, self.cfg.topk, dtype=torch.int32,
                             device=self.device),
-            cover=_Coverage(slots, r.previous, sh.kv_heads * sh.num_layers),
-            inputs=(q, r.q_rows, r.lo, r.hi, r.positions(0)), done=None,
+            cover=_Coverage(slots, r.previous, sh.kv_heads * sh.num_layers), done=None,
         )
         if self.side is None:
             self._select(range(sh.num_layers), q, r, d.cover, d.pos)
@@ -315,13 +317,12 @@ class SFIBackend(AttentionBackend):
         for d in due:
             if d.done is not None:
                 torch.cuda.current_stream().wait_event(d.done)
-            same = st.generation[d.slots] == d.generation
-            st.hi[d.slots] = torch.where(same, d.hi, st.hi[d.slots])
-            st.count[d.slots] = torch.where(same, d.count, st.count[d.slots])
-            st.pos[:, d.slots] = torch.where(same.view(1, -1, 1, 1), d.pos, st.pos[:, d.slots])
-            prev_hi, prev_count = d.cover.previous
-            d.cover.previous = (prev_hi, torch.where(same, prev_count, -1))  # a new request's: not measured
-            self._finish_coverage(d.cover)
+            slots = d.refresh.slots
+            same = st.generation[slots] == d.generation
+            st.hi[slots] = torch.where(same, d.hi, st.hi[slots])
+            st.count[slots] = torch.where(same, d.count, st.count[slots])
+            st.pos[:, slots] = torch.where(same.view(1, -1, 1, 1), d.pos, st.pos[:, slots])
+            self._finish_coverage(d.cover, keep=same)  # a new request's slot: not measured
 
     def _plan_extend(self, fb) -> list[_Refresh]:
         """Selections at the end of a prefill: from scratch, or from the record of a cached prefix."""
@@ -487,10 +488,10 @@ class SFIBackend(AttentionBackend):
                 else:
                     out[idx.view(-1), a:a + n_s, :, : sel.shape[-1]] = sel
 
-    def _finish_coverage(self, cover: _Coverage) -> None:
-        """Coverage of a slow-step refresh into the store and counters; the per-request summaries
-        copied to the host (asynchronously) for the responses."""
-        cover.finish(self.store, self.stats, self.cfg)
+    def _finish_coverage(self, cover: _Coverage, keep: torch.Tensor | None = None) -> None:
+        """Coverage of a slow-step refresh (its rows in ``keep``) into the store and counters; the
+        per-request summaries copied to the host (asynchronously) for the responses."""
+        cover.finish(self.store, self.stats, self.cfg, keep)
         self.cov_host.copy_(self.store.cov_stats, non_blocking=True)
         if self.cov_copied is not None:
             self.cov_copied.record()
