@@ -1,7 +1,7 @@
 """Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
 
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
-        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--tp 1] [--out benchmarks/results/decode_throughput.json]
+        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024] [--tp 1] [--out benchmarks/results/decode_throughput.json]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
 ``--runner engine``, an Engine with the overlap scheduler: ``engine_decode.py``), one
@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--lags", default="1", type=lambda s: [int(x) for x in s.split(",")],
                     help="sfi refresh_lag values (each R runs once per lag; > 1: Selector on a side stream)")
+    ap.add_argument("--memories", default="", type=lambda s: [tuple(map(int, x.split("/"))) for x in s.split(",") if x],
+                    help="sfi TOPK/RECENT pairs, e.g. 2048/512,3072/1024 (each runs per R and lag; empty: the default)")
     ap.add_argument("--dense", default="flashinfer,triton,fa3")
     ap.add_argument("--mem-fraction", default="auto", help="static memory fraction; auto: sized per context")
     ap.add_argument("--tp", default=1, type=int, help="tensor parallel GPUs (sglang --tp-size)")
@@ -160,9 +162,13 @@ def main() -> None:
     base = SFIConfig()
     for r in args.refresh:
         for lag in args.lags:
-            cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1), "boundary": False,
-                   "log_interval": 64, "refresh_lag": lag}
-            runs.append((f"sfi_R{r}" + (f"_lag{lag}" if lag > 1 else ""), "sfi", cfg, r))
+            for memory in args.memories or [(base.topk, base.recent)]:
+                cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1),
+                       "boundary": False, "log_interval": 64, "refresh_lag": lag, "topk": memory[0],
+                       "recent": memory[1]}
+                name = f"sfi_R{r}" + (f"_lag{lag}" if lag > 1 else "") + (
+                    f"_k{memory[0]}r{memory[1]}" if args.memories else "")
+                runs.append((name, "sfi", cfg, r))
     runs.sort(key=lambda run: run[0] in args.dense.split(",")[1:])  # first dense, sfi, then the other dense
 
     groups: dict[int, list[int]] = {}
@@ -177,7 +183,7 @@ def main() -> None:
             bs, ctx = res["batch_size"], res["input_len"]
             steps, step_s = res["output_len"] - 1, res["step_s"]
             if cfg:  # tokens read per KV head: slow steps the context, fast steps the memory
-                kept = base.sinks + base.topk + base.recent + r / 2
+                kept = base.sinks + cfg["topk"] + cfg["recent"] + r / 2
                 read = ctx / r + min(kept, ctx) * (r - 1) / r
             else:
                 read = ctx
@@ -186,7 +192,8 @@ def main() -> None:
                 "gpu": gpu, "model": args.model, "tp": args.tp, "runner": args.runner, "backend": name, "batch": bs,
                 "context": ctx,
                 "output_len": res["output_len"], "refresh_every": r,
-                "refresh_lag": cfg["refresh_lag"] if cfg else None, "decode_tok_s": bs / step_s,
+                "refresh_lag": cfg["refresh_lag"] if cfg else None, "topk": cfg["topk"] if cfg else None,
+                "recent": cfg["recent"] if cfg else None, "decode_tok_s": bs / step_s,
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })

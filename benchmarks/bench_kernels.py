@@ -11,7 +11,7 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
 - ``sfi_dense_decode``: ``sfi_decode`` with every row slow (our kernel's dense path);
 - ``sparse_decode``: ``sfi_decode`` with every row fast, ``kept`` tokens per KV head: 4 sinks,
   ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
-  and the live tail ``[hi, n)`` of 256 tokens (64 for ``kept <= 256``: 188 selected);
+  and the live tail ``[hi, n)`` of ``TAIL`` = 512 tokens (64 for ``kept <= 256``: 188 selected);
 - ``selector``: one layer's refresh after a decode slow step, every row refreshed from one query
   row, by the backend itself (``SFIBackend._refresh_now``: candidate_logits over the whole
   context -> group_scores and the coverage of the previous selection -> the Selector over the
@@ -59,6 +59,7 @@ from sfi_sglang.model_check import AttentionShape  # noqa: E402
 HQ, HKV, D, VOCAB = 32, 8, 128, 151936
 SCALE = D ** -0.5
 CFG = SFIConfig()
+TAIL = 512  # sparse_decode's live tail (kept > 256), fixed so rows stay comparable across defaults
 REPLAYS = 5
 Fn = Callable[[], object]
 
@@ -167,7 +168,7 @@ def sfi(c: Case, store: SelectionStore, slow: bool) -> Fn:
 
 def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
     """Fast-row state attending ``kept`` tokens per KV head; False if the context is too short."""
-    tail = 64 if kept <= 256 else CFG.recent
+    tail = 64 if kept <= 256 else TAIL
     cnt, hi = kept - CFG.sinks - tail, c.ctx - tail
     if cnt < 0 or cnt > hi - CFG.sinks:
         return False

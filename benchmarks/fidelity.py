@@ -251,6 +251,8 @@ def main() -> None:
                    help="also run the adaptive policy at these coverage targets (floor: the first --gaps value)")
     p.add_argument("--show-passkeys", action="store_true", help="print each passkey answer, dense and sfi")
     p.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for every sweep point")
+    p.add_argument("--corpus-offset", type=int, default=0,
+                   help="corpus tokens skipped before the first context (fresh windows for a held-out check)")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.json"))
@@ -265,9 +267,9 @@ def main() -> None:
     model = prepare_model(args.model_dir)
     tok = AutoTokenizer.from_pretrained(model)
     ids = tok.encode(corpus_text())
-    need = sum(args.contexts) + len(args.contexts) * args.steps
+    need = args.corpus_offset + sum(args.contexts) + len(args.contexts) * args.steps
     if need > len(ids):
-        sys.exit(f"corpus has {len(ids)} tokens, the contexts need {need}")
+        sys.exit(f"corpus has {len(ids)} tokens, the offset and contexts need {need}")
     rng = random.Random(0)
     keys, prompts, cases = [], [], []
     for length in args.passkey_lengths:
@@ -286,7 +288,7 @@ def main() -> None:
     dense_backend = "torch_native" if args.device == "cpu" else "flashinfer"
     dense_logp = os.path.join(tempfile.gettempdir(), f"sfi_fidelity_dense_{os.getpid()}.pt")
     spec = {"model": model, "device": args.device, "contexts": args.contexts, "steps": args.steps,
-            "corpus_ids": ids[:need], "passkey_prompts": prompts, "dense_logp": dense_logp}
+            "corpus_ids": ids[args.corpus_offset:need], "passkey_prompts": prompts, "dense_logp": dense_logp}
 
     def passkey_hits(res: dict) -> list[bool]:
         return [str(k) in tok.decode(o) for k, o in zip(keys, res.get("passkey_outputs", []))]
@@ -333,7 +335,7 @@ def main() -> None:
         print("SUMMARY " + json.dumps(line))
 
     result = {"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-              "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent,
+              "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent, "corpus_offset": args.corpus_offset,
               "config": json.loads(args.config),
               "passkey_cases": cases, "passkey_dense": dense_hits, "passkeys": passkeys,
               "coverage_kl_all": {"intervals": len(intervals), **corr}, "summary": summary, "rows": rows}

@@ -9,7 +9,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 
 python -m pytest -q -p no:cacheprovider "$HERE/tests/test_sfi_decode.py" "$HERE/tests/test_selector.py" \
-  "$HERE/tests/test_topk_select.py" "$HERE/tests/test_coverage.py" \
+  "$HERE/tests/test_topk_select.py" "$HERE/tests/test_coverage.py" "$HERE/tests/test_backend_select.py" \
   > "$OUT/kernel_tests.log" 2>&1
 echo "kernel tests rc=$? ($(tail -1 "$OUT/kernel_tests.log"))"
 

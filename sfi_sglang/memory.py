@@ -27,7 +27,7 @@ from sfi_sglang.model_check import AttentionShape
 
 
 # Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
-# in line. Each holds its new selections until they take over (2.3 MiB for Qwen3-4B at topk 2048).
+# in line. Each holds its new selections until they take over (3.4 MiB for Qwen3-4B at topk 3072).
 DEFERRED_ROWS = 64
 
 

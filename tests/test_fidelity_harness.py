@@ -20,11 +20,12 @@ def test_tiny_sweep(tmp_path):
     out = tmp_path / "fidelity.json"
     cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "fidelity.py"), "--contexts", "200", "320",
            "--steps", "12", "--budgets", "4096", "16", "--refresh", "6", "--recent", "16", "--gaps", "2",
-           "--adaptive-targets", "0.9",
+           "--adaptive-targets", "0.9", "--corpus-offset", "100",
            "--passkey-lengths", "200", "--passkey-depths", "0.5", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
+    assert res["corpus_offset"] == 100
     rows = {(r["budget"], r["context"]): r for r in res["rows"] if r["policy"] == "fixed"}
     assert set(rows) == {(4096, 200), (4096, 320), (16, 200), (16, 320)}
     adaptive = [r for r in res["rows"] if r["policy"] == "adaptive"]
