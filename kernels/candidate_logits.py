@@ -48,7 +48,7 @@ def candidate_logits_ref(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots,
     return logits, log_norm
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # one compiled kernel for every row count
 def _candidate_logits(
     Q, K, KOffsets, ReqToToken, Slots, Pos, Out, LogNorm, sm_scale, logit_cap, N, S,
     stride_ql, stride_qs, stride_qw, stride_qh, stride_kt, stride_kh, stride_r, stride_ps, stride_ph,

@@ -59,7 +59,7 @@ def _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr, stride_ps,
     return ih, blk, j, r, rmask, valid, reg, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "SHR"])  # one compiled kernel for every width and row count
 def _block_stats(
     L, Pos, Lo, Hi, Part, N, NB, SHR,
     stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
@@ -81,7 +81,7 @@ def _store_max_sum(Out, step, x, rmask):
     tl.store(Out + step, tl.sum(tl.exp(x - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "SHR"])
 def _scores(
     L, Pos, Lo, Hi, Lse, Held, F, Part, alpha, N, NB, SHR,
     stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,

@@ -69,8 +69,19 @@ class _Refresh:
     from_record: bool = False  # prefill refresh that starts from cached selection records
 
 
+# Candidate lists are padded to a multiple of this: the Selector's Triton kernels then always see
+# 16-divisible widths and strides, so one compiled specialization serves every context length
+# (instead of a second one, compiled mid-serving, for the other lengths) and rows stay aligned.
+WIDTH_ALIGN = 16
+
+
+def _aligned(width: int) -> int:
+    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
+
+
 def _region_refresh(slots, q_rows, lo, hi, width: int) -> _Refresh:
     """Candidates: the whole region ``[lo, hi)``, the same for every layer and KV head."""
+    width = _aligned(width)
     pos = region_positions(lo, hi, width)
     return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True)
 
@@ -79,6 +90,7 @@ def _slow_step_refresh(slots, q_rows, lo, hi, n, width: int, previous) -> _Refre
     """After a slow step: candidates are the whole context ``[0, n)``, so the same logits give
     the coverage of the previous selection (sinks and tail included); the Selector then
     ranks only ``[lo, hi)``."""
+    width = _aligned(width)
     pos = region_positions(torch.zeros_like(n), n, width)
     return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True, previous)
 
@@ -89,7 +101,7 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
     layers, heads = records[0].pos.shape[:2]
     kept = max(r.count for r in records)
     start = torch.tensor([r.hi for r in records], dtype=torch.int32)
-    width = int((hi - start).max())
+    width = _aligned(kept + int((hi - start).max())) - kept
     cand = torch.full((layers, len(records), heads, kept + width), -1, dtype=torch.int32, device=records[0].pos.device)
     for i, r in enumerate(records):
         cand[:, i, :, : r.count] = r.pos

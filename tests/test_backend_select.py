@@ -11,9 +11,10 @@ from sfi_sglang.model_check import AttentionShape
 LAYERS, HQ, HKV, D = 5, 4, 2, 16
 
 
-def refresh(scratch: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+def refresh(scratch: int, monkeypatch, align: int = backend.WIDTH_ALIGN) -> tuple[torch.Tensor, torch.Tensor]:
     """Selections and coverage sums after a slow-step refresh of three requests of different lengths."""
     monkeypatch.setattr(backend, "SELECTOR_SCRATCH", scratch)
+    monkeypatch.setattr(backend, "WIDTH_ALIGN", align)
     g = torch.Generator().manual_seed(0)
     cfg = SFIConfig(topk=24, sinks=2, recent=8)
     lens = torch.tensor([90, 61, 40], dtype=torch.int32)
@@ -27,6 +28,7 @@ def refresh(scratch: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
     b.store.pos.copy_(torch.randint(0, 90, b.store.pos.shape, generator=g).sort(-1).values)  # previous selection
     r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, int(lens.max()),
                            (hi.int(), count.int()))
+    assert r.width % align == 0 and r.width >= int(lens.max())
     b._refresh_now(r, q)
     return b.store.pos.clone(), b.store.cov_stats.clone()
 
@@ -37,6 +39,14 @@ def test_batching_does_not_change_the_selection(monkeypatch):
         part = refresh(scratch, monkeypatch)
         assert torch.equal(part[0], whole[0])
         torch.testing.assert_close(part[1], whole[1])
+
+
+def test_padded_candidates_do_not_change_the_selection(monkeypatch):
+    exact = refresh(2**30, monkeypatch, align=1)  # width 90, the longest request
+    for align in (16, 64):
+        padded = refresh(2**30, monkeypatch, align=align)
+        assert torch.equal(padded[0], exact[0])
+        torch.testing.assert_close(padded[1], exact[1])
 
 
 def deferred_backend(lag: int):
