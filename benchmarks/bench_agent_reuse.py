@@ -1,7 +1,8 @@
 """Agent turns over a long shared prefix: sfi with selection reuse vs sfi without it vs dense.
 
     python benchmarks/bench_agent_reuse.py [--prefix 16384,65536] [--turns 6] [--user 256] [--output 128]
-        [--dense flashinfer] [--out benchmarks/results/agent_reuse.json]
+        [--dense flashinfer] [--config SFI_JSON] [--out benchmarks/results/agent_reuse.json]
+    python benchmarks/bench_agent_reuse.py --device cpu --model DIR --dense torch_native ...  # CPU smoke run
 
 Each variant runs in its own process (an sglang Engine on one GPU, dummy Qwen3-4B
 weights, decode CUDA graphs on): turn ``i`` sends the shared prefix plus every
@@ -43,13 +44,17 @@ def run_turns(args) -> list[dict]:
     """Child process: one Engine, ``args.turns`` sequential streamed turns; returns per-turn rows."""
     import sglang as sgl
 
+    with open(os.path.join(args.model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
     rng = random.Random(0)
-    words = lambda n: [rng.randrange(1000, 50000) for _ in range(n)]  # noqa: E731
-    engine = sgl.Engine(
-        model_path=args.model, attention_backend=args.backend, load_format="dummy", random_seed=0,
-        mem_fraction_static=0.7, context_length=args.prefix[0] + args.turns * (args.user + args.output) + 64,
-        cuda_graph_backend_prefill="disabled", cuda_graph_max_bs_decode=4, log_level="info",
-    )
+    words = lambda n: [rng.randrange(min(1000, vocab // 2), min(50000, vocab)) for _ in range(n)]  # noqa: E731
+    context = args.prefix[0] + args.turns * (args.user + args.output) + 64
+    if args.device == "cuda":
+        kw = dict(load_format="dummy", mem_fraction_static=0.7, cuda_graph_max_bs_decode=4)
+    else:  # a small real-format model (e.g. sfi_sglang.dummy_model --random-weights), as the CPU tests run it
+        kw = dict(device="cpu", load_format="auto", max_total_tokens=2 * context, cuda_graph_backend_decode="disabled")
+    engine = sgl.Engine(model_path=args.model, attention_backend=args.backend, random_seed=0, context_length=context,
+                        cuda_graph_backend_prefill="disabled", log_level="info", **kw)
     history, rows = words(args.prefix[0]), []
     try:
         for turn in range(args.turns):
@@ -80,6 +85,10 @@ def main() -> None:
     ap.add_argument("--user", type=int, default=256, help="new user/tool tokens per turn")
     ap.add_argument("--output", type=int, default=128)
     ap.add_argument("--dense", default="flashinfer")
+    ap.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for both sfi variants")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a smoke run on --model with the CPU engine (source checkout; dense: torch_native)")
+    ap.add_argument("--model", help="model folder (default: a dummy-weight Qwen3-4B, cuda only)")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "agent_reuse.json"))
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
@@ -91,8 +100,12 @@ def main() -> None:
 
     import torch
 
-    model = write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
-    variants = {**VARIANTS, args.dense: (args.dense, None)}
+    if args.device == "cpu" and not args.model:
+        ap.error("--device cpu needs --model")
+    model = args.model or write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
+    extra = json.loads(args.config)
+    variants = {name: (backend, {**cfg, **extra}) for name, (backend, cfg) in VARIANTS.items()}
+    variants[args.dense] = (args.dense, None)
     runs = []
     for prefix in args.prefix:
         results = {}
@@ -103,8 +116,9 @@ def main() -> None:
         runs.append({"prefix": prefix, "variants": results})
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-                       "model": "qwen3-4b (dummy weights)", "user_tokens": args.user, "output_tokens": args.output,
+            json.dump({"date": datetime.date.today().isoformat(),
+                       "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "config": extra,
+                       "model": args.model or "qwen3-4b (dummy weights)", "user_tokens": args.user, "output_tokens": args.output,
                        "runs": runs}, f, indent=1)
     print("\nprefill Selector, mean ms per prefill (from records / fresh):")
     for run in runs:
@@ -117,10 +131,14 @@ def main() -> None:
 def run_variant(name: str, backend: str, cfg: dict | None, model: str, prefix: int, args) -> dict | None:
     """One child process (one Engine) over the turns at ``prefix``; its rows and sfi's logged counters."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN="1")
+    if args.device == "cpu":
+        from sfi_sglang.cpu_env import cpu_engine_env
+
+        env = cpu_engine_env(env)
     if cfg is not None:
         env["SFI_CONFIG"] = json.dumps(cfg)
     cmd = [sys.executable, __file__, "--child", model, backend, "--prefix", str(prefix), "--turns", str(args.turns),
-           "--user", str(args.user), "--output", str(args.output)]
+           "--user", str(args.user), "--output", str(args.output), "--device", args.device]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         log = p.stdout + p.stderr

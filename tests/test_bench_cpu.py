@@ -1,0 +1,45 @@
+"""GPU benchmarks at tiny size on the CPU, so they cannot rot between GPU runs: the overlap-scheduler
+decode runner (``benchmarks/engine_decode.py``, used by ``bench_decode.py --runner engine``) and the
+agent-turn selection-reuse benchmark (``benchmarks/bench_agent_reuse.py``)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HERE, engine_env
+
+pytestmark = pytest.mark.e2e
+
+
+def test_engine_decode_on_cpu(tiny_model, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    env = engine_env('{"topk": 32, "recent": 8, "max_fast_steps": 7, "min_refresh_gap": 2, "boundary": false, "log_interval": 8}')
+    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "engine_decode.py"), tiny_model, "sfi",
+           "--input-len", "200", "--batch-size", "1", "3", "--output-len", "16", "--device", "cpu",
+           "--load-format", "auto", "--result-filename", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [1, 3]
+    assert all(r["input_len"] == 200 and r["output_len"] == 16 and r["step_s"] > 0 for r in rows)
+    slow = re.findall(r"slow frac ([0-9.]+)", proc.stdout + proc.stderr)  # sfi's counters, as bench_decode reads them
+    assert slow and float(slow[-1]) > 0
+
+
+def test_agent_reuse_bench_on_cpu(tiny_model, tmp_path):
+    out = tmp_path / "agent.json"
+    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "bench_agent_reuse.py"), "--device", "cpu",
+           "--model", tiny_model, "--dense", "torch_native", "--prefix", "300", "--turns", "2", "--user", "24",
+           "--output", "16", "--config", '{"topk": 64, "recent": 16}', "--out", str(out)]
+    proc = subprocess.run(cmd, env=engine_env("{}"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    v = run["variants"]
+    assert set(v) == {"sfi_reuse", "sfi_no_reuse", "torch_native"}, proc.stderr[-4000:]
+    assert all(len(x["turns"]) == 2 and x["turns"][1]["cached_tokens"] > 0 for x in v.values())
+    assert v["sfi_reuse"]["reuse_hits"] > 0 and v["sfi_reuse"]["selector_record_ms"] > 0  # later turns reused
+    assert v["sfi_no_reuse"]["reuse_hits"] is None and v["sfi_no_reuse"]["selector_fresh_ms"] > 0
