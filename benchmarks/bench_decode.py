@@ -1,7 +1,8 @@
 """Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
 
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
-        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024] [--tp 1] [--out benchmarks/results/decode_throughput.json]
+        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024] [--tp 1]
+        [--runner engine [--stagger 2]] [--out benchmarks/results/decode_throughput.json]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
 ``--runner engine``, an Engine with the overlap scheduler: ``engine_decode.py``), one
@@ -18,7 +19,9 @@ moved, and the fraction of HBM copy bandwidth (measured in this run) each step u
 with ``--tp N`` bytes and bandwidth are per GPU (weights and KV heads split N ways).
 A shape of context <= 1024 at some batch size (e.g. ``16x512``) measures the step
 outside attention (weights, GEMMs, norms, sampling, launches) at that batch; the table
-then adds ``attn``, the ratio of the attention parts (each step minus that floor).
+then adds ``attn``, the ratio of the attention parts (each step minus that floor). With
+``--runner engine --stagger N``, ``stag`` is the ratio with requests sent N steps apart, so that
+sfi's slow steps fall on different steps for different requests, as in serving.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
     common = ["--mem-fraction-static", str(fraction), "--tp-size", str(args.tp), "--batch-size", *map(str, batches),
               "--input-len", str(context), "--output-len", str(args.output_len), "--result-filename", res]
     if args.runner == "engine":
-        cmd = [sys.executable, os.path.join(HERE, "engine_decode.py"), model, backend, *common]
+        cmd = [sys.executable, os.path.join(HERE, "engine_decode.py"), model, backend, *common,
+               "--stagger", str(args.stagger)]
     else:
         cmd = [sys.executable, "-m", "sfi_sglang.bench_one_batch", "--model-path", model, "--load-format", "dummy",
                "--attention-backend", backend, "--cuda-graph-backend-prefill", "disabled",
@@ -142,9 +146,13 @@ def main() -> None:
     ap.add_argument("--runner", default="one_batch", choices=["one_batch", "engine"],
                     help="one_batch: sglang's one-batch benchmark (synchronous steps); engine: an Engine with the "
                          "overlap scheduler, as a server decodes (benchmarks/engine_decode.py)")
+    ap.add_argument("--stagger", default=0, type=int,
+                    help="engine runner: also time requests sent N steps apart (desynchronized slow steps)")
     ap.add_argument("--timeout", default=900, type=int)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_throughput.json"))
     args = ap.parse_args()
+    if args.stagger and args.runner != "engine":
+        ap.error("--stagger needs --runner engine")
 
     model = write_dummy_model(tempfile.mkdtemp(prefix="sfi-bench-"), args.model)
     gpu = torch.cuda.get_device_name()
@@ -197,6 +205,8 @@ def main() -> None:
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })
+            if "staggered_step_s" in res:
+                rows[-1]["staggered_step_ms"] = 1e3 * res["staggered_step_s"]
             print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s",
                   flush=True)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -214,7 +224,7 @@ def table(rows: list[dict]) -> None:
     """Per (batch, context): best dense backend vs each sfi setting, measured and ideal ratio, and
     (where a short-context shape ran at that batch) the ratio of the steps' attention parts."""
     print(f"\n{'batch':>5} {'ctx':>6} {'best dense':>16} {'sfi':>13} {'tok/s':>9} {'ratio':>6} {'ideal':>6} "
-          f"{'slow':>6} {'%HBM':>5} {'attn':>5}")
+          f"{'slow':>6} {'%HBM':>5} {'attn':>5} {'stag':>5}")
     for bs, ctx in sorted({(r["batch"], r["context"]) for r in rows}):
         short = [r["step_ms"] for r in rows if r["batch"] == bs and r["context"] <= FLOOR_CONTEXT]
         floor = min(short) if short and ctx > FLOOR_CONTEXT else None
@@ -228,7 +238,9 @@ def table(rows: list[dict]) -> None:
                   f"{r['decode_tok_s']:9.1f} {r['decode_tok_s'] / best['decode_tok_s']:6.2f} "
                   f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} "
                   f"{100 * r['hbm_frac']:5.1f} "
-                  + (f"{(best['step_ms'] - floor) / (r['step_ms'] - floor):5.2f}" if floor else f"{'-':>5}"))
+                  + (f"{(best['step_ms'] - floor) / (r['step_ms'] - floor):5.2f}" if floor else f"{'-':>5}")
+                  + (f" {best['staggered_step_ms'] / r['staggered_step_ms']:5.2f}" if "staggered_step_ms" in r
+                     and "staggered_step_ms" in best else f" {'-':>5}"))
 
 
 if __name__ == "__main__":

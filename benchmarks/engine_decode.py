@@ -9,6 +9,12 @@ cancel, and the host work of each step overlaps the GPU work of the one before, 
 (sglang's one-batch benchmark runs each step synchronously, so its host time adds to every step).
 Writes one JSON line per batch size: ``batch_size, input_len, output_len, step_s``.
 
+With ``--stagger N``, each row also gets ``staggered_step_s``: the same two sends, but request
+``i`` submitted ``i * N`` steps (of the synchronized step time) after the first, as requests
+arrive in serving. sfi's forced slow steps then fall on different steps for different requests
+(every ``N``-th step one request refreshes, instead of all at once every ``R`` steps), so the
+refresh's fixed per-call cost is paid that many more times.
+
     python benchmarks/engine_decode.py MODEL BACKEND --input-len 8192 --batch-size 1 16 --result-filename F
 """
 
@@ -32,8 +38,11 @@ def main() -> None:
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--stagger", type=int, default=0, help="also measure with request i sent i*N steps late")
     ap.add_argument("--result-filename", required=True)
     args = ap.parse_args()
+
+    import asyncio
 
     import sglang as sgl
 
@@ -68,10 +77,29 @@ def main() -> None:
                 assert all(len(o["output_ids"]) == new_tokens for o in outs)
                 return time.perf_counter() - t0
 
+            def run_staggered(new_tokens: int, gap_s: float) -> float:
+                sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
+
+                async def one(i: int) -> None:
+                    await asyncio.sleep(i * gap_s)
+                    out = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling)
+                    assert len(out["output_ids"]) == new_tokens
+
+                async def all_requests() -> None:
+                    await asyncio.gather(*(one(i) for i in range(bs)))
+
+                t0 = time.perf_counter()
+                engine.loop.run_until_complete(all_requests())
+                return time.perf_counter() - t0
+
             run(1)  # prefill into the radix cache
             short, long = run(1), run(1 + args.output_len)
             row = {"batch_size": bs, "input_len": args.input_len, "output_len": args.output_len,
                    "step_s": (long - short) / args.output_len}
+            if args.stagger:
+                gap = args.stagger * row["step_s"]
+                short, long = run_staggered(1, gap), run_staggered(1 + args.output_len, gap)
+                row["staggered_step_s"] = (long - short) / args.output_len
             print(json.dumps(row), flush=True)
             with open(args.result_filename, "a") as f:
                 f.write(json.dumps(row) + "\n")
