@@ -12,8 +12,8 @@ Writes one JSON line per batch size: ``batch_size, input_len, output_len, step_s
 With ``--stagger N``, each row also gets ``staggered_step_s``: the same two sends, but request
 ``i`` submitted ``i * N`` steps (of the synchronized step time) after the first, as requests
 arrive in serving. sfi's forced slow steps then fall on different steps for different requests
-(every ``N``-th step one request refreshes, instead of all at once every ``R`` steps), so the
-refresh's fixed per-call cost is paid that many more times.
+(requests sent N steps apart refresh N steps apart, instead of all at once every ``R`` steps), so
+the refresh's fixed per-call cost is paid once per request instead of once per batch.
 
     python benchmarks/engine_decode.py MODEL BACKEND --input-len 8192 --batch-size 1 16 --result-filename F
 """
@@ -70,14 +70,8 @@ def main() -> None:
         for bs in args.batch_size:
             prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
 
-            def run(new_tokens: int) -> float:
-                sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
-                t0 = time.perf_counter()
-                outs = engine.generate(input_ids=prompts, sampling_params=sampling)
-                assert all(len(o["output_ids"]) == new_tokens for o in outs)
-                return time.perf_counter() - t0
-
-            def run_staggered(new_tokens: int, gap_s: float) -> float:
+            def run(new_tokens: int, gap_s: float = 0.0) -> float:
+                """Wall time of the batch with ``new_tokens`` each: one call, or request ``i`` sent ``i * gap_s`` late."""
                 sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
 
                 async def one(i: int) -> None:
@@ -85,11 +79,15 @@ def main() -> None:
                     out = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling)
                     assert len(out["output_ids"]) == new_tokens
 
-                async def all_requests() -> None:
+                async def staggered() -> None:
                     await asyncio.gather(*(one(i) for i in range(bs)))
 
                 t0 = time.perf_counter()
-                engine.loop.run_until_complete(all_requests())
+                if gap_s:
+                    engine.loop.run_until_complete(staggered())
+                else:
+                    outs = engine.generate(input_ids=prompts, sampling_params=sampling)
+                    assert all(len(o["output_ids"]) == new_tokens for o in outs)
                 return time.perf_counter() - t0
 
             run(1)  # prefill into the radix cache
@@ -98,7 +96,7 @@ def main() -> None:
                    "step_s": (long - short) / args.output_len}
             if args.stagger:
                 gap = args.stagger * row["step_s"]
-                short, long = run_staggered(1, gap), run_staggered(1 + args.output_len, gap)
+                short, long = run(1, gap), run(1 + args.output_len, gap)
                 row["staggered_step_s"] = (long - short) / args.output_len
             print(json.dumps(row), flush=True)
             with open(args.result_filename, "a") as f:
