@@ -1,7 +1,8 @@
 """Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
 
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
-        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024] [--tp 1]
+        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024]
+        [--logit-rows 0,4] [--tp 1]
         [--runner engine [--stagger 2]] [--out benchmarks/results/decode_throughput.json]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
@@ -140,6 +141,8 @@ def main() -> None:
                     help="sfi refresh_lag values (each R runs once per lag; > 1: Selector on a side stream)")
     ap.add_argument("--memories", default="", type=lambda s: [tuple(map(int, x.split("/"))) for x in s.split(",") if x],
                     help="sfi TOPK/RECENT pairs, e.g. 2048/512,3072/1024 (each runs per R and lag; empty: the default)")
+    ap.add_argument("--logit-rows", default="", type=lambda s: [int(x) for x in s.split(",") if x],
+                    help="sfi slow_logit_rows values, e.g. 0,4 (0: the Selector re-reads K; empty: the default)")
     ap.add_argument("--dense", default="flashinfer,triton,fa3")
     ap.add_argument("--mem-fraction", default="auto", help="static memory fraction; auto: sized per context")
     ap.add_argument("--tp", default=1, type=int, help="tensor parallel GPUs (sglang --tp-size)")
@@ -171,12 +174,13 @@ def main() -> None:
     for r in args.refresh:
         for lag in args.lags:
             for memory in args.memories or [(base.topk, base.recent)]:
-                cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1),
-                       "boundary": False, "log_interval": 64, "refresh_lag": lag, "topk": memory[0],
-                       "recent": memory[1]}
-                name = f"sfi_R{r}" + (f"_lag{lag}" if lag > 1 else "") + (
-                    f"_k{memory[0]}r{memory[1]}" if args.memories else "")
-                runs.append((name, "sfi", cfg, r))
+                for x in args.logit_rows or [base.slow_logit_rows]:
+                    cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1),
+                           "boundary": False, "log_interval": 64, "refresh_lag": lag, "topk": memory[0],
+                           "recent": memory[1], "slow_logit_rows": x}
+                    name = f"sfi_R{r}" + (f"_lag{lag}" if lag > 1 else "") + (
+                        f"_k{memory[0]}r{memory[1]}" if args.memories else "") + (f"_x{x}" if args.logit_rows else "")
+                    runs.append((name, "sfi", cfg, r))
     runs.sort(key=lambda run: run[0] in args.dense.split(",")[1:])  # first dense, sfi, then the other dense
 
     groups: dict[int, list[int]] = {}
@@ -201,7 +205,8 @@ def main() -> None:
                 "context": ctx,
                 "output_len": res["output_len"], "refresh_every": r,
                 "refresh_lag": cfg["refresh_lag"] if cfg else None, "topk": cfg["topk"] if cfg else None,
-                "recent": cfg["recent"] if cfg else None, "decode_tok_s": bs / step_s,
+                "recent": cfg["recent"] if cfg else None,
+                "slow_logit_rows": cfg["slow_logit_rows"] if cfg else None, "decode_tok_s": bs / step_s,
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })

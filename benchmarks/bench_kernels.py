@@ -9,6 +9,7 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
 - ``dense_decode``: FlashInfer's BatchDecodeWithPagedKVCacheWrapper as sglang runs it in graphs
   (fa2, tensor cores for GQA 4, fixed buffers, planned once outside the graph);
 - ``sfi_dense_decode``: ``sfi_decode`` with every row slow (our kernel's dense path);
+  ``sfi_dense_decode_logits``: the same, every row also keeping its logits (fp16) for the Selector;
 - ``sparse_decode``: ``sfi_decode`` with every row fast, ``kept`` tokens per KV head: 4 sinks,
   ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
   and the live tail ``[hi, n)`` of ``TAIL`` = 512 tokens (64 for ``kept <= 256``: 188 selected);
@@ -22,6 +23,10 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
 - ``refresh_all_layers``: the same over ``--layers`` layers sharing this layer's K: its batching
   of layers and rows within the Selector's scratch budget included, so batch 1 is measured as it
   runs; ``slow_step_all_layers`` adds ``--layers`` dense decodes (``vs_dense``: over those alone);
+- ``selector_from_logits`` / ``refresh_all_layers_from_logits``: the same refreshes from the
+  logits the slow step kept (no keys read); ``fused_selector_plus_dense`` /
+  ``fused_slow_step_all_layers`` add ``sfi_dense_decode_logits`` (``vs_dense``: over FlashInfer's
+  dense decodes): the slow step that reads K once, against the one that reads it twice;
 - ``index_builder``: SFI builds no index lists (``sfi_decode`` derives them on the device), so this
   times the per-step planning launch ``plan_step`` instead (per batch; no context).
 ``bytes_moved``: K+V bytes of the attended tokens (selector: K only); ``hbm_frac``: that rate over
@@ -40,7 +45,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -160,10 +165,12 @@ def flashinfer_dense(c: Case) -> Fn | None:
     return lambda: wrapper.run(c.q, cache)
 
 
-def sfi(c: Case, store: SelectionStore, slow: bool) -> Fn:
+def sfi(c: Case, store: SelectionStore, slow: bool, logits: torch.Tensor | None = None) -> Fn:
+    """``sfi_decode`` with every row slow or fast; ``logits`` ``[bs, HQ, >= ctx]``: slow rows keep theirs there."""
     flags = torch.full((c.bs,), slow, dtype=torch.bool, device=c.q.device)
+    rows = torch.arange(c.bs, dtype=torch.int32, device=c.q.device)
     return lambda: sfi_decode(c.q, c.k, c.v, c.req_to_token, c.slots, c.seq_lens, flags, store.hi, store.count,
-                              store.pos[0], CFG.sinks, SCALE)
+                              store.pos[0], CFG.sinks, SCALE, 0.0, logits, rows)
 
 
 def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
@@ -179,17 +186,22 @@ def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
     return True
 
 
-def refresh(c: Case, layers: int) -> Fn:
+def refresh(c: Case, layers: int, from_logits: bool = False) -> Fn:
     """The backend's own refresh after a slow step of every row (``SFIBackend._refresh_now``:
     logits over the whole context, coverage of the previous selection, the Selector over the
-    region, eager), over ``layers`` layers that all read this case's K buffer."""
+    region, eager), over ``layers`` layers that all read this case's K buffer; ``from_logits``:
+    from the logits the slow step kept (this layer's, in every layer's rows) instead of the keys."""
     from sfi_sglang.backend import SFIBackend, _slow_step_refresh
 
-    b = SFIBackend.selector_only(CFG, AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), lambda _: c.k,
+    cfg = replace(CFG, slow_logit_rows=c.bs if from_logits else 0)
+    b = SFIBackend.selector_only(cfg, AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), lambda _: c.k,
                                  c.req_to_token, c.q.device)
+    if from_logits:
+        sfi(c, b.store, slow=True, logits=b.slow_logits[0])()
+        b.slow_logits.copy_(b.slow_logits[:1].expand_as(b.slow_logits))
     lo, hi, count = b.store.bounds(c.seq_lens)
     r = _slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
-                           (hi.int(), count.int()))
+                           (hi.int(), count.int()), from_logits)
     return lambda: b._refresh_now(r, c.q.expand(layers, -1, -1, -1))
 
 
@@ -234,7 +246,8 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
 
     for ctx in args.contexts:
         for bs in args.batches:
-            need = kv_bytes(bs, ctx) + bs * ctx * 1024  # pool + Selector scratch (logits, softmax, sort)
+            # pool + Selector scratch (logits, softmax, sort) + kept logits of every layer
+            need = kv_bytes(bs, ctx) + bs * ctx * 1024 + (args.layers or 1) * bs * ctx * HQ * 2
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 if need > 0.6 * torch.cuda.mem_get_info()[0]:
@@ -250,21 +263,27 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
                       f"(largest output {ref.abs().max().item():.2g})")
                 add("dense_decode", bs, ctx, ctx, dense, kv_bytes(bs, ctx))
             add("sfi_dense_decode", bs, ctx, ctx, sfi(c, store, slow=True), kv_bytes(bs, ctx))
+            kept = torch.empty(bs, HQ, ctx, dtype=torch.float16, device=dev)
+            add("sfi_dense_decode_logits", bs, ctx, ctx, sfi(c, store, slow=True, logits=kept),
+                kv_bytes(bs, ctx) + kept.nbytes)
+            del kept
             for kept in args.kept:
                 if select_random(store, c, kept):
                     add("sparse_decode", bs, ctx, kept, sfi(c, store, slow=False), kv_bytes(bs, kept))
                 else:
                     print(f"skip sparse_decode kept {kept}: context {ctx} too short")
-            run = refresh(c, 1)
-            add("selector", bs, ctx, CFG.topk, run, kv_bytes(bs, ctx, tensors=1), graph=False)
-            if args.profile and dev.type == "cuda":
-                profile(run, f"selector batch {bs} context {ctx}")
-            if args.layers:
-                run = refresh(c, args.layers)
-                add("refresh_all_layers", bs, ctx, CFG.topk, run, args.layers * kv_bytes(bs, ctx, tensors=1),
-                    graph=False)
+            for suffix, from_logits, per_layer in ("", False, kv_bytes(bs, ctx, tensors=1)), (
+                    "_from_logits", True, bs * HQ * ctx * 2):
+                run = refresh(c, 1, from_logits)
+                add("selector" + suffix, bs, ctx, CFG.topk, run, per_layer, graph=False)
                 if args.profile and dev.type == "cuda":
-                    profile(run, f"refresh_all_layers batch {bs} context {ctx}", top=20)
+                    profile(run, f"selector{suffix} batch {bs} context {ctx}")
+                if args.layers:
+                    run = refresh(c, args.layers, from_logits)
+                    add("refresh_all_layers" + suffix, bs, ctx, CFG.topk, run, args.layers * per_layer, graph=False)
+                    if args.profile and dev.type == "cuda":
+                        profile(run, f"refresh_all_layers{suffix} batch {bs} context {ctx}", top=20)
+                    del run
             del c, store, dense
     for bs in args.batches:
         add("index_builder", bs, None, None, planner(bs, dev), None)
@@ -272,16 +291,21 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
 
 
 def finish(rows: list[dict], gpu: str, bw: float | None, layers: int) -> list[dict]:
-    """Adds selector_plus_dense and slow_step_all_layers rows, HBM fractions and speedups."""
-    dense = {(r["batch"], r["context"]): r for r in rows if r["kernel"] == "dense_decode" and r["time_us"]}
-    pairs = (("selector", "selector_plus_dense", 1), ("refresh_all_layers", "slow_step_all_layers", layers))
-    for name, plus, n in pairs:
+    """Adds the slow-step rows (refresh + that many dense decodes), HBM fractions and speedups."""
+    by = lambda kernel: {(r["batch"], r["context"]): r for r in rows if r["kernel"] == kernel and r["time_us"]}  # noqa: E731
+    dense = by("dense_decode")
+    pairs = (("selector", "selector_plus_dense", 1, "dense_decode"),
+             ("refresh_all_layers", "slow_step_all_layers", layers, "dense_decode"),
+             ("selector_from_logits", "fused_selector_plus_dense", 1, "sfi_dense_decode_logits"),
+             ("refresh_all_layers_from_logits", "fused_slow_step_all_layers", layers, "sfi_dense_decode_logits"))
+    for name, plus, n, attend in pairs:
+        attends = by(attend)
         for r in [r for r in rows if r["kernel"] == name and r["time_us"]]:
-            d = dense.get((r["batch"], r["context"]))
-            if d:
-                t = r["time_us"] + n * d["time_us"]
-                rows.append({**r, "kernel": plus, "time_us": t, "graph": r["graph"] and d["graph"], "layers": n,
-                             "bytes_moved": r["bytes_moved"] + n * d["bytes_moved"],
+            a, d = attends.get((r["batch"], r["context"])), dense.get((r["batch"], r["context"]))
+            if a and d:
+                t = r["time_us"] + n * a["time_us"]
+                rows.append({**r, "kernel": plus, "time_us": t, "graph": r["graph"] and a["graph"], "layers": n,
+                             "bytes_moved": r["bytes_moved"] + n * a["bytes_moved"],
                              "vs_dense": t / (n * d["time_us"])})
     for r in rows:
         t, d = r["time_us"], dense.get((r["batch"], r["context"]))
@@ -293,10 +317,10 @@ def finish(rows: list[dict], gpu: str, bw: float | None, layers: int) -> list[di
 def report(rows: list[dict]) -> None:
     """Table of all rows, then the issue's targets as PASS / MISS lines (worst row of each)."""
     cell = lambda x, f, w: (format(x, f) if x is not None else "-").rjust(w)  # noqa: E731
-    print(f"\n{'kernel':>20} {'batch':>5} {'ctx':>6} {'kept':>6} {'us':>9} {'GB/s':>7} {'hbm':>5} {'speedup':>7}")
+    print(f"\n{'kernel':>30} {'batch':>5} {'ctx':>6} {'kept':>6} {'us':>9} {'GB/s':>7} {'hbm':>5} {'speedup':>7}")
     for r in rows:
         gbs = r["bytes_moved"] / r["time_us"] / 1e3 if r["time_us"] and r["bytes_moved"] else None
-        print(f"{r['kernel']:>20} {r['batch']:>5} {cell(r['context'], 'd', 6)} {cell(r['kept_tokens'], 'd', 6)} "
+        print(f"{r['kernel']:>30} {r['batch']:>5} {cell(r['context'], 'd', 6)} {cell(r['kept_tokens'], 'd', 6)} "
               f"{cell(r['time_us'], '.1f', 9)} {cell(gbs, '.0f', 7)} {cell(r['hbm_frac'], '.2f', 5)} "
               f"{cell(r['speedup_vs_dense'], '.2f', 7)}")
     pick = lambda kernel, cond: [r for r in rows if r["kernel"] == kernel and cond(r)]  # noqa: E731
@@ -308,6 +332,8 @@ def report(rows: list[dict]) -> None:
         ("selector + dense <= 1.3x dense", "vs_dense", max, lambda x: x <= 1.3, pick("selector_plus_dense", bool)),
         ("all layers: refresh + dense <= 1.3x dense", "vs_dense", max, lambda x: x <= 1.3,
          pick("slow_step_all_layers", bool)),
+        ("all layers, K read once: refresh from logits + sfi dense <= 1.3x dense", "vs_dense", max,
+         lambda x: x <= 1.3, pick("fused_slow_step_all_layers", bool)),
         ("index_builder (plan_step) <= 10 us at batch 32", "time_us", max, lambda x: x <= 10,
          pick("index_builder", lambda r: r["batch"] == 32)),
     ]

@@ -32,10 +32,12 @@ def in_region(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> to
 
 def group_scores_ref(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                      alpha: float, held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits ``[S, Hkv, R, N]`` (-inf: padding) of candidates at ``positions [S, 1 or Hkv, N]``,
-    region ``lo, hi [S]``, optional ``held [S, Hkv, N]`` -> ``f [S, Hkv, N]`` and coverage
-    ``[S, Hkv]`` (None without ``held``). Every row needs a candidate in its region."""
-    reg = logits.float().masked_fill(~in_region(positions, lo, hi).unsqueeze(2), float("-inf"))
+    """Logits ``[S, Hkv, R, N]`` (fp32 or fp16; ignored at padding) of candidates at ``positions
+    [S, 1 or Hkv, N]`` (-1: padding), region ``lo, hi [S]``, optional ``held [S, Hkv, N]`` ->
+    ``f [S, Hkv, N]`` and coverage ``[S, Hkv]`` (None without ``held``). Every row needs a
+    candidate in its region."""
+    logits = logits.float().masked_fill(positions.unsqueeze(2) < 0, float("-inf"))
+    reg = logits.masked_fill(~in_region(positions, lo, hi).unsqueeze(2), float("-inf"))
     f = reg.softmax(dim=-1).pow(alpha).mean(dim=2).pow(1.0 / alpha)
     return f / f.sum(dim=-1, keepdim=True), (coverage(logits, held) if held is not None else None)
 
@@ -55,7 +57,7 @@ def _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr, stride_ps,
     p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
     valid, reg = p >= 0, (p >= tl.load(Lo + i)) & (p < tl.load(Hi + i))
     s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
-                mask=rmask[:, None] & valid[None, :], other=float("-inf"))
+                mask=rmask[:, None] & valid[None, :], other=float("-inf")).to(tl.float32)
     return ih, blk, j, r, rmask, valid, reg, s
 
 

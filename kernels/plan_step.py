@@ -4,7 +4,9 @@ For each batch row (req-pool slot ``s``): the policy of ``sfi_sglang.policy.slow
 marks it slow, the counters of ``SFIStats.add_decode`` are accumulated, and the
 selection state advances as in ``SelectionStore.advance``; rows past ``real``
 (CUDA-graph padding) are marked slow and change nothing else. Each row's slot and
-its selection state before the step go to ``StepRows`` for the next step's refresh.
+its selection state before the step go to ``StepRows`` for the next step's refresh, and
+the first ``cfg.logit_rows`` slow rows that the Selector will score (their region holds
+more than ``topk`` tokens) get a row of the kept logits (``sfi_sglang.memory.slow_logits``).
 
 ``plan_step_ref`` composes those torch functions (CPU runs and the test oracle);
 ``plan_step`` does the same in one Triton program instead of ~40 small kernels,
@@ -34,14 +36,19 @@ def plan_step_ref(store: SelectionStore, stats: SFIStats, is_boundary: torch.Ten
     rows.slots[:real] = s
     rows.hi[:real] = store.hi[s]
     rows.count[:real] = torch.where(store.ready[s], store.count[s], -1)
+    lo, hi, _ = store.bounds(n)
+    scored = slow & (hi - lo > cfg.topk)
+    rank = scored.int().cumsum(0).int() - 1
+    rows.logit_row[:bs] = -1
+    rows.logit_row[:real] = torch.where(scored & (rank < cfg.logit_rows), rank, -1)
     store.advance(s, n, slow)
 
 
 @triton.jit
-def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, Gap, IsBoundary, Slow, RowSlots, RowHi, RowCnt, Acc,
-               bs, real, vocab,
+def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, Gap, IsBoundary, Slow, RowSlots, RowHi, RowCnt,
+               RowLogit, Acc, bs, real, vocab,
                SINKS: tl.constexpr, RECENT: tl.constexpr, TOPK: tl.constexpr, MAX_FAST: tl.constexpr,
-               BLOCK: tl.constexpr):
+               LOGIT_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.arange(0, BLOCK)
     live = r < real
     slot = tl.load(Slots + r, mask=live, other=0).to(tl.int64)
@@ -73,6 +80,9 @@ def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, Gap, IsBoundary,
     tl.store(RowSlots + r, slot, mask=live)
     tl.store(RowHi + r, hi, mask=live)
     tl.store(RowCnt + r, tl.where(not_ready, -1, cnt), mask=live)
+    scored = live & slow & (hi_new - lo_new > TOPK)
+    rank = tl.cumsum(scored.to(tl.int32), 0) - 1
+    tl.store(RowLogit + r, tl.where(scored & (rank < LOGIT_ROWS), rank, -1), mask=r < bs)
 
 
 def plan_step(store: SelectionStore, stats: SFIStats, is_boundary: torch.Tensor, input_ids: torch.Tensor,
@@ -81,8 +91,8 @@ def plan_step(store: SelectionStore, stats: SFIStats, is_boundary: torch.Tensor,
     cfg = store.cfg
     _plan_step[(1,)](
         input_ids, slots, seq_lens, store.ready, store.steps, store.hi, store.count, store.gap, is_boundary,
-        rows.slow, rows.slots, rows.hi, rows.count, stats.acc, bs, real, is_boundary.numel(),
-        SINKS=cfg.sinks, RECENT=cfg.recent, TOPK=cfg.topk, MAX_FAST=cfg.max_fast_steps,
+        rows.slow, rows.slots, rows.hi, rows.count, rows.logit_row, stats.acc, bs, real, is_boundary.numel(),
+        SINKS=cfg.sinks, RECENT=cfg.recent, TOPK=cfg.topk, MAX_FAST=cfg.max_fast_steps, LOGIT_ROWS=cfg.logit_rows,
         BLOCK=max(16, triton.next_power_of_2(bs)),
     )
     stats.decode_steps += 1

@@ -6,7 +6,10 @@ Row ``b`` (req-pool slot ``s``, ``n`` tokens) attends, for KV head ``h``, to
 - fast rows: ``[0, lo) + pos[s, h, :cnt] + [hi, n)`` with ``hi = hi_s[s]``,
   ``cnt = cnt_s[s]``, ``lo = min(sinks, hi)``: sinks, the Selector's positions
   (ascending) and the live tail.
-Positions map to KV-pool rows through ``req_to_token[s]``.
+Positions map to KV-pool rows through ``req_to_token[s]``. Slow rows given a row ``r`` of
+``logits`` (``logit_row[b] >= 0``) also leave there their attention logits (scaled and capped,
+fp16) over the whole context, ``logits[r, head, :n]``: the Selector ranks tokens from them after
+the step instead of reading the keys again (``SFIBackend._select``).
 
 Why not FlashInfer over materialised index lists: its decode plan needs every
 list length on the host, and in a CUDA-graph replay sglang gives the backend
@@ -26,6 +29,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+
+FP16_MAX = tl.constexpr(torch.finfo(torch.float16).max)  # kept logits are clamped to it (never inf)
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,10 @@ def token_positions(slow: bool, n: int, hi: int, cnt: int, sinks: int, pos_row: 
 
 
 def sfi_decode_ref(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, sinks: int,
-                   sm_scale: float, logit_cap: float = 0.0) -> torch.Tensor:
-    """q ``[B, Hq, D]``; k/v_buf ``[P, Hkv, D]``; pos ``[R, Hkv, K]`` (one layer) -> ``[B, Hq, Dv]``."""
+                   sm_scale: float, logit_cap: float = 0.0, logits: torch.Tensor | None = None,
+                   logit_row: torch.Tensor | None = None) -> torch.Tensor:
+    """q ``[B, Hq, D]``; k/v_buf ``[P, Hkv, D]``; pos ``[R, Hkv, K]`` (one layer) -> ``[B, Hq, Dv]``;
+    optionally the slow rows' logits into ``logits [rows, Hq, >= n]`` at ``logit_row [B]`` (-1: not kept)."""
     bsz, hq, _ = q.shape
     hkv = k_buf.shape[1]
     g = hq // hkv
@@ -68,10 +76,12 @@ def sfi_decode_ref(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, c
         for h in range(hkv):
             p = token_positions(bool(slow[b]), n, int(hi_s[s]), int(cnt_s[s]), sinks, pos[s, h])
             tok = req_to_token[s, p.to(req_to_token.device)].long()
-            logits = q[b, h * g:(h + 1) * g].float() @ k_buf[tok, h].float().T * sm_scale
+            x = q[b, h * g:(h + 1) * g].float() @ k_buf[tok, h].float().T * sm_scale
             if logit_cap > 0:
-                logits = logit_cap * torch.tanh(logits / logit_cap)
-            out[b, h * g:(h + 1) * g] = (logits.softmax(-1) @ v_buf[tok, h].float()).to(q.dtype)
+                x = logit_cap * torch.tanh(x / logit_cap)
+            if logits is not None and slow[b] and logit_row[b] >= 0:
+                logits[int(logit_row[b]), h * g:(h + 1) * g, :n] = x.clamp(-FP16_MAX.value, FP16_MAX.value)
+            out[b, h * g:(h + 1) * g] = (x.softmax(-1) @ v_buf[tok, h].float()).to(q.dtype)
     return out
 
 
@@ -93,13 +103,13 @@ def _row_span(Slots, SeqLens, Slow, HiS, CntS, b, SINKS: tl.constexpr, MAX_SPLIT
 
 @triton.jit
 def _sfi_decode_split(
-    Q, K, V, ReqToToken, Slots, SeqLens, Slow, HiS, CntS, Pos, MidO, MidLse,
+    Q, K, V, ReqToToken, Slots, SeqLens, Slow, HiS, CntS, Pos, MidO, MidLse, Logits, LogitRow,
     sm_scale, logit_cap,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_r, stride_ps, stride_ph, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    stride_r, stride_ps, stride_ph, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_xr, stride_xh,
     G: tl.constexpr, SINKS: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_CHUNK_: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAP: tl.constexpr, KEEP_LOGITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -118,6 +128,10 @@ def _sfi_decode_split(
     g_mask = offs_g < G
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+    if KEEP_LOGITS:
+        x_row = tl.load(LogitRow + b)
+        keep = is_slow & (x_row >= 0)
+        x_base = Logits + tl.maximum(x_row, 0).to(tl.int64) * stride_xr + heads[:, None] * stride_xh
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -135,6 +149,9 @@ def _sfi_decode_split(
         s = tl.dot(q, tl.trans(k)) * sm_scale
         if CAP:
             s = logit_cap * (2.0 * tl.sigmoid(2.0 * s / logit_cap) - 1.0)
+        if KEEP_LOGITS:  # slow rows: position j is token j
+            tl.store(x_base + j[None, :], tl.minimum(tl.maximum(s, -FP16_MAX), FP16_MAX).to(tl.float16),
+                     mask=keep & g_mask[:, None] & valid[None, :])
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -187,7 +204,8 @@ def max_splits_for(batch: int) -> int:
 
 
 def sfi_decode(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, sinks: int,
-               sm_scale: float, logit_cap: float = 0.0, launch: Launch | None = None) -> torch.Tensor:
+               sm_scale: float, logit_cap: float = 0.0, logits: torch.Tensor | None = None,
+               logit_row: torch.Tensor | None = None, launch: Launch | None = None) -> torch.Tensor:
     """Triton version of :func:`sfi_decode_ref` (same arguments; ``launch`` defaults to
     :func:`launch_for` the batch); CUDA-graph safe."""
     bsz, hq, d = q.shape
@@ -200,14 +218,17 @@ def sfi_decode(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s
     mid_lse = torch.empty(bsz, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(bsz, hq, dv, dtype=q.dtype, device=q.device)
     common = dict(SINKS=sinks, MAX_SPLITS=splits, MIN_CHUNK_=launch.min_chunk, BLOCK=launch.block)
+    keep = logits is not None and logits.numel() > 0
+    x = logits if keep else mid_o
     _sfi_decode_split[(bsz, hkv, splits)](
-        q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, mid_o, mid_lse,
-        sm_scale, logit_cap if logit_cap > 0 else 1.0,
+        q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, mid_o, mid_lse, x,
+        logit_row if keep else slots, sm_scale, logit_cap if logit_cap > 0 else 1.0,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), pos.stride(0), pos.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        x.stride(0), x.stride(1),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, DV=dv,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv, CAP=logit_cap > 0,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv, CAP=logit_cap > 0, KEEP_LOGITS=keep,
         num_warps=launch.num_warps, num_stages=launch.num_stages, **common,
     )
     _sfi_decode_merge[(bsz, hq)](

@@ -41,12 +41,12 @@ from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.kernels.topk_select import topk_select
-from sfi_sglang.memory import DEFERRED_ROWS, SelectionStore, StepRows, saved_queries, static_bytes
+from sfi_sglang.memory import DEFERRED_ROWS, SelectionStore, StepRows, saved_queries, slow_logits, static_bytes
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
 from sfi_sglang.radix import SelectionRecord, SelectionReuse
-from sfi_sglang.selector import region_positions, restrict, select
+from sfi_sglang.selector import aligned, region_positions, restrict, select
 
 logger = logging.getLogger("sfi_sglang")
 
@@ -67,32 +67,23 @@ class _Refresh:
     contiguous: bool  # candidates are consecutive positions, then padding
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # decode refresh: StepRows (hi, count) to measure
     from_record: bool = False  # prefill refresh that starts from cached selection records
-
-
-# Candidate lists are padded to a multiple of this: the Selector's Triton kernels then always see
-# 16-divisible widths and strides, so one compiled specialization serves every context length
-# (instead of a second one, compiled mid-serving, for the other lengths) and rows stay aligned.
-WIDTH_ALIGN = 16
-
-
-def _aligned(width: int) -> int:
-    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
+    from_logits: bool = False  # row i's logits are row i of the kept slow-step logits (no keys read)
 
 
 def _region_refresh(slots, q_rows, lo, hi, width: int) -> _Refresh:
     """Candidates: the whole region ``[lo, hi)``, the same for every layer and KV head."""
-    width = _aligned(width)
+    width = aligned(width)
     pos = region_positions(lo, hi, width)
     return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True)
 
 
-def _slow_step_refresh(slots, q_rows, lo, hi, n, width: int, previous) -> _Refresh:
+def _slow_step_refresh(slots, q_rows, lo, hi, n, width: int, previous, from_logits: bool = False) -> _Refresh:
     """After a slow step: candidates are the whole context ``[0, n)``, so the same logits give
     the coverage of the previous selection (sinks and tail included); the Selector then
-    ranks only ``[lo, hi)``."""
-    width = _aligned(width)
+    ranks only ``[lo, hi)``. ``from_logits``: the logits the slow step kept, in row order."""
+    width = aligned(width)
     pos = region_positions(torch.zeros_like(n), n, width)
-    return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True, previous)
+    return _Refresh(slots, q_rows, lo, hi, lambda _: pos, width, True, previous, from_logits=from_logits)
 
 
 def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_device) -> _Refresh:
@@ -101,7 +92,7 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
     layers, heads = records[0].pos.shape[:2]
     kept = max(r.count for r in records)
     start = torch.tensor([r.hi for r in records], dtype=torch.int32)
-    width = _aligned(kept + int((hi - start).max())) - kept
+    width = aligned(kept + int((hi - start).max())) - kept
     cand = torch.full((layers, len(records), heads, kept + width), -1, dtype=torch.int32, device=records[0].pos.device)
     for i, r in enumerate(records):
         cand[:, i, :, : r.count] = r.pos
@@ -178,6 +169,7 @@ class SFIBackend(AttentionBackend):
         self.stats = SFIStats(self.device, export=bool(getattr(runner.server_args, "enable_metrics", False)))
         self.on_cuda = self.device.type == "cuda"
         self._alloc_rows(rows)
+        self.slow_logits = slow_logits(cfg, self.shape, self.req_to_token.shape[1], self.device)
         self.pending: tuple[int, torch.Tensor] | None = None  # previous decode step: (rows, seq lens on host)
         self.extend_refresh: list[_Refresh] = []
         self.new_records: list[tuple[str, int, int, int]] = []  # this prefill's (rid, row, hi, count)
@@ -191,10 +183,12 @@ class SFIBackend(AttentionBackend):
         self.side = torch.cuda.Stream(self.device) if self.on_cuda and cfg.refresh_lag > 1 else None
         logger.info(
             "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state %.1f MiB "
-            "(selections, saved queries, up to %d records and deferred refreshes; taken from the KV-cache budget), "
+            "(selections, saved queries, kept slow-step logits, up to %d records and deferred refreshes; "
+            "taken from the KV-cache budget), "
             "config %s",
             type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,
-            int(self.is_boundary.sum()), rows, static_bytes(cfg, self.shape, rows, self.q_hist.dtype) / 2**20,
+            int(self.is_boundary.sum()), rows,
+            static_bytes(cfg, self.shape, rows, self.q_hist.dtype, self.req_to_token.shape[1]) / 2**20,
             cfg.reuse_records, cfg.to_dict(),
         )
 
@@ -208,6 +202,7 @@ class SFIBackend(AttentionBackend):
         b.token_to_kv_pool = SimpleNamespace(get_key_buffer=key_buffer)
         b.req_to_token = req_to_token
         b.store = SelectionStore(cfg, shape.num_layers, req_to_token.shape[0], shape.kv_heads, device)
+        b.slow_logits = slow_logits(cfg, shape, req_to_token.shape[1], device)
         b.stats = SFIStats(device)
         b.cov_host, b.cov_copied = torch.zeros_like(b.store.cov_stats, device="cpu"), None
         return b
@@ -273,16 +268,27 @@ class SFIBackend(AttentionBackend):
             slots, lo_d, hi_d = self.rows.slots[rows_d], self._to_device(lo[sub].int()), self._to_device(hi[sub].int())
             previous = (self.rows.hi[rows_d], self.rows.count[rows_d])
             if scored:
-                r = _slow_step_refresh(slots, rows_d.unsqueeze(1), lo_d, hi_d, self._to_device(n[sub].int()),
-                                       int(n[sub].max()), previous)
-                pending = sum(d.refresh.slots.shape[0] for d in self.deferred)
-                if self.cfg.refresh_lag > 1 and pending + len(rows_d) <= DEFERRED_ROWS:
-                    self._defer(r)
-                else:
-                    self._refresh_now(r, self.q_hist)
+                self._refresh_scored(slots, rows_d, lo_d, hi_d, n[sub], previous)
             else:
                 self._keep_whole_region(slots, lo_d, hi_d, int((hi - lo)[sub].max()), previous)
             self.stats.add_refreshes(len(rows_d))
+
+    def _refresh_scored(self, slots, rows_d, lo, hi, n: torch.Tensor, previous) -> None:
+        """Refresh the slow rows ``rows_d`` (in batch order) whose region exceeds ``topk``: the first
+        ``logit_rows`` of them from the logits their slow step kept (the plan gave them rows 0, 1, ...
+        in the same order), the others from the keys, in line or (``refresh_lag`` > 1) deferred."""
+        keep = min(len(rows_d), self.cfg.logit_rows)
+        for part, from_logits in (slice(0, keep), True), (slice(keep, len(rows_d)), False):
+            if part.start == part.stop:
+                continue
+            r = _slow_step_refresh(slots[part], rows_d[part].unsqueeze(1), lo[part], hi[part],
+                                   self._to_device(n[part].int()), int(n[part].max()),
+                                   tuple(t[part] for t in previous), from_logits)
+            pending = sum(d.refresh.slots.shape[0] for d in self.deferred)
+            if self.cfg.refresh_lag > 1 and pending + len(r.slots) <= DEFERRED_ROWS:
+                self._defer(r)
+            else:
+                self._refresh_now(r, self.q_hist)
 
     def _refresh_now(self, r: _Refresh, q: torch.Tensor) -> None:
         """The refresh ``r`` after a slow step, on this stream, for every layer (queries ``q``:
@@ -453,6 +459,7 @@ class SFIBackend(AttentionBackend):
             q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], self.rows.slow[:bs],
             st.hi, st.count, st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
+            self.slow_logits[li] if self.cfg.logit_rows else None, self.rows.logit_row[:bs],
         )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
 
@@ -463,6 +470,7 @@ class SFIBackend(AttentionBackend):
 
         Layers are batched (one pass of the score/top-k ops over many layers) within a
         scratch budget, since a refresh after a slow step covers every layer at once.
+        ``r.from_logits`` needs ``layers`` to be consecutive (the kept logits are sliced).
         A refresh after a slow step also measures, into ``cover``, the coverage of the
         selections it replaces.
         """
@@ -482,9 +490,14 @@ class SFIBackend(AttentionBackend):
                 g, n_s = len(group), len(slots)
                 idx = self._to_device(torch.tensor(group)).view(-1, 1)
                 pos = torch.cat([r.positions(l)[part] for l in group])
-                k_bufs = [self.token_to_kv_pool.get_key_buffer(l + self.start_layer) for l in group]
-                logits, log_norm = logits_fn(q[idx.view(-1, 1, 1), q_rows.unsqueeze(0)], k_bufs, self.req_to_token,
-                                             slots, pos, sh.sm_scale, sh.logit_cap, norms=cfg.prior_lambda_max > 0)
+                if r.from_logits:  # the slow step's own logits: a view where it can be (all rows), no keys read
+                    logits = self.slow_logits[group[0]:group[-1] + 1, part, :, :r.width]
+                    logits, log_norm = logits.reshape(g * n_s, sh.kv_heads, -1, r.width), None
+                else:
+                    k_bufs = [self.token_to_kv_pool.get_key_buffer(l + self.start_layer) for l in group]
+                    logits, log_norm = logits_fn(q[idx.view(-1, 1, 1), q_rows.unsqueeze(0)], k_bufs,
+                                                 self.req_to_token, slots, pos, sh.sm_scale, sh.logit_cap,
+                                                 norms=cfg.prior_lambda_max > 0)
                 lo_g, hi_g = lo.repeat(g), hi.repeat(g)
                 held = None
                 if cover is not None:

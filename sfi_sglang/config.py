@@ -76,6 +76,12 @@ class SFIConfig:
 
     On SmolLM2-135M, 2 cut KL by up to 45% at 4K contexts and retrieved 7/9 passkeys
     instead of 3/9 at budget 128 (benchmarks/results/fidelity_window0.json vs fidelity.json)."""
+    slow_logit_rows: int = 4
+    """Slow rows per decode step whose dense attention also keeps its logits (fp16) for the
+    Selector, which then reads them instead of the keys: the slow step reads K once, not twice.
+    Further slow rows of the same step are scored from the keys, as is every row with
+    ``refresh_lag`` > 1 or the prior on (0: always). Takes layers x rows x query heads x context
+    length x 2 bytes of GPU memory (360 MiB for Qwen3-4B at 4 rows and 40K context)."""
     reuse_records: int = 64
     """Selections kept on radix-tree prefix nodes, so requests re-sending a cached prefix start
     from its selection and score only their new tokens (0: off). Each record takes up to
@@ -87,7 +93,7 @@ class SFIConfig:
 
     _positive = ("topk", "max_fast_steps", "refresh_lag")
     _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval",
-                     "reuse_records")
+                     "reuse_records", "slow_logit_rows")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -131,6 +137,11 @@ class SFIConfig:
     def max_kept(self) -> int:
         """Upper bound of tokens a fast step attends to per (request, KV head)."""
         return self.sinks + self.topk + self.recent + self.max_fast_steps + self.refresh_lag - 1
+
+    @property
+    def logit_rows(self) -> int:
+        """Slow rows per step whose logits are kept: ``slow_logit_rows`` where the refresh can use them."""
+        return self.slow_logit_rows if self.refresh_lag == 1 and self.prior_lambda_max == 0 else 0
 
     def resolve_dense_backend(self, device: str) -> str:
         if self.dense_backend != "auto":

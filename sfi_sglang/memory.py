@@ -24,6 +24,7 @@ import torch
 
 from sfi_sglang.config import SFIConfig
 from sfi_sglang.model_check import AttentionShape
+from sfi_sglang.selector import aligned
 
 
 # Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
@@ -105,17 +106,27 @@ class SelectionStore:
 class StepRows:
     """Per-batch-row buffers of a decode step, written by the step plan (static: captured
     graphs bake their addresses). ``hi`` / ``count`` are the row's selection state before
-    this step (count -1: it had none), which the refresh after a slow row measures."""
+    this step (count -1: it had none), which the refresh after a slow row measures;
+    ``logit_row`` where a slow row's attention logits go (see :func:`slow_logits`; -1: nowhere)."""
 
     slow: torch.Tensor  # bool [rows]
     slots: torch.Tensor  # int64 [rows]: req-pool slot of each row
     hi: torch.Tensor  # int32 [rows]
     count: torch.Tensor  # int32 [rows]
+    logit_row: torch.Tensor  # int32 [rows]
 
     @classmethod
     def zeros(cls, rows: int, device: torch.device | str) -> "StepRows":
         z = lambda dtype: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(torch.bool), z(torch.int64), z(torch.int32), z(torch.int32))
+        return cls(z(torch.bool), z(torch.int64), z(torch.int32), z(torch.int32), z(torch.int32) - 1)
+
+
+def slow_logits(cfg: SFIConfig, shape: AttentionShape, context: int, device: torch.device | str) -> torch.Tensor:
+    """Attention logits of up to ``cfg.logit_rows`` slow rows of a decode step over their whole
+    context ``[layers, rows, Hq, width]`` (fp16), written by the decode kernel and read by the
+    refresh after the step instead of the keys."""
+    return torch.empty(shape.num_layers, cfg.logit_rows, shape.q_heads, aligned(context) if cfg.logit_rows else 0,
+                       dtype=torch.float16, device=device)
 
 
 def saved_queries(shape: AttentionShape, rows: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -124,13 +135,14 @@ def saved_queries(shape: AttentionShape, rows: int, dtype: torch.dtype, device: 
     return torch.zeros(shape.num_layers, rows, shape.q_heads, shape.head_dim, dtype=dtype, device=device)
 
 
-def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype) -> int:
-    """GPU bytes the sfi backend holds for ``rows`` req-pool rows (selection state, saved slow-step
-    queries, step buffers) plus the most its selection records and deferred refreshes may hold:
+def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype, context: int) -> int:
+    """GPU bytes the sfi backend holds for ``rows`` req-pool rows of up to ``context`` tokens
+    (selection state, saved slow-step queries, kept slow-step logits, step buffers) plus the most
+    its selection records and deferred refreshes may hold:
     what sfi takes out of sglang's KV-cache budget. Sized from the same buffers, built on the meta device."""
     store = SelectionStore(cfg, shape.num_layers, rows, shape.kv_heads, "meta")
     step = StepRows.zeros(rows, "meta")
     deferred = min(rows, DEFERRED_ROWS) if cfg.refresh_lag > 1 else 0
     held = (cfg.reuse_records + deferred) * store.pos[:, 0].nbytes
     return (store.nbytes + saved_queries(shape, rows, act_dtype, "meta").nbytes
-            + sum(t.nbytes for t in vars(step).values()) + held)
+            + slow_logits(cfg, shape, context, "meta").nbytes + sum(t.nbytes for t in vars(step).values()) + held)

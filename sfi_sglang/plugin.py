@@ -85,8 +85,12 @@ def _reserve_state_bytes(available: int, configurator, *args, **kwargs) -> int:
     from sfi_sglang.memory import static_bytes
     from sfi_sglang.model_check import attention_shape
 
-    rows = (configurator.server_args.max_running_requests or 0) + 1  # sglang's req pool: one spare row
-    need = static_bytes(SFIConfig.from_env(), attention_shape(configurator), rows, configurator.model_dtype)
+    from sglang.srt.mem_cache.allocation_sizing import get_req_to_token_extra_context_len
+
+    sa = configurator.server_args
+    rows = (sa.max_running_requests or 0) + 1  # sglang's req pool: one spare row
+    context = configurator.model_config.context_len + get_req_to_token_extra_context_len(sa)  # its row width
+    need = static_bytes(SFIConfig.from_env(), attention_shape(configurator), rows, configurator.model_dtype, context)
     logger.info("SFI: %.1f MiB of the KV-cache budget reserved for selection state", need / 2**20)
     return available - need
 

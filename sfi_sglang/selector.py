@@ -34,6 +34,16 @@ POS_BETA = -math.log(0.6) / 0.9
 
 PAD_POSITION = torch.iinfo(torch.int32).max  # where topk_positions puts picked padding: last
 
+# Candidate lists are padded to a multiple of this: the Selector's Triton kernels then always see
+# 16-divisible widths and strides, so one compiled specialization serves every context length
+# (instead of a second one, compiled mid-serving, for the other lengths) and rows stay aligned.
+WIDTH_ALIGN = 16
+
+
+def aligned(width: int) -> int:
+    """``width`` rounded up to a multiple of ``WIDTH_ALIGN``."""
+    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
+
 
 def region_positions(lo: torch.Tensor, hi: torch.Tensor, width: int) -> torch.Tensor:
     """Candidates ``[lo, hi)`` of each row, padded with -1 to ``width``: ``[S, 1, width]`` int32."""

@@ -4,17 +4,21 @@ requests and layers within its scratch budget."""
 import torch
 
 import sfi_sglang.backend as backend
+import sfi_sglang.selector as selector
 from sfi_sglang.backend import SFIBackend, _slow_step_refresh
 from sfi_sglang.config import SFIConfig
+from sfi_sglang.kernels.sfi_decode import sfi_decode_ref
 from sfi_sglang.model_check import AttentionShape
 
 LAYERS, HQ, HKV, D = 5, 4, 2, 16
 
 
-def refresh(scratch: int, monkeypatch, align: int = backend.WIDTH_ALIGN) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selections and coverage sums after a slow-step refresh of three requests of different lengths."""
+def refresh(scratch: int, monkeypatch, align: int = selector.WIDTH_ALIGN,
+            from_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selections and coverage sums after a slow-step refresh of three requests of different lengths;
+    ``from_logits``: scored from the logits their slow step kept instead of the keys."""
     monkeypatch.setattr(backend, "SELECTOR_SCRATCH", scratch)
-    monkeypatch.setattr(backend, "WIDTH_ALIGN", align)
+    monkeypatch.setattr(selector, "WIDTH_ALIGN", align)
     g = torch.Generator().manual_seed(0)
     cfg = SFIConfig(topk=24, sinks=2, recent=8)
     lens = torch.tensor([90, 61, 40], dtype=torch.int32)
@@ -26,8 +30,13 @@ def refresh(scratch: int, monkeypatch, align: int = backend.WIDTH_ALIGN) -> tupl
     slots = torch.arange(3)
     lo, hi, count = b.store.bounds(lens)
     b.store.pos.copy_(torch.randint(0, 90, b.store.pos.shape, generator=g).sort(-1).values)  # previous selection
+    if from_logits:  # the slow step: every row dense, keeping its logits in rows 0-2
+        for layer in range(LAYERS):
+            sfi_decode_ref(q[layer], keys[layer], keys[layer], req_to_token, slots, lens, torch.ones(3, dtype=torch.bool),
+                           b.store.hi, b.store.count, b.store.pos[layer], cfg.sinks, D ** -0.5, 0.0,
+                           b.slow_logits[layer], torch.arange(3))
     r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, int(lens.max()),
-                           (hi.int(), count.int()))
+                           (hi.int(), count.int()), from_logits)
     assert r.width % align == 0 and r.width >= int(lens.max())
     b._refresh_now(r, q)
     return b.store.pos.clone(), b.store.cov_stats.clone()
@@ -47,6 +56,16 @@ def test_padded_candidates_do_not_change_the_selection(monkeypatch):
         padded = refresh(2**30, monkeypatch, align=align)
         assert torch.equal(padded[0], exact[0])
         torch.testing.assert_close(padded[1], exact[1])
+
+
+def test_kept_slow_step_logits_select_what_the_keys_select(monkeypatch):
+    """Scoring from the slow step's kept logits (fp16) instead of re-reading the keys changes at
+    most a few near-tied picks, and the coverage hardly at all."""
+    keys = refresh(2**30, monkeypatch)
+    for scratch in (2**30, 1500):  # all rows and layers at once (a view of the kept logits); a few per call
+        kept = refresh(scratch, monkeypatch, from_logits=True)
+        assert (kept[0] == keys[0]).float().mean() >= 0.98
+        torch.testing.assert_close(kept[1], keys[1], atol=1e-3, rtol=1e-3)
 
 
 def deferred_backend(lag: int):
@@ -105,6 +124,16 @@ def test_deferred_refreshes_are_reserved_up_front():
 
     shape = AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0)
     for rows in (3, 200):
-        extra = static_bytes(SFIConfig(refresh_lag=8), shape, rows, torch.bfloat16) - static_bytes(
-            SFIConfig(), shape, rows, torch.bfloat16)
+        extra = static_bytes(SFIConfig(refresh_lag=8), shape, rows, torch.bfloat16, 1000) - static_bytes(
+            SFIConfig(slow_logit_rows=0), shape, rows, torch.bfloat16, 1000)
         assert extra == min(rows, DEFERRED_ROWS) * LAYERS * HKV * SFIConfig().topk * 4
+
+
+def test_kept_logits_are_reserved_up_front():
+    """The kept slow-step logits (fp16, one row per kept slow row, 16-aligned context) are counted too."""
+    from sfi_sglang.memory import static_bytes
+
+    shape = AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0)
+    extra = static_bytes(SFIConfig(slow_logit_rows=3), shape, 8, torch.bfloat16, 1000) - static_bytes(
+        SFIConfig(slow_logit_rows=0), shape, 8, torch.bfloat16, 1000)
+    assert extra == LAYERS * 3 * HQ * 1008 * 2

@@ -8,7 +8,7 @@ from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.memory import SelectionStore, StepRows
 from sfi_sglang.metrics import SFIStats
 
-CFG = SFIConfig(sinks=3, topk=20, recent=5, max_fast_steps=6, min_refresh_gap=2)
+CFG = SFIConfig(sinks=3, topk=20, recent=5, max_fast_steps=6, min_refresh_gap=2, slow_logit_rows=2)
 SLOTS, VOCAB = 12, 50
 
 
@@ -30,7 +30,7 @@ def test_triton_plan_matches_reference(bs, real):
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
     g = torch.Generator().manual_seed(bs * 10 + real)
     slots = torch.cat([torch.randperm(SLOTS - 1, generator=g)[:real] + 1, torch.zeros(bs - real, dtype=torch.long)])
-    seq_lens = torch.cat([torch.randint(31, 60, (real,), generator=g), torch.ones(bs - real, dtype=torch.long)])
+    seq_lens = torch.cat([torch.randint(20, 60, (real,), generator=g), torch.ones(bs - real, dtype=torch.long)])
     ids = torch.randint(0, VOCAB + 5, (bs,), generator=g)  # ids past the table are clamped
     outs = []
     for fn in (plan_step_ref, plan_step):
@@ -38,10 +38,16 @@ def test_triton_plan_matches_reference(bs, real):
         rows = StepRows.zeros(bs + 3, dev)  # longer than the batch: rows past bs stay untouched
         fn(store, stats, table, ids.to(dev), slots.to(dev), seq_lens.to(dev), real, bs, rows)
         outs.append([rows.slow, rows.slots[:real], rows.hi[:real], rows.count[:real], store.hi, store.count,
-                     store.steps, store.ready, stats.acc])
+                     store.steps, store.ready, stats.acc, rows.logit_row])
         assert stats.decode_steps == 1
     for a, b in zip(*outs):
         assert torch.equal(a.cpu(), b.cpu())
     assert outs[0][0][real:bs].all() and not outs[0][0][bs:].any()  # padding rows are slow
     ready = state(bs, "cpu")[0].ready[slots[:real]]
     assert (outs[0][3].cpu()[~ready] == -1).all()  # rows with no selection before the step
+    # kept logits: the first two slow rows whose region (n - sinks - recent) exceeds topk, in batch order
+    slow = outs[0][0][:real].cpu()
+    scored = (slow & (seq_lens[:real] - 3 - 5 > 20)).nonzero().flatten()[:2].tolist()
+    logit_row = outs[0][-1].cpu()
+    assert logit_row[:bs].tolist() == [scored.index(i) if i in scored else -1 for i in range(bs)]
+    assert (logit_row[bs:] == -1).all()

@@ -73,9 +73,10 @@ def attend(q, keys, values, scale):
     return w @ values.double()
 
 
-def decode(fn, store, req_to_token, slots, seq_lens, slow, k, v, q, scale, layer, cap=0.0):
+def decode(fn, store, req_to_token, slots, seq_lens, slow, k, v, q, scale, layer, cap=0.0, logits=None,
+           logit_row=None):
     return fn(q, k, v, req_to_token, slots, seq_lens, slow, store.hi, store.count, store.pos[layer],
-              CFG.sinks, scale, cap)
+              CFG.sinks, scale, cap, logits, logit_row)
 
 
 @pytest.mark.parametrize("hkv", [1, 2, 3])
@@ -151,12 +152,27 @@ def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, cap, dtyp
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
     for name in ("hi", "count", "pos"):
         setattr(store, name, getattr(store, name).to(dev))
-    req_to_token, slots, seq_lens, slow, k, v, q = (t.to(dev) for t in (req_to_token, slots, seq_lens, slow, k, v, q))
+    # kept logits: slow rows 6 and 8 get rows 1 and 0, slow row 7 none; fast row 0's row 2 is ignored
+    logit_row = torch.tensor([2, -1, -1, -1, -1, -1, 1, -1, 0], dtype=torch.int32)
+    req_to_token, slots, seq_lens, slow, k, v, q, logit_row = (
+        t.to(dev) for t in (req_to_token, slots, seq_lens, slow, k, v, q, logit_row))
     for layer in (0, 2):
-        want = decode(sfi_decode_ref, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap)
-        got = decode(sfi_decode_mod.sfi_decode, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap)
+        kept = [torch.full((3, hkv * ratio, MAX_LEN), 7.0, dtype=torch.float16, device=dev) for _ in range(2)]
+        want = decode(sfi_decode_ref, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap,
+                      kept[0], logit_row)
+        got = decode(sfi_decode_mod.sfi_decode, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap,
+                     kept[1], logit_row)
         tol = 1e-5 if dtype == torch.float32 and dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(kept[1].float(), kept[0].float(), atol=1e-2, rtol=1e-2)
+        assert (kept[0][2] == 7.0).all()  # a fast row writes nothing
+        for row, b in ((0, 8), (1, 6)):  # the slow rows' logits over their whole context, then untouched
+            slot, n = int(slots[b]), int(seq_lens[b])
+            keys = k[req_to_token[slot, :n].long()].repeat_interleave(ratio, dim=1).float()  # [n, Hq, D]
+            x = torch.einsum("hd,nhd->hn", q[b].float(), keys) * 0.25
+            x = cap * torch.tanh(x / cap) if cap else x
+            torch.testing.assert_close(kept[0][row, :, :n].float(), x, atol=1e-2, rtol=1e-2)
+            assert (kept[0][row, :, n:] == 7.0).all()
 
 
 def test_advance_moves_slow_rows_to_a_new_selection():
