@@ -8,7 +8,8 @@ contiguous). Each kernel runs ``--iters`` times in one CUDA graph; the time is p
 few replays (a kernel that fails to capture is timed eagerly and marked "graph": false). Kernels:
 - ``dense_decode``: FlashInfer's BatchDecodeWithPagedKVCacheWrapper as sglang runs it in graphs
   (fa2, tensor cores for GQA 4, fixed buffers, planned once outside the graph);
-- ``sfi_dense_decode``: ``sfi_decode`` with every row slow (our kernel's dense path);
+- ``sfi_dense_decode``: ``sfi_decode`` with every row slow (our kernel's dense path; compiled, as
+  the sparse rows, with the kept-logits store where the default config keeps logits);
   ``sfi_dense_decode_logits``: the same, every row also keeping its logits (fp16) for the Selector;
 - ``sparse_decode``: ``sfi_decode`` with every row fast, ``kept`` tokens per KV head: 4 sinks,
   ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
@@ -165,10 +166,12 @@ def flashinfer_dense(c: Case) -> Fn | None:
     return lambda: wrapper.run(c.q, cache)
 
 
-def sfi(c: Case, store: SelectionStore, slow: bool, logits: torch.Tensor | None = None) -> Fn:
-    """``sfi_decode`` with every row slow or fast; ``logits`` ``[bs, HQ, >= ctx]``: slow rows keep theirs there."""
+def sfi(c: Case, store: SelectionStore, slow: bool, logits: torch.Tensor | None = None, keep: bool = True) -> Fn:
+    """``sfi_decode`` with every row slow or fast; ``logits`` ``[bs, HQ, >= ctx]``: slow rows keep theirs
+    there (``keep``; else the kernel the backend runs, with no row kept)."""
     flags = torch.full((c.bs,), slow, dtype=torch.bool, device=c.q.device)
-    rows = torch.arange(c.bs, dtype=torch.int32, device=c.q.device)
+    rows = torch.arange(c.bs, dtype=torch.int32, device=c.q.device) if keep else torch.full(
+        (c.bs,), -1, dtype=torch.int32, device=c.q.device)
     return lambda: sfi_decode(c.q, c.k, c.v, c.req_to_token, c.slots, c.seq_lens, flags, store.hi, store.count,
                               store.pos[0], CFG.sinks, SCALE, 0.0, logits, rows)
 
@@ -262,14 +265,16 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
                 print(f"dense_decode vs sfi_dense_decode: max abs difference {err:.2g} "
                       f"(largest output {ref.abs().max().item():.2g})")
                 add("dense_decode", bs, ctx, ctx, dense, kv_bytes(bs, ctx))
-            add("sfi_dense_decode", bs, ctx, ctx, sfi(c, store, slow=True), kv_bytes(bs, ctx))
+            # what the backend passes when it keeps slow rows' logits (slow_logit_rows > 0): no row kept here
+            unkept = torch.empty(bs, HQ, 16, dtype=torch.float16, device=dev) if CFG.logit_rows else None
+            add("sfi_dense_decode", bs, ctx, ctx, sfi(c, store, slow=True, logits=unkept, keep=False), kv_bytes(bs, ctx))
             kept = torch.empty(bs, HQ, ctx, dtype=torch.float16, device=dev)
             add("sfi_dense_decode_logits", bs, ctx, ctx, sfi(c, store, slow=True, logits=kept),
                 kv_bytes(bs, ctx) + kept.nbytes)
             del kept
             for kept in args.kept:
                 if select_random(store, c, kept):
-                    add("sparse_decode", bs, ctx, kept, sfi(c, store, slow=False), kv_bytes(bs, kept))
+                    add("sparse_decode", bs, ctx, kept, sfi(c, store, slow=False, logits=unkept), kv_bytes(bs, kept))
                 else:
                     print(f"skip sparse_decode kept {kept}: context {ctx} too short")
             for suffix, from_logits, per_layer in ("", False, kv_bytes(bs, ctx, tensors=1)), (

@@ -76,12 +76,15 @@ class SFIConfig:
 
     On SmolLM2-135M, 2 cut KL by up to 45% at 4K contexts and retrieved 7/9 passkeys
     instead of 3/9 at budget 128 (benchmarks/results/fidelity_window0.json vs fidelity.json)."""
-    slow_logit_rows: int = 4
+    slow_logit_rows: int = 0
     """Slow rows per decode step whose dense attention also keeps its logits (fp16) for the
     Selector, which then reads them instead of the keys: the slow step reads K once, not twice.
     Further slow rows of the same step are scored from the keys, as is every row with
-    ``refresh_lag`` > 1 or the prior on (0: always). Takes layers x rows x query heads x context
-    length x 2 bytes of GPU memory (360 MiB for Qwen3-4B at 4 rows and 40K context)."""
+    ``refresh_lag`` > 1 or the prior on. Takes layers x rows x query heads x context length x 2
+    bytes of GPU memory (360 MiB for Qwen3-4B at 4 rows and 40K context). Off by default: on an
+    H200 it cuts the refresh after a slow step by 29-42% at batch 8-32 (slow step 1.74-1.84x a
+    dense step instead of 1.89-2.07x; ``kernels_fused_h200.json``), yet decode end to end was
+    2-3% slower at 16 x 8K and 8 x 32K, R=32 (``decode_logit_rows_h200.json``; cause not established)."""
     reuse_records: int = 64
     """Selections kept on radix-tree prefix nodes, so requests re-sending a cached prefix start
     from its selection and score only their new tokens (0: off). Each record takes up to

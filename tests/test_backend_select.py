@@ -20,7 +20,7 @@ def refresh(scratch: int, monkeypatch, align: int = selector.WIDTH_ALIGN,
     monkeypatch.setattr(backend, "SELECTOR_SCRATCH", scratch)
     monkeypatch.setattr(selector, "WIDTH_ALIGN", align)
     g = torch.Generator().manual_seed(0)
-    cfg = SFIConfig(topk=24, sinks=2, recent=8)
+    cfg = SFIConfig(topk=24, sinks=2, recent=8, slow_logit_rows=3 if from_logits else 0)
     lens = torch.tensor([90, 61, 40], dtype=torch.int32)
     req_to_token = torch.randperm(3 * 96, generator=g).int().view(3, 96)
     keys = [torch.randn(3 * 96, HKV, D, generator=g) for _ in range(LAYERS)]
@@ -137,3 +137,52 @@ def test_kept_logits_are_reserved_up_front():
     extra = static_bytes(SFIConfig(slow_logit_rows=3), shape, 8, torch.bfloat16, 1000) - static_bytes(
         SFIConfig(slow_logit_rows=0), shape, 8, torch.bfloat16, 1000)
     assert extra == LAYERS * 3 * HQ * 1008 * 2
+
+
+def decode_step_then_refresh(logit_rows: int, swap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of five requests, every one slow (max_fast_steps reached), through the plan and
+    the decode kernel (torch references), then the refresh before the next step, as the backend runs
+    them; ``swap``: two kept logit rows trade places before the refresh (a wrong row, on purpose)."""
+    from sfi_sglang.kernels.plan_step import plan_step_ref
+    from sfi_sglang.memory import StepRows
+
+    g = torch.Generator().manual_seed(2)
+    cfg = SFIConfig(topk=24, sinks=2, recent=8, max_fast_steps=4, min_refresh_gap=2, slow_logit_rows=logit_rows)
+    req_to_token = torch.randperm(5 * 96, generator=g).int().view(5, 96)
+    keys = [torch.randn(5 * 96, HKV, D, generator=g) for _ in range(LAYERS)]
+    b = SFIBackend.selector_only(cfg, AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0), keys.__getitem__,
+                                 req_to_token, torch.device("cpu"))
+    b.q_hist = torch.randn(LAYERS, 5, HQ, D, generator=g)
+    b.rows, b.slow_host, b.slow_ready = StepRows.zeros(5, "cpu"), torch.zeros(5, dtype=torch.bool), None
+    b.step, b.deferred, b.side, b.pending = 0, [], None, None
+    slots = torch.tensor([3, 0, 4, 1, 2])
+    lens = torch.tensor([90, 30, 80, 70, 85], dtype=torch.int32)  # 30: its region fits topk, kept whole
+    st = b.store
+    st.ready[:], st.steps[:] = True, cfg.max_fast_steps
+    st.hi[slots], st.count[slots] = (lens - 20).int(), 20
+    st.pos.copy_(torch.randint(2, 10, st.pos.shape, generator=g).cumsum(-1).int())  # previous selections
+    plan_step_ref(st, b.stats, torch.zeros(100, dtype=torch.bool), torch.zeros(5, dtype=torch.long), slots, lens,
+                  5, 5, b.rows)
+    assert b.rows.slow.all()
+    for layer in range(LAYERS):
+        sfi_decode_ref(b.q_hist[layer], keys[layer], keys[layer], req_to_token, slots, lens, b.rows.slow, st.hi,
+                       st.count, st.pos[layer], cfg.sinks, D ** -0.5, 0.0, b.slow_logits[layer], b.rows.logit_row)
+    if swap:
+        b.slow_logits[:, [0, 1]] = b.slow_logits[:, [1, 0]]
+    b.slow_host[:], b.pending = b.rows.slow, (5, lens.clone())
+    b._refresh_previous_slow_rows()
+    return st.pos[:, slots].clone(), st.cov_stats[slots].clone()
+
+
+def test_refresh_after_a_decode_step_reads_each_rows_own_logits():
+    """With fewer kept logit rows (2) than scored slow rows (4), the plan gives rows 0 and 2 of the
+    batch the kept logits and the refresh reads them there (the others from the keys): selections and
+    coverage match scoring every row from the keys; the same with logits for every row. A refresh
+    that read another row's logits would not."""
+    keys = decode_step_then_refresh(0)
+    for logit_rows in (2, 8):
+        kept = decode_step_then_refresh(logit_rows)
+        assert (kept[0] == keys[0]).float().mean() >= 0.98
+        torch.testing.assert_close(kept[1], keys[1], atol=1e-3, rtol=1e-3)
+    wrong = decode_step_then_refresh(2, swap=True)
+    assert (wrong[0][:, [0, 2]] == keys[0][:, [0, 2]]).float().mean() < 0.8
