@@ -22,7 +22,9 @@ A shape of context <= 1024 at some batch size (e.g. ``16x512``) measures the ste
 outside attention (weights, GEMMs, norms, sampling, launches) at that batch; the table
 then adds ``attn``, the ratio of the attention parts (each step minus that floor). With
 ``--runner engine --stagger N``, ``stag`` is the ratio with requests sent N steps apart, so that
-sfi's slow steps fall on different steps for different requests, as in serving.
+sfi's slow steps fall on different steps for different requests, as in serving. sfi rows also
+carry ``refreshes``: calls and mean device milliseconds of the Selector refreshes after slow steps
+(from kept logits, from keys) over the process's run, read from sfi's counter line.
 """
 
 from __future__ import annotations
@@ -130,6 +132,16 @@ def slow_frac_from_log(log: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def refreshes_from_log(log: str) -> dict[str, list[float]]:
+    """Refreshes after slow steps from sfi's last counter line: ``{"from_logits": [calls, mean ms],
+    "from_keys": [...]}`` (device time per call, all layers and the call's rows), or {}."""
+    found = re.findall(r"refresh Selector: (\d+) from logits ([\d.]+) ms, (\d+) from keys ([\d.]+) ms", log)
+    if not found:
+        return {}
+    a, b, c, d = found[-1]
+    return {"from_logits": [int(a), float(b)], "from_keys": [int(c), float(d)]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-4b", choices=[p for p in PRESETS if p.startswith("qwen3")])
@@ -191,6 +203,7 @@ def main() -> None:
         results, log = run_backend(name, backend, model, args, cfg, ctx, sorted(batches),
                                    mem_fraction(args, w_bytes, kv_tok, ctx, max(batches)))
         frac = slow_frac_from_log(log) if cfg else 0.0
+        refreshes = refreshes_from_log(log) if cfg else {}
         for res in results:
             bs, ctx = res["batch_size"], res["input_len"]
             steps, step_s = res["output_len"] - 1, res["step_s"]
@@ -212,7 +225,10 @@ def main() -> None:
             })
             if "staggered_step_s" in res:
                 rows[-1]["staggered_step_ms"] = 1e3 * res["staggered_step_s"]
-            print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s",
+            if refreshes:  # the process's whole run (all its batch sizes, warm-up included)
+                rows[-1]["refreshes"] = refreshes
+            print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s"
+                  + "".join(f"; refresh {k} {n} x {ms:.2f} ms" for k, (n, ms) in refreshes.items() if n),
                   flush=True)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:

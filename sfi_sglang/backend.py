@@ -294,7 +294,8 @@ class SFIBackend(AttentionBackend):
         """The refresh ``r`` after a slow step, on this stream, for every layer (queries ``q``:
         ``[layers, rows, Hq, D]``): new selections, and the coverage of those they replace."""
         cover = _Coverage(r.slots, r.previous, self.shape.kv_heads * self.shape.num_layers)
-        self._select(range(self.shape.num_layers), q, r, cover)
+        with self.stats.refresh_selector.time(r.from_logits):
+            self._select(range(self.shape.num_layers), q, r, cover)
         self._finish_coverage(cover)
 
     def _defer(self, r: _Refresh) -> None:
@@ -315,10 +316,11 @@ class SFIBackend(AttentionBackend):
             cover=_Coverage(slots, r.previous, sh.kv_heads * sh.num_layers), done=None,
         )
         if self.side is None:
-            self._select(range(sh.num_layers), q, r, d.cover, d.pos)
+            with self.stats.refresh_selector.time(False):
+                self._select(range(sh.num_layers), q, r, d.cover, d.pos)
         else:
             self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
+            with torch.cuda.stream(self.side), self.stats.refresh_selector.time(False):  # timed on the side stream
                 self._select(range(sh.num_layers), q, r, d.cover, d.pos)
                 d.done = torch.cuda.Event()
                 d.done.record()

@@ -42,57 +42,59 @@ HELP = {
 
 
 class SelectorTimer:
-    """Time of the Selector at prefills, split by whether it started from a selection record
-    (reuse: its cost should not grow with the cached prefix). CUDA events, read once they have
-    completed (no sync); wall time on CPU."""
+    """Device time of Selector calls of one kind (``name``), split in two by a flag (``labels``: for
+    True, for False): prefills that started from a selection record or not (reuse: its cost should
+    not grow with the cached prefix), refreshes after slow steps from kept logits or from the keys.
+    CUDA events, read once they have completed (no sync); wall time on CPU."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
+    def __init__(self, cuda: bool, name: str, labels: tuple[str, str]):
+        self.cuda, self.name, self.labels = cuda, name, labels
         self.pending: list[tuple[bool, torch.cuda.Event, torch.cuda.Event]] = []
         self.ms = {True: 0.0, False: 0.0}
         self.count = {True: 0, False: 0}
 
     @contextmanager
-    def time(self, from_record: bool) -> Iterator[None]:
+    def time(self, flag: bool) -> Iterator[None]:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
             end.record()
-            self.pending.append((from_record, start, end))
+            self.pending.append((flag, start, end))
             if len(self.pending) > 64:  # bounded without a log line (e.g. prefill-only traffic)
                 self._collect()
         else:
             t0 = time.perf_counter()
             yield
-            self._add(from_record, 1e3 * (time.perf_counter() - t0))
+            self._add(flag, 1e3 * (time.perf_counter() - t0))
 
-    def _add(self, from_record: bool, ms: float) -> None:
-        self.ms[from_record] += ms
-        self.count[from_record] += 1
+    def _add(self, flag: bool, ms: float) -> None:
+        self.ms[flag] += ms
+        self.count[flag] += 1
 
     def _collect(self) -> None:
         """Adds the timed calls that have completed on the device."""
         still = []
-        for from_record, start, end in self.pending:
+        for flag, start, end in self.pending:
             if end.query():
-                self._add(from_record, start.elapsed_time(end))
+                self._add(flag, start.elapsed_time(end))
             else:
-                still.append((from_record, start, end))
+                still.append((flag, start, end))
         self.pending = still
 
     def summary(self) -> str:
-        """Mean milliseconds per prefill refresh, of those completed so far."""
+        """Calls and mean milliseconds per call, of those completed so far."""
         self._collect()
         mean = lambda k: self.ms[k] / self.count[k] if self.count[k] else 0.0  # noqa: E731
-        return (f"prefill Selector: {self.count[True]} from records {mean(True):.2f} ms, "
-                f"{self.count[False]} fresh {mean(False):.2f} ms")
+        return (f"{self.name} Selector: {self.count[True]} {self.labels[0]} {mean(True):.2f} ms, "
+                f"{self.count[False]} {self.labels[1]} {mean(False):.2f} ms")
 
 
 class SFIStats:
     def __init__(self, device: torch.device | str, export: bool = False, counter_cls=None, gauge_cls=None):
         self.acc = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
-        self.prefill_selector = SelectorTimer(self.acc.is_cuda)
+        self.prefill_selector = SelectorTimer(self.acc.is_cuda, "prefill", ("from records", "fresh"))
+        self.refresh_selector = SelectorTimer(self.acc.is_cuda, "refresh", ("from logits", "from keys"))
         self.cov = torch.zeros(len(COVERAGE_FIELDS), dtype=torch.float64, device=device)
         counted = FIELDS + COVERAGE_FIELDS + HOST_FIELDS
         self._exported = dict.fromkeys(counted, 0)
@@ -141,7 +143,7 @@ class SFIStats:
         ``host`` values (``HOST_FIELDS`` totals and ``GAUGES``) kept elsewhere."""
         s = self.snapshot() | (host or {})
         self.export(s)
-        extra = "; ".join(filter(None, [extra, self.prefill_selector.summary()]))
+        extra = "; ".join(filter(None, [extra, self.prefill_selector.summary(), self.refresh_selector.summary()]))
         if self.acc.is_cuda:  # the caching allocator's view: a leak grows "allocated", a new peak "reserved"
             extra += (f"; torch allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB, "
                       f"reserved {torch.cuda.memory_reserved() / 2**20:.0f} MiB")

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 STATS = re.compile(r"SFI: slow rows (\d+), fast rows (\d+) .*refreshes (\d+), mean kept tokens per fast row and KV head ([\d.]+)")
 REUSE = re.compile(r"selection reuse: hits (\d+), misses (\d+), records (\d+)")
 PREFILL_SELECTOR = re.compile(r"prefill Selector: (\d+) from records [\d.]+ ms, (\d+) fresh [\d.]+ ms")
+REFRESH_SELECTOR = re.compile(r"refresh Selector: (\d+) from logits [\d.]+ ms, (\d+) from keys [\d.]+ ms")
 COVERAGE = re.compile(r"coverage ([\d.]+) \(worst layer ([\d.]+)\) over (\d+) slow rows")
 
 
@@ -92,11 +93,15 @@ def test_selection_reuse_across_turns(tiny_model):
 def test_same_request_alone_and_in_a_busy_batch(tiny_model, lag):
     """Determinism: a sparse greedy request gives the same tokens alone and again inside a
     batch of other requests (the second time over its cached prefix and selection record),
-    also when each refresh takes over only ``refresh_lag`` steps after its slow step."""
+    also when each refresh takes over only ``refresh_lag`` steps after its slow step. With lag 1
+    two slow rows per step keep their logits for the refresh (``slow_logit_rows``), so alone and
+    in the batch the request's refresh reads them from different rows, or from the keys."""
     cfg = json.dumps({"topk": 16, "recent": 16, "max_fast_steps": 16, "min_refresh_gap": 4, "log_interval": 10,
-                      "refresh_lag": lag})
-    res, stats, _ = run_compare(tiny_model, cfg, "--prompts", "4", "--prompt-len", "300", "--new-tokens", "24",
-                                "--repeat-in-batch")
+                      "refresh_lag": lag, "slow_logit_rows": 2})
+    res, stats, out = run_compare(tiny_model, cfg, "--prompts", "4", "--prompt-len", "300", "--new-tokens", "24",
+                                  "--repeat-in-batch")
     assert len(res["alone"]) == 24 and len(res["busy"]) == 4
     assert res["busy"][0] == res["alone"]
     assert stats[-1][1] > stats[-1][0] > 0  # fast rows outnumber slow ones: the memory was sparse
+    from_logits, from_keys = map(int, REFRESH_SELECTOR.findall(out)[-1])
+    assert from_keys > 0 and (from_logits > 0) == (lag == 1)  # lag > 1: refreshes read the keys

@@ -28,3 +28,24 @@ def test_counters_accumulate_and_export_deltas():
     assert (get("reuse_hits"), get("reuse_misses")) == (5, 1)
     assert registry.get_sample_value("sglang:sfi_reuse_records") == 1
     assert registry.get_sample_value("sglang:sfi_reuse_bytes") == 2048
+
+
+def test_selector_timings_reach_the_log_and_the_decode_benchmark(caplog):
+    """Refreshes after slow steps are timed apart by source (kept logits or keys), logged on the
+    counter line, and read back by ``bench_decode.py`` from the engine's log."""
+    import logging
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from bench_decode import refreshes_from_log
+
+    stats = SFIStats("cpu")
+    for from_logits in (True, False, False):
+        with stats.refresh_selector.time(from_logits):
+            pass
+    with caplog.at_level(logging.INFO, logger="sfi_sglang"):
+        stats.log()
+    found = refreshes_from_log(caplog.text)
+    assert [n for n, _ in found.values()] == [1, 2] and list(found) == ["from_logits", "from_keys"]
+    assert "prefill Selector: 0 from records" in caplog.text
