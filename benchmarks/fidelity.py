@@ -5,7 +5,7 @@ continuation token by token (the true next token is fed, whatever the model woul
 have sampled), through sglang's real ModelRunner and attention backend. Per step:
 top-1 agreement with dense and KL(dense || sfi) of the next-token distributions.
 Passkey: greedy generation on prompts hiding a 5-digit key at several depths.
-sfi rows also report the slow-step fraction and the coverage measured at slow steps
+sfi rows also report the slow-step fraction and the coverage measured at slow steps (mean and per layer)
 (``sfi_sglang.coverage``), with its correlation to the KL of the fast steps it
 measured; ``--gaps`` and ``--adaptive-targets`` sweep the fixed and the adaptive
 refresh policies (issue 9: ``--out benchmarks/results/adaptive.json``).
@@ -156,6 +156,8 @@ def worker(spec: dict) -> dict:
         ]
         out["intervals"] = coverage_intervals(slow_t, torch.stack(cov, 1), kl)
         out["mean_kept_tokens"] = sfi.stats.snapshot()["mean_kept_tokens"]  # per fast row and KV head, all contexts
+        measured = sfi.store.cov_stats[batch.req_pool_indices, 2:].clamp_min(1)  # slow steps measured per row
+        out["coverage_by_layer"] = (sfi.store.layer_cov[batch.req_pool_indices] / measured).tolist()
 
     # Passkeys: greedy, 8 new tokens.
     if prompts:
@@ -321,6 +323,7 @@ def main() -> None:
                 "p99_kl": round(pc["p99_kl"], 5), "slow_step_frac": round(pc["slow_step_frac"], 4),
                 "mean_kept_tokens": round(res["mean_kept_tokens"], 1),
                 "mean_coverage": round(sum(x["coverage"] for x in iv) / len(iv), 4) if iv else None,
+                "coverage_by_layer": [round(c, 4) for c in res["coverage_by_layer"][k]],
                 "coverage_kl": correlations([x["coverage"] for x in iv], [x["mean_kl"] for x in iv]),
                 "passkey_dense": sum(dense_hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
                 "passkey_sfi": sum(hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,

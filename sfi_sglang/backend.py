@@ -102,34 +102,31 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
 
 class _Coverage:
     """Coverage of a slow-step refresh's rows (req-pool ``slots``, their ``previous`` selection state),
-    accumulated over layer groups (device only)."""
+    per layer (mean over KV heads; 1 until measured: a region kept whole held everything), device only."""
 
-    def __init__(self, slots: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor], per_row: int):
-        self.slots, self.previous, self.per_row = slots, previous, per_row
-        self.total = torch.zeros(slots.shape[0], dtype=torch.float32, device=slots.device)
-        self.worst = torch.ones(slots.shape[0], dtype=torch.float32, device=slots.device)
+    def __init__(self, slots: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor], layers: int):
+        self.slots, self.previous = slots, previous
+        self.by_layer = torch.ones(slots.shape[0], layers, dtype=torch.float32, device=slots.device)
 
     def held(self, part: slice, pos, prev_sel, g: int, sinks: int) -> torch.Tensor:
         """What the previous selections ``[g*S', Hkv, K]`` of ``g`` layers for the rows ``part`` held."""
         prev_hi, prev_cnt = (t[part].repeat(g) for t in self.previous)
         return (held_mask if pos.is_cuda else kept_mask)(pos, sinks, prev_hi, prev_sel, prev_cnt)
 
-    def add(self, part: slice, cov: torch.Tensor, g: int) -> None:
-        """Coverage ``[g*S', Hkv]`` of ``g`` layers for the rows ``part``."""
-        cov = cov.view(g, -1, cov.shape[-1])
-        self.total[part] += cov.sum((0, 2))
-        self.worst[part] = torch.minimum(self.worst[part], cov.mean(2).min(0).values)
+    def add(self, part: slice, cov: torch.Tensor, layers: torch.Tensor) -> None:
+        """Coverage ``[g*S', Hkv]`` of the ``g`` ``layers`` (index tensor) for the rows ``part``."""
+        self.by_layer[part, layers] = cov.view(layers.numel(), -1, cov.shape[-1]).mean(2).T
 
     def finish(self, store: SelectionStore, stats: SFIStats, cfg: SFIConfig,
                keep: torch.Tensor | None = None) -> None:
-        """Per row: mean over layers and KV heads -> the store, the counters and (adaptive) the gap.
-        Rows that had no selection before their slow step, or are not in ``keep``, are not measured."""
+        """Per row: mean over layers (and the worst layer) -> the store, the counters and (adaptive)
+        the gap. Rows that had no selection before their slow step, or are not in ``keep``, are not measured."""
         slots, measured = self.slots, self.previous[1] >= 0
         if keep is not None:
             measured = measured & keep
-        mean = self.total / self.per_row
-        store.add_coverage(slots, mean, self.worst, measured)
-        stats.add_coverage(mean, self.worst, measured)
+        mean, worst = self.by_layer.mean(1), self.by_layer.min(1).values
+        store.add_coverage(slots, mean, worst, measured, self.by_layer)
+        stats.add_coverage(mean, worst, measured)
         if cfg.adaptive_refresh:
             store.gap[slots] = torch.where(measured, next_gap(store.gap[slots], mean, cfg), store.gap[slots])
 
@@ -293,7 +290,7 @@ class SFIBackend(AttentionBackend):
     def _refresh_now(self, r: _Refresh, q: torch.Tensor) -> None:
         """The refresh ``r`` after a slow step, on this stream, for every layer (queries ``q``:
         ``[layers, rows, Hq, D]``): new selections, and the coverage of those they replace."""
-        cover = _Coverage(r.slots, r.previous, self.shape.kv_heads * self.shape.num_layers)
+        cover = _Coverage(r.slots, r.previous, self.shape.num_layers)
         with self.stats.refresh_selector.time(r.from_logits):
             self._select(range(self.shape.num_layers), q, r, cover)
         self._finish_coverage(cover)
@@ -313,7 +310,7 @@ class SFIBackend(AttentionBackend):
             hi=new_hi, count=new_count,
             pos=torch.zeros(sh.num_layers, len(slots), sh.kv_heads, self.cfg.topk, dtype=torch.int32,
                             device=self.device),
-            cover=_Coverage(slots, r.previous, sh.kv_heads * sh.num_layers), done=None,
+            cover=_Coverage(slots, r.previous, sh.num_layers), done=None,
         )
         if self.side is None:
             with self.stats.refresh_selector.time(False):
@@ -396,8 +393,7 @@ class SFIBackend(AttentionBackend):
         shorter, fitted too), so the coverage is 1."""
         self.store.pos[:, slots, :, :width] = region_positions(lo, hi, width)
         if previous is not None:
-            cover = _Coverage(slots, previous, per_row=1)
-            cover.total += 1.0
+            cover = _Coverage(slots, previous, self.shape.num_layers)
             self._finish_coverage(cover)
 
     def _take_records(self, fb, rows: list[int], hi: torch.Tensor) -> dict[int, SelectionRecord]:
@@ -506,7 +502,7 @@ class SFIBackend(AttentionBackend):
                     held = cover.held(part, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
                 f, cov = scores_fn(logits, pos, lo_g, hi_g, cfg.alpha, held)
                 if cover is not None:
-                    cover.add(part, cov, g)
+                    cover.add(part, cov, idx.view(-1))
                     pos = restrict(pos, lo_g, hi_g)
                 sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None)
                 sel = sel.view(g, n_s, sh.kv_heads, -1)

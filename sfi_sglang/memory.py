@@ -11,8 +11,9 @@ are selected (the same for every layer and KV head), ``steps`` the decode steps 
 the last slow step, ``ready`` whether a selection exists, ``gap`` the row's boundary
 gap (see ``sfi_sglang.coverage``), ``coverage`` the last measured coverage (-1: none
 yet), ``cov_stats`` the request's coverage so far (sum of the per-step means, lowest
-worst-layer value, slow steps measured), ``generation`` how many requests the slot has
-started (a deferred refresh made for an earlier one is dropped). ``pos[layer, slot, head]``
+worst-layer value, slow steps measured), ``layer_cov`` its per-layer sums over those steps,
+``generation`` how many requests the slot has started (a deferred refresh made for an
+earlier one is dropped). ``pos[layer, slot, head]``
 holds the selected positions (ascending; entries past ``count`` are unused).
 """
 
@@ -44,13 +45,14 @@ class SelectionStore:
         self.gap = torch.full((num_slots,), cfg.min_refresh_gap, dtype=torch.int32, device=device)
         self.coverage = torch.full((num_slots,), -1.0, dtype=torch.float32, device=device)
         self.cov_stats = torch.zeros(num_slots, 3, dtype=torch.float32, device=device)
+        self.layer_cov = torch.zeros(num_slots, num_layers, dtype=torch.float32, device=device)
         self.generation = torch.zeros(num_slots, dtype=torch.int32, device=device)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for t in (self.pos, self.hi, self.count, self.steps, self.ready, self.gap, self.coverage,
-                             self.cov_stats, self.generation))
+                             self.cov_stats, self.layer_cov, self.generation))
 
     def bounds(self, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidate region ``[lo, hi)`` and selected count for a selection made at these lengths."""
@@ -84,10 +86,14 @@ class SelectionStore:
         self.gap[slots] = self.cfg.min_refresh_gap
         self.coverage[slots] = -1.0
         self.cov_stats[slots] = torch.tensor([0.0, 1.0, 0.0], device=self.cov_stats.device)
+        self.layer_cov[slots] = 0.0
         self.generation[slots] += 1
 
-    def add_coverage(self, slots: torch.Tensor, mean: torch.Tensor, worst: torch.Tensor, measured: torch.Tensor) -> None:
-        """A slow step's coverage of the rows in ``slots`` (where ``measured``): last value and the request's summary."""
+    def add_coverage(self, slots: torch.Tensor, mean: torch.Tensor, worst: torch.Tensor, measured: torch.Tensor,
+                     by_layer: torch.Tensor) -> None:
+        """A slow step's coverage of the rows in ``slots`` (where ``measured``): last value, the request's
+        summary and its per-layer sums (``by_layer [S, layers]``)."""
+        self.layer_cov[slots] += by_layer * measured.float().unsqueeze(1)
         self.coverage[slots] = torch.where(measured, mean, self.coverage[slots])
         st, m = self.cov_stats[slots], measured.float()
         self.cov_stats[slots] = torch.stack(

@@ -33,6 +33,8 @@ def test_tiny_sweep(tmp_path):
     for r in res["rows"]:  # slow steps every few steps (refresh 6, gap 2), each measured at the next step
         assert 0 < r["slow_step_frac"] < 1 and r["mean_coverage"] is not None
         assert r["mean_coverage"] == 1.0 if r["budget"] == 4096 else 0 < r["mean_coverage"] < 1
+        by_layer = r["coverage_by_layer"]  # SmolLM2: 30 layers; the budget covering the context held everything
+        assert len(by_layer) == 30 and (set(by_layer) == {1.0} if r["budget"] == 4096 else 0 < min(by_layer) < 1)
     for ctx in (200, 320):  # a budget covering the context decodes exactly as dense
         assert rows[4096, ctx]["top1_agreement"] == 1.0 and rows[4096, ctx]["mean_kl"] < 1e-3
         assert rows[16, ctx]["mean_kl"] > rows[4096, ctx]["mean_kl"]  # a tiny budget really drops tokens
