@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from sfi_sglang.config import SFIConfig
+from sfi_sglang.config import SFIConfig, SFIConfigError
 from sfi_sglang.coverage import kept_mask, next_gap
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
@@ -151,13 +151,16 @@ class _Deferred:
 class SFIBackend(AttentionBackend):
     def __init__(self, runner, dense: AttentionBackend, cfg: SFIConfig):
         super().__init__()
+        self.shape: AttentionShape = attention_shape(runner)
+        if cfg.dense_layers > self.shape.num_layers:
+            raise SFIConfigError(f"SFI config field 'dense_layers' ({cfg.dense_layers}) exceeds the model's "
+                                 f"{self.shape.num_layers} attention layers")
         self.cfg = cfg
         self.dense = dense
         self.device = torch.device(runner.device)
         self.token_to_kv_pool = runner.token_to_kv_pool
         self.req_to_token_pool = runner.req_to_token_pool
         self.req_to_token = runner.req_to_token_pool.req_to_token
-        self.shape: AttentionShape = attention_shape(runner)
         self.start_layer = getattr(self.token_to_kv_pool, "start_layer", 0) or 0
         rows = self.req_to_token.shape[0]
         self.store = SelectionStore(cfg, self.shape.num_layers, rows, self.shape.kv_heads, self.device)
@@ -209,6 +212,7 @@ class SFIBackend(AttentionBackend):
         dtype = self.token_to_kv_pool.get_key_buffer(self.start_layer).dtype
         self.q_hist = saved_queries(self.shape, rows, dtype, self.device)
         self.rows = StepRows.zeros(rows, self.device)
+        self.all_slow = torch.ones(rows, dtype=torch.bool, device=self.device)  # rows of the dense layers
         self.slow_host = torch.zeros(rows, dtype=torch.bool, pin_memory=self.on_cuda)
         self.slow_ready = torch.cuda.Event() if self.on_cuda else None
 
@@ -292,7 +296,7 @@ class SFIBackend(AttentionBackend):
         ``[layers, rows, Hq, D]``): new selections, and the coverage of those they replace."""
         cover = _Coverage(r.slots, r.previous, self.shape.num_layers)
         with self.stats.refresh_selector.time(r.from_logits):
-            self._select(range(self.shape.num_layers), q, r, cover)
+            self._select(self.sparse_layers, q, r, cover)
         self._finish_coverage(cover)
 
     def _defer(self, r: _Refresh) -> None:
@@ -314,11 +318,11 @@ class SFIBackend(AttentionBackend):
         )
         if self.side is None:
             with self.stats.refresh_selector.time(False):
-                self._select(range(sh.num_layers), q, r, d.cover, d.pos)
+                self._select(self.sparse_layers, q, r, d.cover, d.pos)
         else:
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side), self.stats.refresh_selector.time(False):  # timed on the side stream
-                self._select(range(sh.num_layers), q, r, d.cover, d.pos)
+                self._select(self.sparse_layers, q, r, d.cover, d.pos)
                 d.done = torch.cuda.Event()
                 d.done.record()
         self.deferred.append(d)
@@ -438,7 +442,7 @@ class SFIBackend(AttentionBackend):
             if li == self.shape.num_layers - 1:
                 for r in self.extend_refresh:
                     with self.stats.prefill_selector.time(r.from_record):
-                        self._select(range(self.shape.num_layers), self.extend_q, r)
+                        self._select(self.sparse_layers, self.extend_q, r)
                 if self.new_records:
                     self._keep_records(forward_batch)
                 self.extend_refresh, self.extend_q = [], None
@@ -453,13 +457,19 @@ class SFIBackend(AttentionBackend):
         q3 = q.reshape(bs, sh.q_heads, sh.head_dim)
         self.q_hist[li, :bs].copy_(q3)
         attend = sfi_decode if self.on_cuda else sfi_decode_ref
+        slow = (self.rows.slow if li >= self.cfg.dense_layers else self.all_slow)[:bs]
         out = attend(
             q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], self.rows.slow[:bs],
+            self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], slow,
             st.hi, st.count, st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
             self.slow_logits[li] if self.cfg.logit_rows else None, self.rows.logit_row[:bs],
         )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
+
+    @property
+    def sparse_layers(self) -> range:
+        """Layers that decode from a selection (after the ``dense_layers``): the ones the Selector serves."""
+        return range(self.cfg.dense_layers, self.shape.num_layers)
 
     def _select(self, layers: Sequence[int], q: torch.Tensor, r: _Refresh,
                 cover: _Coverage | None = None, out: torch.Tensor | None = None) -> None:

@@ -76,6 +76,12 @@ class SFIConfig:
 
     On SmolLM2-135M, 2 cut KL by up to 45% at 4K contexts and retrieved 7/9 passkeys
     instead of 3/9 at budget 128 (benchmarks/results/fidelity_window0.json vs fidelity.json)."""
+    dense_layers: int = 0
+    """The first this many layers attend to the whole context at every step (no Selector there), as
+    Quest leaves its first two layers dense. On SmolLM2 layer 0 holds half of the attention the
+    memory misses (coverage 0.90 against >= 0.989 in every other layer, three 8K texts;
+    ``fidelity_heldout_8k_x3_layers.json``); making it dense cut KL there by 6% (0.00294 -> 0.00276,
+    ``fidelity_heldout_8k_x3_dense_layer0.json``). Each costs a dense layer's attention per step."""
     slow_logit_rows: int = 0
     """Slow rows per decode step whose dense attention also keeps its logits (fp16) for the
     Selector, which then reads them instead of the keys: the slow step reads K once, not twice.
@@ -96,7 +102,7 @@ class SFIConfig:
 
     _positive = ("topk", "max_fast_steps", "refresh_lag")
     _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval",
-                     "reuse_records", "slow_logit_rows")
+                     "reuse_records", "slow_logit_rows", "dense_layers")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

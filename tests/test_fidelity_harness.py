@@ -44,3 +44,16 @@ def test_tiny_sweep(tmp_path):
     tiny = summary[16, "fixed"]
     assert tiny["worst_kl"] == max(rows[16, 200]["mean_kl"], rows[16, 320]["mean_kl"])
     assert tiny["mean_kl"] == round((rows[16, 200]["mean_kl"] + rows[16, 320]["mean_kl"]) / 2, 5)
+
+
+def test_dense_layers_on_real_weights(tmp_path):
+    """``dense_layers`` covering all of SmolLM2's 30 layers: the tiny budget that loses tokens above
+    (KL over the full budget's) now decodes exactly as dense."""
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "fidelity.py"), "--contexts", "320", "--steps", "12",
+           "--budgets", "16", "--refresh", "6", "--recent", "16", "--gaps", "2", "--corpus-offset", "100",
+           "--passkey-lengths", "--config", '{"dense_layers": 30}', "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["top1_agreement"] == 1.0 and row["mean_kl"] < 1e-3 and set(row["coverage_by_layer"]) == {1.0}

@@ -81,3 +81,11 @@ def test_supported_model_shape():
 def test_unsupported_models(runner, message):
     with pytest.raises(SFIUnsupportedError, match=message):
         attention_shape(runner())
+
+
+def test_dense_layers_beyond_the_model():
+    from sfi_sglang.backend import SFIBackend
+    from sfi_sglang.config import SFIConfig, SFIConfigError
+
+    with pytest.raises(SFIConfigError, match="'dense_layers' \\(3\\) exceeds the model's 2 attention layers"):
+        SFIBackend(runner_with(attn(0), attn(1)), None, SFIConfig(dense_layers=3))
