@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
         [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024]
-        [--logit-rows 0,4] [--tp 1]
+        [--logit-rows 0,4] [--variants '{};{"dense_layers": 1}'] [--tp 1]
         [--runner engine [--stagger 2]] [--out benchmarks/results/decode_throughput.json]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
@@ -24,7 +24,8 @@ then adds ``attn``, the ratio of the attention parts (each step minus that floor
 ``--runner engine --stagger N``, ``stag`` is the ratio with requests sent N steps apart, so that
 sfi's slow steps fall on different steps for different requests, as in serving. sfi rows also
 carry ``refreshes``: calls and mean device milliseconds of the Selector refreshes after slow steps
-(from kept logits, from keys) over the process's run, read from sfi's counter line.
+(from kept logits, from keys) and the mean host time to issue one, over the process's run, read from
+sfi's counter line (device time close to host time: the refresh is launch-bound).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -132,14 +134,16 @@ def slow_frac_from_log(log: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def refreshes_from_log(log: str) -> dict[str, list[float]]:
+def refreshes_from_log(log: str) -> dict:
     """Refreshes after slow steps from sfi's last counter line: ``{"from_logits": [calls, mean ms],
-    "from_keys": [...]}`` (device time per call, all layers and the call's rows), or {}."""
-    found = re.findall(r"refresh Selector: (\d+) from logits ([\d.]+) ms, (\d+) from keys ([\d.]+) ms", log)
+    "from_keys": [...], "host_ms": mean}`` (device time per call, all layers and the call's rows;
+    host: the time to issue a call), or {}."""
+    found = re.findall(r"refresh Selector: (\d+) from logits ([\d.]+) ms, (\d+) from keys ([\d.]+) ms, "
+                       r"host ([\d.]+) ms", log)
     if not found:
         return {}
-    a, b, c, d = found[-1]
-    return {"from_logits": [int(a), float(b)], "from_keys": [int(c), float(d)]}
+    a, b, c, d, host = found[-1]
+    return {"from_logits": [int(a), float(b)], "from_keys": [int(c), float(d)], "host_ms": float(host)}
 
 
 def main() -> None:
@@ -155,6 +159,8 @@ def main() -> None:
                     help="sfi TOPK/RECENT pairs, e.g. 2048/512,3072/1024 (each runs per R and lag; empty: the default)")
     ap.add_argument("--logit-rows", default="", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="sfi slow_logit_rows values, e.g. 0,4 (0: the Selector re-reads K; empty: the default)")
+    ap.add_argument("--variants", default="{}", type=lambda s: [json.loads(x) for x in s.split(";")],
+                    help='";"-separated JSON objects of SFI_CONFIG fields, one sfi run each, e.g. \'{};{"dense_layers": 1}\'')
     ap.add_argument("--dense", default="flashinfer,triton,fa3")
     ap.add_argument("--mem-fraction", default="auto", help="static memory fraction; auto: sized per context")
     ap.add_argument("--tp", default=1, type=int, help="tensor parallel GPUs (sglang --tp-size)")
@@ -186,12 +192,13 @@ def main() -> None:
     for r in args.refresh:
         for lag in args.lags:
             for memory in args.memories or [(base.topk, base.recent)]:
-                for x in args.logit_rows or [base.slow_logit_rows]:
+                for x, extra in itertools.product(args.logit_rows or [base.slow_logit_rows], args.variants):
                     cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1),
                            "boundary": False, "log_interval": 64, "refresh_lag": lag, "topk": memory[0],
-                           "recent": memory[1], "slow_logit_rows": x}
+                           "recent": memory[1], "slow_logit_rows": x, **extra}
                     name = f"sfi_R{r}" + (f"_lag{lag}" if lag > 1 else "") + (
-                        f"_k{memory[0]}r{memory[1]}" if args.memories else "") + (f"_x{x}" if args.logit_rows else "")
+                        f"_k{memory[0]}r{memory[1]}" if args.memories else "") + (
+                        f"_x{x}" if args.logit_rows else "") + "".join(f"_{k}{v}" for k, v in extra.items())
                     runs.append((name, "sfi", cfg, r))
     runs.sort(key=lambda run: run[0] in args.dense.split(",")[1:])  # first dense, sfi, then the other dense
 
@@ -210,6 +217,8 @@ def main() -> None:
             if cfg:  # tokens read per KV head: slow steps the context, fast steps the memory
                 kept = base.sinks + cfg["topk"] + cfg["recent"] + r / 2
                 read = ctx / r + min(kept, ctx) * (r - 1) / r
+                dense_share = cfg.get("dense_layers", base.dense_layers) / PRESETS[args.model]["num_hidden_layers"]
+                read = dense_share * ctx + (1 - dense_share) * read
             else:
                 read = ctx
             moved = w_bytes + bs * kv_tok * (read + steps / 2)
@@ -219,7 +228,8 @@ def main() -> None:
                 "output_len": res["output_len"], "refresh_every": r,
                 "refresh_lag": cfg["refresh_lag"] if cfg else None, "topk": cfg["topk"] if cfg else None,
                 "recent": cfg["recent"] if cfg else None,
-                "slow_logit_rows": cfg["slow_logit_rows"] if cfg else None, "decode_tok_s": bs / step_s,
+                "slow_logit_rows": cfg["slow_logit_rows"] if cfg else None,
+                "dense_layers": cfg.get("dense_layers", base.dense_layers) if cfg else None, "decode_tok_s": bs / step_s,
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })
@@ -228,7 +238,9 @@ def main() -> None:
             if refreshes:  # the process's whole run (all its batch sizes, warm-up included)
                 rows[-1]["refreshes"] = refreshes
             print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s"
-                  + "".join(f"; refresh {k} {n} x {ms:.2f} ms" for k, (n, ms) in refreshes.items() if n),
+                  + "".join(f"; refresh {k} {refreshes[k][0]} x {refreshes[k][1]:.2f} ms"
+                            for k in ("from_logits", "from_keys") if refreshes.get(k, [0])[0])
+                  + (f" (host {refreshes['host_ms']:.2f} ms per call)" if refreshes else ""),
                   flush=True)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:

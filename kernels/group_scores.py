@@ -56,8 +56,9 @@ def _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr, stride_ps,
     rmask = r < R
     p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
     valid, reg = p >= 0, (p >= tl.load(Lo + i)) & (p < tl.load(Hi + i))
+    # masked by bounds only, so the loads can vectorize; callers mask padding (its logits: any value)
     s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
-                mask=rmask[:, None] & valid[None, :], other=float("-inf")).to(tl.float32)
+                mask=rmask[:, None] & (j < N)[None, :], other=float("-inf")).to(tl.float32)
     return ih, blk, j, r, rmask, valid, reg, s
 
 

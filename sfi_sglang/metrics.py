@@ -45,16 +45,21 @@ class SelectorTimer:
     """Device time of Selector calls of one kind (``name``), split in two by a flag (``labels``: for
     True, for False): prefills that started from a selection record or not (reuse: its cost should
     not grow with the cached prefix), refreshes after slow steps from kept logits or from the keys.
-    CUDA events, read once they have completed (no sync); wall time on CPU."""
+    Device time from CUDA events, read once they have completed (no sync; it includes time the
+    GPU waited for the host to launch the call's kernels), and the host time to issue the calls
+    over both kinds: a device time close to it means the calls are launch-bound. On CPU both are
+    wall time."""
 
     def __init__(self, cuda: bool, name: str, labels: tuple[str, str]):
         self.cuda, self.name, self.labels = cuda, name, labels
         self.pending: list[tuple[bool, torch.cuda.Event, torch.cuda.Event]] = []
         self.ms = {True: 0.0, False: 0.0}
         self.count = {True: 0, False: 0}
+        self.host_ms, self.host_count = 0.0, 0
 
     @contextmanager
     def time(self, flag: bool) -> Iterator[None]:
+        t0 = time.perf_counter()
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -64,9 +69,10 @@ class SelectorTimer:
             if len(self.pending) > 64:  # bounded without a log line (e.g. prefill-only traffic)
                 self._collect()
         else:
-            t0 = time.perf_counter()
             yield
             self._add(flag, 1e3 * (time.perf_counter() - t0))
+        self.host_ms += 1e3 * (time.perf_counter() - t0)
+        self.host_count += 1
 
     def _add(self, flag: bool, ms: float) -> None:
         self.ms[flag] += ms
@@ -86,8 +92,9 @@ class SelectorTimer:
         """Calls and mean milliseconds per call, of those completed so far."""
         self._collect()
         mean = lambda k: self.ms[k] / self.count[k] if self.count[k] else 0.0  # noqa: E731
+        host = self.host_ms / self.host_count if self.host_count else 0.0
         return (f"{self.name} Selector: {self.count[True]} {self.labels[0]} {mean(True):.2f} ms, "
-                f"{self.count[False]} {self.labels[1]} {mean(False):.2f} ms")
+                f"{self.count[False]} {self.labels[1]} {mean(False):.2f} ms, host {host:.2f} ms")
 
 
 class SFIStats:

@@ -35,7 +35,7 @@ def test_agent_reuse_bench_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "agent.json"
     cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "bench_agent_reuse.py"), "--device", "cpu",
            "--model", tiny_model, "--dense", "torch_native", "--prefix", "300", "--turns", "2", "--user", "24",
-           "--output", "16", "--config", '{"topk": 64, "recent": 16}', "--out", str(out)]
+           "--output", "16", "--config", '{"topk": 64, "recent": 16, "log_interval": 4}', "--out", str(out)]
     proc = subprocess.run(cmd, env=engine_env("{}"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     (run,) = json.loads(out.read_text())["runs"]
@@ -44,3 +44,7 @@ def test_agent_reuse_bench_on_cpu(tiny_model, tmp_path):
     assert all(len(x["turns"]) == 2 and x["turns"][1]["cached_tokens"] > 0 for x in v.values())
     assert v["sfi_reuse"]["reuse_hits"] > 0 and v["sfi_reuse"]["selector_record_ms"] > 0  # later turns reused
     assert v["sfi_no_reuse"]["reuse_hits"] is None and v["sfi_no_reuse"]["selector_fresh_ms"] > 0
+    # turn 2 alone: with reuse its prefill starts from the record, without it scores afresh
+    later = v["sfi_reuse"]["later_turns_selector"], v["sfi_no_reuse"]["later_turns_selector"]
+    assert later[0]["from_records"][0] > 0 and later[0]["fresh"][0] == 0, later
+    assert later[1]["from_records"][0] == 0 and later[1]["fresh"][0] > 0, later

@@ -233,8 +233,8 @@ def test_whole_context_restricted_to_the_region_selects_as_the_region(seed):
 
 @pytest.mark.parametrize("r, per_head, with_held", [(4, False, True), (8, True, False), (1, False, True), (3, True, True)])
 def test_triton_group_scores_match_reference(r, per_head, with_held):
-    """Regions inside and at the edges of the candidates, padding, per-head lists, lengths that
-    are not multiples of the block, ties (repeated logits), with and without coverage."""
+    """Regions inside and at the edges of the candidates, padding (holding NaN), per-head lists, lengths
+    that are not multiples of the block, ties (repeated logits), with and without coverage."""
     g, s_rows, hkv, n = gen(r), 3, 2, 300 + 37 * r
     lens = torch.tensor([n, n - 41, 5])
     pos = region_positions(torch.zeros(s_rows, dtype=torch.long), lens, n)
@@ -243,7 +243,7 @@ def test_triton_group_scores_match_reference(r, per_head, with_held):
         pos[:, 1, 100:140] = -1
     lo, hi = torch.tensor([0, 4, 1]), torch.tensor([n, n - 60, 5])
     logits = (3 * torch.randn(s_rows, hkv, r, n, generator=g)).round()  # rounded: many ties
-    logits = logits.masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
+    logits = logits.masked_fill(pos.unsqueeze(2) < 0, float("nan"))  # padding: stale values, never read as scores
     held = torch.rand(s_rows, hkv, n, generator=g) < 0.3 if with_held else None
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
     to = lambda t: t.to(dev) if t is not None else None  # noqa: E731
