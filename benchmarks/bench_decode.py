@@ -3,7 +3,7 @@
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
         [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024]
         [--logit-rows 0,4] [--variants '{};{"dense_layers": 1}'] [--tp 1]
-        [--runner engine [--stagger 2]] [--out benchmarks/results/decode_throughput.json]
+        [--runner engine [--stagger 2] [--profile-steps 64]] [--out benchmarks/results/decode_throughput.json]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
 ``--runner engine``, an Engine with the overlap scheduler: ``engine_decode.py``), one
@@ -22,7 +22,10 @@ A shape of context <= 1024 at some batch size (e.g. ``16x512``) measures the ste
 outside attention (weights, GEMMs, norms, sampling, launches) at that batch; the table
 then adds ``attn``, the ratio of the attention parts (each step minus that floor). With
 ``--runner engine --stagger N``, ``stag`` is the ratio with requests sent N steps apart, so that
-sfi's slow steps fall on different steps for different requests, as in serving. sfi rows also
+sfi's slow steps fall on different steps for different requests, as in serving; with
+``--profile-steps N`` each process's largest batch then runs N steps under sglang's profiler, and
+its row gets ``profile`` (``trace_summary.py``: GPU busy/idle time and kernels by category per step,
+host calls, sfi's Selector ranges). sfi rows also
 carry ``refreshes``: calls and mean device milliseconds of the Selector refreshes after slow steps
 (from kept logits, from keys) and the mean host time to issue one, over the process's run, read from
 sfi's counter line (device time close to host time: the refresh is launch-bound).
@@ -105,7 +108,7 @@ def run_backend(name: str, backend: str, model: str, args, sfi_cfg: dict | None,
               "--input-len", str(context), "--output-len", str(args.output_len), "--result-filename", res]
     if args.runner == "engine":
         cmd = [sys.executable, os.path.join(HERE, "engine_decode.py"), model, backend, *common,
-               "--stagger", str(args.stagger)]
+               "--stagger", str(args.stagger), "--profile-steps", str(args.profile_steps)]
     else:
         cmd = [sys.executable, "-m", "sfi_sglang.bench_one_batch", "--model-path", model, "--load-format", "dummy",
                "--attention-backend", backend, "--cuda-graph-backend-prefill", "disabled",
@@ -169,11 +172,13 @@ def main() -> None:
                          "overlap scheduler, as a server decodes (benchmarks/engine_decode.py)")
     ap.add_argument("--stagger", default=0, type=int,
                     help="engine runner: also time requests sent N steps apart (desynchronized slow steps)")
+    ap.add_argument("--profile-steps", default=0, type=int,
+                    help="engine runner: profile this many steps of each process's largest batch (trace_summary.py)")
     ap.add_argument("--timeout", default=900, type=int)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_throughput.json"))
     args = ap.parse_args()
-    if args.stagger and args.runner != "engine":
-        ap.error("--stagger needs --runner engine")
+    if (args.stagger or args.profile_steps) and args.runner != "engine":
+        ap.error("--stagger and --profile-steps need --runner engine")
 
     model = write_dummy_model(tempfile.mkdtemp(prefix="sfi-bench-"), args.model)
     gpu = torch.cuda.get_device_name()
@@ -237,6 +242,10 @@ def main() -> None:
                 rows[-1]["staggered_step_ms"] = 1e3 * res["staggered_step_s"]
             if refreshes:  # the process's whole run (all its batch sizes, warm-up included)
                 rows[-1]["refreshes"] = refreshes
+            if "profile" in res:
+                rows[-1]["profile"] = res["profile"]
+                print(f"{name:>12} bs {bs:>3} ctx {ctx:>6} profile, ms per step: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in res["profile"].get("per_step_ms", {}).items()), flush=True)
             print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s"
                   + "".join(f"; refresh {k} {refreshes[k][0]} x {refreshes[k][1]:.2f} ms"
                             for k in ("from_logits", "from_keys") if refreshes.get(k, [0])[0])

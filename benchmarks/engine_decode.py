@@ -9,6 +9,10 @@ cancel, and the host work of each step overlaps the GPU work of the one before, 
 (sglang's one-batch benchmark runs each step synchronously, so its host time adds to every step).
 Writes one JSON line per batch size: ``batch_size, input_len, output_len, step_s``.
 
+With ``--profile-steps N``, the largest batch then decodes N more steps under sglang's profiler
+(``Engine.start_profile``); its row gets ``profile``: where those steps' time went
+(``trace_summary.py``: GPU busy and idle time, kernels by category, host calls, sfi's ranges).
+
 With ``--stagger N``, each row also gets ``staggered_step_s``: the same two sends, but request
 ``i`` submitted ``i * N`` steps (of the synchronized step time) after the first, as requests
 arrive in serving. sfi's forced slow steps then fall on different steps for different requests
@@ -21,10 +25,15 @@ the refresh's fixed per-call cost is paid once per request instead of once per b
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
+import sys
+import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
@@ -39,6 +48,9 @@ def main() -> None:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--stagger", type=int, default=0, help="also measure with request i sent i*N steps late")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="then profile this many steps of the largest batch (sglang's profiler); summary in its row")
+    ap.add_argument("--profile-dir", default=None, help="where the trace goes (default: a temporary folder)")
     ap.add_argument("--result-filename", required=True)
     args = ap.parse_args()
 
@@ -99,12 +111,30 @@ def main() -> None:
                 gap = args.stagger * row["step_s"]
                 short, long = run(1, gap), run(1 + args.output_len, gap)
                 row["staggered_step_s"] = (long - short) / args.output_len
+            if args.profile_steps and bs == top:
+                row["profile"] = profile(engine, args, lambda: run(2 + args.profile_steps))
             print(json.dumps(row), flush=True)
             with open(args.result_filename, "a") as f:
                 f.write(json.dumps(row) + "\n")
             engine.flush_cache()
     finally:
         engine.shutdown()
+
+
+def profile(engine, args, decode) -> dict:
+    """``args.profile_steps`` forward steps of ``decode()`` under sglang's profiler, summarised
+    (``trace_summary.py``); the trace stays in ``args.profile_dir``."""
+    from trace_summary import load, summarize
+
+    out = args.profile_dir or tempfile.mkdtemp(prefix="sfi-profile-")
+    before = set(glob.glob(os.path.join(out, "*.trace.json*")))
+    engine.start_profile(output_dir=out, num_steps=args.profile_steps, with_stack=False, record_shapes=False,
+                         activities=["CPU", "GPU"] if args.device == "cuda" else ["CPU"])
+    decode()  # the profiler stops, and writes its trace, after num_steps; the run outlasts them
+    new = sorted(set(glob.glob(os.path.join(out, "*.trace.json*"))) - before, key=os.path.getmtime)
+    if not new:
+        return {"error": f"no trace written to {out}"}
+    return {"trace": new[-1], **summarize(load(new[-1]), args.profile_steps)}
 
 
 if __name__ == "__main__":

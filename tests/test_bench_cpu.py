@@ -20,13 +20,17 @@ def test_engine_decode_on_cpu(tiny_model, tmp_path):
     env = engine_env('{"topk": 32, "recent": 8, "max_fast_steps": 7, "min_refresh_gap": 2, "boundary": false, "log_interval": 8}')
     cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "engine_decode.py"), tiny_model, "sfi",
            "--input-len", "200", "--batch-size", "1", "3", "--output-len", "16", "--device", "cpu",
-           "--load-format", "auto", "--stagger", "2", "--result-filename", str(out)]
+           "--load-format", "auto", "--stagger", "2", "--profile-steps", "10", "--profile-dir", str(tmp_path),
+           "--result-filename", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["batch_size"] for r in rows] == [1, 3]
     assert all(r["input_len"] == 200 and r["output_len"] == 16 and r["step_s"] > 0 for r in rows)
     assert all(r["staggered_step_s"] > 0 for r in rows)  # requests sent 2 steps apart
+    # the largest batch profiled (sglang's profiler): a slow step every 8 steps, so a refresh in 10
+    assert "profile" not in rows[0] and os.path.exists(rows[1]["profile"]["trace"]), rows[1].get("profile")
+    assert rows[1]["profile"]["sfi_ranges"]["sfi_refresh_selector"]["count"] >= 1
     slow = re.findall(r"slow frac ([0-9.]+)", proc.stdout + proc.stderr)  # sfi's counters, as bench_decode reads them
     assert slow and float(slow[-1]) > 0
 

@@ -49,3 +49,31 @@ def test_selector_timings_reach_the_log_and_the_decode_benchmark(caplog):
     found = refreshes_from_log(caplog.text)
     assert (found["from_logits"][0], found["from_keys"][0]) == (1, 2) and found["host_ms"] >= 0
     assert "prefill Selector: 0 from records" in caplog.text
+
+
+def test_trace_summary_splits_a_step():
+    """``trace_summary.summarize``: busy/idle over overlapping kernels, categories, host calls, sfi's ranges."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from trace_summary import summarize
+
+    def ev(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        ev("kernel", "nvjet_tst_128x64_gemm", 0, 400), ev("kernel", "_sfi_decode", 300, 200),  # overlap 100
+        ev("kernel", "_topk_select", 1000, 500), ev("kernel", "vectorized_elementwise_kernel", 1500, 100),
+        ev("cuda_runtime", "cudaLaunchKernel", 0, 5), ev("cuda_runtime", "cudaGraphLaunch", 0, 5),
+        ev("cuda_runtime", "cudaMalloc", 0, 5), ev("cuda_runtime", "cudaStreamSynchronize", 0, 5),
+        ev("user_annotation", "sfi_refresh_selector", 900, 800), ev("gpu_user_annotation", "sfi_refresh_selector", 1000, 600),
+        ev("cpu_op", "aten::add", 0, 3), {"ph": "i", "name": "marker", "ts": 0},
+    ]}
+    s = summarize(trace, steps=2)
+    assert s["gpu_span_ms"] == 1.6 and abs(s["gpu_busy_ms"] - 1.1) < 1e-9 and abs(s["gpu_idle_ms"] - 0.5) < 1e-9
+    per = s["per_step_ms"]
+    assert (per["gemm"], per["sfi_decode"], per["selector"], per["other"]) == (0.2, 0.1, 0.25, 0.05)
+    assert s["host_calls"] == {"kernel_launches": 1, "graph_launches": 1, "allocations": 1, "synchronizations": 1}
+    assert s["sfi_ranges"] == {"sfi_refresh_selector": {"count": 1, "host_ms": 0.8, "gpu_ms": 0.6}}
+    assert s["top_kernels"][0] == ["_topk_select", 1, 0.5]
