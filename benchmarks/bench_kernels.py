@@ -32,7 +32,8 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
   times the per-step planning launch ``plan_step`` instead (per batch; no context).
 ``bytes_moved``: K+V bytes of the attended tokens (selector: K only); ``hbm_frac``: that rate over
 the device copy bandwidth (read + write) measured in the same run; ``speedup_vs_dense``: FlashInfer's
-time at the same (batch, context) over the row's. ``TRITON_INTERPRET=1 ... --quick --device cpu``
+time at the same (batch, context) over the row's; ``peak_frac`` (Selector rows): the GPU memory a call
+allocates at its peak over what sfi reserves for the Selector's temporaries (``selector_peak_bytes``). ``TRITON_INTERPRET=1 ... --quick --device cpu``
 is a CPU smoke run: each kernel once, eagerly, in fp16 (the interpreter's bf16 dot is wrong), no times.
 """
 
@@ -58,7 +59,7 @@ from bench_decode import copy_bandwidth  # noqa: E402
 from sfi_sglang.config import SFIConfig  # noqa: E402
 from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
-from sfi_sglang.memory import SelectionStore, StepRows  # noqa: E402
+from sfi_sglang.memory import SelectionStore, StepRows, selector_peak_bytes  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
 from sfi_sglang.model_check import AttentionShape  # noqa: E402
 
@@ -208,6 +209,16 @@ def refresh(c: Case, layers: int, from_logits: bool = False) -> Fn:
     return lambda: b._refresh_now(r, c.q.expand(layers, -1, -1, -1))
 
 
+def temporaries(fn: Fn) -> int:
+    """Peak bytes ``fn`` allocates on the GPU above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def profile(fn: Fn, label: str, top: int = 12) -> None:
     """CUDA time per kernel of one call of ``fn`` (after a warm-up call), largest first, and the
     call's wall time against its summed kernel time (what is left is launch and host time)."""
@@ -240,10 +251,12 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
     rows: list[dict] = []
 
     def add(kernel: str, bs: int, ctx: int | None, kept: int | None, fn: Fn, nbytes: int | None,
-            graph: bool = True) -> None:
+            graph: bool = True, peak: bool = False) -> None:
         t, graphed = timed(fn, args.iters, dev.type == "cuda", graph)
         rows.append({"kernel": kernel, "batch": bs, "context": ctx, "kept_tokens": kept, "time_us": t,
                      "bytes_moved": nbytes, "graph": graphed})
+        if peak and dev.type == "cuda":  # the Selector's temporaries against what sfi reserves for them
+            rows[-1]["peak_frac"] = temporaries(fn) / selector_peak_bytes(CFG, AttentionShape(1, HQ, HKV, D, D, SCALE, 0.0), ctx)
         print(f"{kernel:>16} bs {bs:>3} ctx {ctx or '-':>6} kept {kept or '-':>6}: "
               + (f"{t:9.1f} us" if t is not None else "ran"))
 
@@ -280,12 +293,13 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
             for suffix, from_logits, per_layer in ("", False, kv_bytes(bs, ctx, tensors=1)), (
                     "_from_logits", True, bs * HQ * ctx * 2):
                 run = refresh(c, 1, from_logits)
-                add("selector" + suffix, bs, ctx, CFG.topk, run, per_layer, graph=False)
+                add("selector" + suffix, bs, ctx, CFG.topk, run, per_layer, graph=False, peak=True)
                 if args.profile and dev.type == "cuda":
                     profile(run, f"selector{suffix} batch {bs} context {ctx}")
                 if args.layers:
                     run = refresh(c, args.layers, from_logits)
-                    add("refresh_all_layers" + suffix, bs, ctx, CFG.topk, run, args.layers * per_layer, graph=False)
+                    add("refresh_all_layers" + suffix, bs, ctx, CFG.topk, run, args.layers * per_layer, graph=False,
+                        peak=True)
                     if args.profile and dev.type == "cuda":
                         profile(run, f"refresh_all_layers{suffix} batch {bs} context {ctx}", top=20)
                     del run
@@ -339,6 +353,8 @@ def report(rows: list[dict]) -> None:
          pick("slow_step_all_layers", bool)),
         ("all layers, K read once: refresh from logits + sfi dense <= 1.3x dense", "vs_dense", max,
          lambda x: x <= 1.3, pick("fused_slow_step_all_layers", bool)),
+        ("Selector temporaries <= what sfi reserves for them (memory.selector_peak_bytes)", "peak_frac", max,
+         lambda x: x <= 1, [r for r in rows if "peak_frac" in r]),
         ("index_builder (plan_step) <= 10 us at batch 32", "time_us", max, lambda x: x <= 10,
          pick("index_builder", lambda r: r["batch"] == 32)),
     ]

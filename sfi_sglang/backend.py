@@ -41,7 +41,8 @@ from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.kernels.topk_select import topk_select
-from sfi_sglang.memory import DEFERRED_ROWS, SelectionStore, StepRows, saved_queries, slow_logits, static_bytes
+from sfi_sglang.memory import (DEFERRED_ROWS, SELECTOR_SCRATCH, SelectionStore, StepRows, saved_queries, slow_logits,
+                               static_bytes)
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
@@ -49,9 +50,6 @@ from sfi_sglang.radix import SelectionRecord, SelectionReuse
 from sfi_sglang.selector import aligned, region_positions, restrict, select
 
 logger = logging.getLogger("sfi_sglang")
-
-# Scratch budget of one Selector call (logits and softmax temporaries), in float32 elements.
-SELECTOR_SCRATCH = 64 * 2**20
 
 
 @dataclass
@@ -183,7 +181,8 @@ class SFIBackend(AttentionBackend):
         self.side = torch.cuda.Stream(self.device) if self.on_cuda and cfg.refresh_lag > 1 else None
         logger.info(
             "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state %.1f MiB "
-            "(selections, saved queries, kept slow-step logits, up to %d records and deferred refreshes; "
+            "(selections, saved queries, kept slow-step logits, up to %d records and deferred refreshes, the "
+            "Selector's temporaries; "
             "taken from the KV-cache budget), "
             "config %s",
             type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,

@@ -28,6 +28,10 @@ from sfi_sglang.model_check import AttentionShape
 from sfi_sglang.selector import aligned
 
 
+# Elements of the Selector's fp32 candidate logits per pass ([layers x rows, Hkv, queries, candidates]):
+# the backend batches rows and layers of a refresh or prefill up to this (one row of one layer may exceed it).
+SELECTOR_SCRATCH = 64 * 2**20
+
 # Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
 # in line. Each holds its new selections until they take over (3.4 MiB for Qwen3-4B at topk 3072).
 DEFERRED_ROWS = 64
@@ -141,14 +145,26 @@ def saved_queries(shape: AttentionShape, rows: int, dtype: torch.dtype, device: 
     return torch.zeros(shape.num_layers, rows, shape.q_heads, shape.head_dim, dtype=dtype, device=device)
 
 
+def selector_peak_bytes(cfg: SFIConfig, shape: AttentionShape, context: int) -> int:
+    """A bound on the Selector's temporaries in one pass (the caching allocator's, not a static buffer):
+    the fp32 logits (up to ``SELECTOR_SCRATCH``, or one request's and layer's at ``prefill_queries``
+    query rows if larger) and, per candidate and KV head, a score, a top-k key, a held flag and
+    positions (12 bytes). The fewest queries per KV head (a refresh's one row) give the most candidates."""
+    group = shape.q_heads // shape.kv_heads
+    width = aligned(context)
+    logits = max(SELECTOR_SCRATCH, shape.kv_heads * group * max(1, cfg.prefill_queries) * width)
+    return 4 * logits + 12 * max(SELECTOR_SCRATCH // group, shape.kv_heads * width)
+
+
 def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype, context: int) -> int:
     """GPU bytes the sfi backend holds for ``rows`` req-pool rows of up to ``context`` tokens
     (selection state, saved slow-step queries, kept slow-step logits, step buffers) plus the most
-    its selection records and deferred refreshes may hold:
+    its selection records and deferred refreshes may hold and the Selector's temporaries may take:
     what sfi takes out of sglang's KV-cache budget. Sized from the same buffers, built on the meta device."""
     store = SelectionStore(cfg, shape.num_layers, rows, shape.kv_heads, "meta")
     step = StepRows.zeros(rows, "meta")
     deferred = min(rows, DEFERRED_ROWS) if cfg.refresh_lag > 1 else 0
     held = (cfg.reuse_records + deferred) * store.pos[:, 0].nbytes
     return (store.nbytes + saved_queries(shape, rows, act_dtype, "meta").nbytes
-            + slow_logits(cfg, shape, context, "meta").nbytes + sum(t.nbytes for t in vars(step).values()) + held)
+            + slow_logits(cfg, shape, context, "meta").nbytes + sum(t.nbytes for t in vars(step).values()) + held
+            + selector_peak_bytes(cfg, shape, context))
