@@ -25,6 +25,7 @@ record and the tokens after it are scored.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from itertools import accumulate
 from types import SimpleNamespace
@@ -190,6 +191,34 @@ class SFIBackend(AttentionBackend):
             static_bytes(cfg, self.shape, rows, self.q_hist.dtype, self.req_to_token.shape[1]) / 2**20,
             cfg.reuse_records, cfg.to_dict(),
         )
+        if self.on_cuda:  # the CPU path runs torch references: nothing to compile
+            self.warm_up_selector()
+
+    def warm_up_selector(self) -> None:
+        """Runs the Selector once per kind of call it serves -- a prefill's selection, a refresh after a
+        slow step (from the keys, and from kept logits when on) -- on a dummy request in req-pool slot 0
+        long enough to be scored, so that Triton compiles these kernels for this model's shapes now:
+        otherwise the first long request's first slow step would wait for the compiles (about a second
+        on an H200 with an empty Triton cache). A prefill resets slot 0 before any request uses it; no
+        counter is touched. Selections from records (reuse) still compile at their first use."""
+        cfg, sh = self.cfg, self.shape
+        n = cfg.sinks + cfg.topk + cfg.recent + 1
+        if n > self.req_to_token.shape[1] or not self.sparse_layers:
+            return
+        t0 = time.perf_counter()
+        slot = torch.zeros(1, dtype=torch.int64, device=self.device)
+        lo, hi, count = (self._to_device(t.int()) for t in self.store.bounds(torch.tensor([n])))
+        dtype = self.token_to_kv_pool.get_key_buffer(self.start_layer).dtype
+        q = torch.zeros(sh.num_layers, max(1, cfg.prefill_queries), sh.q_heads, sh.head_dim, dtype=dtype,
+                        device=self.device)
+        rows = torch.arange(q.shape[1], device=self.device).view(1, -1)
+        self._select(self.sparse_layers, q, _region_refresh(slot, rows, lo, hi, n))
+        length = torch.full((1,), n, dtype=torch.int32, device=self.device)
+        self.slow_logits[:, :1, :, :n].zero_()  # the kept-logits row the refresh below reads
+        for from_logits in sorted({False, cfg.logit_rows > 0}):
+            r = _slow_step_refresh(slot, rows[:, :1], lo, hi, length, n, (hi, count), from_logits)
+            self._select(self.sparse_layers, q, r, _Coverage(slot, (hi, count), sh.num_layers))
+        logger.info("SFI: Selector kernels ready (%.1f s)", time.perf_counter() - t0)
 
     @classmethod
     def selector_only(cls, cfg: SFIConfig, shape: AttentionShape, key_buffer: Callable[[int], torch.Tensor],

@@ -1,6 +1,7 @@
 """The backend's Selector refresh (``SFIBackend._select``) does not depend on how it batches
 requests and layers within its scratch budget."""
 
+import pytest
 import torch
 
 import sfi_sglang.backend as backend
@@ -186,3 +187,27 @@ def test_refresh_after_a_decode_step_reads_each_rows_own_logits():
         torch.testing.assert_close(kept[1], keys[1], atol=1e-3, rtol=1e-3)
     wrong = decode_step_then_refresh(2, swap=True)
     assert (wrong[0][:, [0, 2]] == keys[0][:, [0, 2]]).float().mean() < 0.8
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_warm_up_runs_every_selector_call_and_counts_nothing(kernels, monkeypatch):
+    """``warm_up_selector`` (run at startup on GPUs, so Triton compiles before serving) goes through the
+    prefill selection and both refreshes after a slow step, on the torch references or (``kernels``) on
+    the Triton kernels (interpreted here), and leaves the counters alone."""
+    cfg = SFIConfig(topk=24, sinks=2, recent=8, slow_logit_rows=1)
+    dev = torch.device("cuda" if kernels and torch.cuda.is_available() else "cpu")
+    req_to_token = torch.zeros(2, 64, dtype=torch.int32, device=dev)
+    keys = [torch.randn(8, HKV, D, device=dev) for _ in range(LAYERS)]
+    b = SFIBackend.selector_only(cfg, AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0), keys.__getitem__,
+                                 req_to_token, dev)
+    calls = []
+    select = b._select
+    monkeypatch.setattr(b, "_select", lambda layers, q, r, cover=None: (calls.append((r.from_logits, cover is None)),
+                                                                     select(layers, q, r, cover)))
+    if kernels and dev.type == "cpu":  # the Triton kernels in the interpreter (conftest sets it on CPU)
+        b.on_cuda = True
+        b._to_device = lambda t: t
+    b.warm_up_selector()
+    assert calls == [(False, True), (False, False), (True, False)]  # prefill, refresh from keys, from logits
+    assert not b.stats.acc.any() and not b.stats.cov.any()
+    assert (b.store.pos[:, 0, :, :cfg.topk] < 64).all()  # slot 0 holds a selection of the dummy request
