@@ -42,11 +42,13 @@ def group_scores_ref(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Te
     return f / f.sum(dim=-1, keepdim=True), (coverage(logits, held) if held is not None else None)
 
 
-@triton.jit
-def _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
-                  H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's (row x head ``ih``, block ``blk``): candidate offsets ``j``, query offsets ``r``
-    (and mask), which candidates exist and which lie in the region, and their logits ``[BLOCK_R, BLOCK]``."""
+@triton.jit(do_not_specialize=["NB", "SHR"])  # one compiled kernel for every width and row count
+def _block_stats(
+    L, Pos, Lo, Hi, Part, N, NB, SHR,
+    stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
+    H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per (row, head, query, block): max and sum of exp over valid candidates, then over the region."""
     ih = tl.program_id(0)
     blk = tl.program_id(1)
     i = ih // H
@@ -56,21 +58,9 @@ def _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr, stride_ps,
     rmask = r < R
     p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
     valid, reg = p >= 0, (p >= tl.load(Lo + i)) & (p < tl.load(Hi + i))
-    # masked by bounds only, so the loads can vectorize; callers mask padding (its logits: any value)
+    # masked by bounds only, so the loads can vectorize; padding (its logits: any value) is masked below
     s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :],
                 mask=rmask[:, None] & (j < N)[None, :], other=float("-inf")).to(tl.float32)
-    return ih, blk, j, r, rmask, valid, reg, s
-
-
-@triton.jit(do_not_specialize=["NB", "SHR"])  # one compiled kernel for every width and row count
-def _block_stats(
-    L, Pos, Lo, Hi, Part, N, NB, SHR,
-    stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
-    H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Per (row, head, query, block): max and sum of exp over valid candidates, then over the region."""
-    ih, blk, j, r, rmask, valid, reg, s = _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr,
-                                                        stride_ps, stride_ph, H, R, BLOCK_R, BLOCK)
     out = Part + (ih * R + r) * NB + blk
     _store_max_sum(out, SHR * NB, tl.where(valid[None, :], s, float("-inf")), rmask)
     _store_max_sum(out + 2 * SHR * NB, SHR * NB, tl.where(reg[None, :], s, float("-inf")), rmask)
@@ -88,22 +78,35 @@ def _store_max_sum(Out, step, x, rmask):
 def _scores(
     L, Pos, Lo, Hi, Lse, Held, F, Part, alpha, N, NB, SHR,
     stride_ls, stride_lh, stride_lr, stride_ps, stride_ph,
-    H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, HELD: tl.constexpr,
+    H: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, HELD: tl.constexpr,
 ):
-    """Per (row, head, block): unnormalised power-mean scores, and partial sums of them and of the held mass."""
-    ih, blk, j, r, rmask, valid, reg, s = _logits_block(L, Pos, Lo, Hi, N, stride_ls, stride_lh, stride_lr,
-                                                        stride_ps, stride_ph, H, R, BLOCK_R, BLOCK)
-    lse_reg = tl.load(Lse + SHR + ih * R + r, mask=rmask, other=0.0)
-    pa = tl.where(rmask[:, None] & reg[None, :], tl.exp(alpha * (s - lse_reg[:, None])), 0.0)
-    mean = tl.sum(pa, 0) / R
+    """Per (row, head, block): unnormalised power-mean scores, and partial sums of them and of the held mass.
+    One query row at a time (1-D loads, sums in registers): a [queries, candidates] tile reduced over
+    its query axis can place the queries in different warps, and each reduction then goes through
+    shared memory."""
+    ih = tl.program_id(0)
+    blk = tl.program_id(1)
+    i = ih // H
+    h = ih % H
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    inb = j < N
+    p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=inb, other=-1)
+    valid, reg = p >= 0, (p >= tl.load(Lo + i)) & (p < tl.load(Hi + i))
+    row = L + i * stride_ls + h * stride_lh + j
+    power = tl.zeros([BLOCK], dtype=tl.float32)
+    mass = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in tl.static_range(R):
+        s = tl.load(row + r * stride_lr, mask=inb, other=float("-inf")).to(tl.float32)  # padding: any value
+        power += tl.where(reg, tl.exp(alpha * (s - tl.load(Lse + SHR + ih * R + r))), 0.0)
+        if HELD:
+            mass += tl.where(valid, tl.exp(s - tl.load(Lse + ih * R + r)), 0.0)
+    mean = power / R
     f = tl.where(mean > 0, tl.exp(tl.log(mean) / alpha), 0.0)
-    tl.store(F + ih * N + j, f, mask=j < N)
+    tl.store(F + ih * N + j, f, mask=inb)
     tl.store(Part + ih * NB + blk, tl.sum(f, 0))
     if HELD:
-        lse_all = tl.load(Lse + ih * R + r, mask=rmask, other=0.0)
-        p = tl.where(rmask[:, None] & valid[None, :], tl.exp(s - lse_all[:, None]), 0.0)
-        held = tl.load(Held + ih * N + j, mask=j < N, other=0) != 0
-        tl.store(Part + (SHR // R + ih) * NB + blk, tl.sum(tl.where(held, tl.sum(p, 0), 0.0), 0) / R)
+        held = tl.load(Held + ih * N + j, mask=inb, other=0) != 0
+        tl.store(Part + (SHR // R + ih) * NB + blk, tl.sum(tl.where(held, mass, 0.0), 0) / R)
 
 
 def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
@@ -131,6 +134,6 @@ def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor
     sums = torch.empty(2, s_rows * hkv, nb, dtype=torch.float32, device=logits.device)
     held_arg = held.contiguous().view(torch.int8) if held is not None else f
     _scores[grid](logits, pos, lo, hi, lse, held_arg, f, sums, alpha, n, nb, shr, *strides,
-                  HELD=held is not None, **meta)
+                  H=hkv, R=r, BLOCK=block, HELD=held is not None, num_warps=4)
     f /= sums[0].sum(-1).view(s_rows, hkv, 1)
     return f, (sums[1].sum(-1).view(s_rows, hkv) if held is not None else None)
