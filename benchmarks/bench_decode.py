@@ -219,10 +219,11 @@ def main() -> None:
         for res in results:
             bs, ctx = res["batch_size"], res["input_len"]
             steps, step_s = res["output_len"] - 1, res["step_s"]
-            if cfg:  # tokens read per KV head: slow steps the context, fast steps the memory
+            dense_layers = cfg.get("dense_layers", base.dense_layers) if cfg else None
+            if cfg:  # tokens read per KV head: slow steps the context, fast steps the memory (dense layers: the context)
                 kept = base.sinks + cfg["topk"] + cfg["recent"] + r / 2
                 read = ctx / r + min(kept, ctx) * (r - 1) / r
-                dense_share = cfg.get("dense_layers", base.dense_layers) / PRESETS[args.model]["num_hidden_layers"]
+                dense_share = dense_layers / PRESETS[args.model]["num_hidden_layers"]
                 read = dense_share * ctx + (1 - dense_share) * read
             else:
                 read = ctx
@@ -234,7 +235,7 @@ def main() -> None:
                 "refresh_lag": cfg["refresh_lag"] if cfg else None, "topk": cfg["topk"] if cfg else None,
                 "recent": cfg["recent"] if cfg else None,
                 "slow_logit_rows": cfg["slow_logit_rows"] if cfg else None,
-                "dense_layers": cfg.get("dense_layers", base.dense_layers) if cfg else None, "decode_tok_s": bs / step_s,
+                "dense_layers": dense_layers, "decode_tok_s": bs / step_s,
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })

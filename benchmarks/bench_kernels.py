@@ -33,8 +33,8 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
 ``bytes_moved``: K+V bytes of the attended tokens (selector: K only); ``hbm_frac``: that rate over
 the device copy bandwidth (read + write) measured in the same run; ``speedup_vs_dense``: FlashInfer's
 time at the same (batch, context) over the row's; ``peak_frac`` (Selector rows): the GPU memory a call
-allocates at its peak over what sfi reserves for the Selector's temporaries (``selector_peak_bytes``). ``TRITON_INTERPRET=1 ... --quick --device cpu``
-is a CPU smoke run: each kernel once, eagerly, in fp16 (the interpreter's bf16 dot is wrong), no times.
+allocates at its peak over what sfi reserves for the Selector's temporaries (``selector_peak_bytes``).
+``TRITON_INTERPRET=1 ... --quick --device cpu`` is a CPU smoke run: each kernel once, eagerly, in fp16 (the interpreter's bf16 dot is wrong), no times.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
 idle time over the span of its kernels (idle: the GPU waited for the host), kernel time by
 category (GEMMs, dense attention, sfi's decode kernels, the Selector's kernels, communication,
 other), the heaviest kernels, counts of host calls that matter here (kernel and graph launches,
-allocations, synchronisations), and sfi's own ranges (``sfi_refresh``: the Selector refresh
-after slow steps, host time and the GPU time of its kernels).
+allocations, synchronisations), and sfi's own ranges (``sfi_refresh_selector``: the Selector
+refresh after slow steps, ``sfi_prefill_selector``: a prefill's; host time and the GPU time of their kernels).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def summarize(trace: dict, steps: int) -> dict:
     by_cat: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
     for e in kernels:
-        by_cat[category(e["name"])] = by_cat.get(category(e["name"]), 0.0) + e["dur"] / 1e3
+        cat = category(e["name"])
+        by_cat[cat] = by_cat.get(cat, 0.0) + e["dur"] / 1e3
         entry = by_name.setdefault(e["name"], [0, 0.0])
         entry[0] += 1
         entry[1] += e["dur"] / 1e3

@@ -195,8 +195,8 @@ class SFIBackend(AttentionBackend):
             self.warm_up_selector()
 
     def warm_up_selector(self) -> None:
-        """Runs the Selector once per kind of call it serves -- a prefill's selection, a refresh after a
-        slow step (from the keys, and from kept logits when on) -- on a dummy request in req-pool slot 0
+        """Runs the Selector once per kind of call it serves -- a prefill's selection (``prefill_queries``
+        > 0), a refresh after a slow step (from the keys, and from kept logits when on) -- on a dummy request in req-pool slot 0
         long enough to be scored, so that Triton compiles these kernels for this model's shapes now:
         otherwise the first long request's first slow step would wait for the compiles (about a second
         on an H200 with an empty Triton cache). A prefill resets slot 0 before any request uses it; no
@@ -212,7 +212,8 @@ class SFIBackend(AttentionBackend):
         q = torch.zeros(sh.num_layers, max(1, cfg.prefill_queries), sh.q_heads, sh.head_dim, dtype=dtype,
                         device=self.device)
         rows = torch.arange(q.shape[1], device=self.device).view(1, -1)
-        self._select(self.sparse_layers, q, _region_refresh(slot, rows, lo, hi, n))
+        if cfg.prefill_queries:  # otherwise prefills make no selection
+            self._select(self.sparse_layers, q, _region_refresh(slot, rows, lo, hi, n))
         length = torch.full((1,), n, dtype=torch.int32, device=self.device)
         self.slow_logits[:, :1, :, :n].zero_()  # the kept-logits row the refresh below reads
         for from_logits in sorted({False, cfg.logit_rows > 0}):
