@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--user", type=int, default=256, help="new user/tool tokens per turn")
     ap.add_argument("--output", type=int, default=128)
-    ap.add_argument("--dense", default="flashinfer")
+    ap.add_argument("--dense", default="flashinfer", help="dense backend to compare (empty: sfi only)")
     ap.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for both sfi variants")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke run on --model with the CPU engine (source checkout; dense: torch_native)")
@@ -108,7 +108,8 @@ def main() -> None:
     model = args.model or write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
     extra = json.loads(args.config)
     variants = {name: (backend, {**cfg, **extra}) for name, (backend, cfg) in VARIANTS.items()}
-    variants[args.dense] = (args.dense, None)
+    if args.dense:
+        variants[args.dense] = (args.dense, None)
     runs = []
     for prefix in args.prefix:
         results = {}

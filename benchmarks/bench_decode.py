@@ -155,7 +155,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x8192,4x8192,16x8192,1x32768,4x32768",
                     type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")], help="BATCHxCONTEXT,...")
     ap.add_argument("--output-len", default=512, type=int)
-    ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",") if x],
+                    help="sfi refresh periods R (empty: dense backends only)")
     ap.add_argument("--lags", default="1", type=lambda s: [int(x) for x in s.split(",")],
                     help="sfi refresh_lag values (each R runs once per lag; > 1: Selector on a side stream)")
     ap.add_argument("--memories", default="", type=lambda s: [tuple(map(int, x.split("/"))) for x in s.split(",") if x],

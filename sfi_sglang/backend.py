@@ -511,44 +511,49 @@ class SFIBackend(AttentionBackend):
         A refresh after a slow step also measures, into ``cover``, the coverage of the
         selections it replaces.
         """
-        cfg, sh = self.cfg, self.shape
-        logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
-        scores_fn = group_scores if self.on_cuda else group_scores_ref
+        sh = self.shape
         wg = r.q_rows.shape[1] * (sh.q_heads // sh.kv_heads)  # queries per KV head
         unit = sh.kv_heads * wg * max(r.width, 1)  # logits of one (layer, request)
         rows = max(1, min(r.slots.shape[0], SELECTOR_SCRATCH // unit))
         per = max(1, SELECTOR_SCRATCH // (unit * rows))
         layers = list(layers)
         for a in range(0, r.slots.shape[0], rows):
-            part = slice(a, a + rows)
-            slots, lo, hi, q_rows = r.slots[part], r.lo[part], r.hi[part], r.q_rows[part]
             for b in range(0, len(layers), per):
-                group = layers[b:b + per]
-                g, n_s = len(group), len(slots)
-                idx = self._to_device(torch.tensor(group)).view(-1, 1)
-                pos = torch.cat([r.positions(l)[part] for l in group])
-                if r.from_logits:  # the slow step's own logits: a view where it can be (all rows), no keys read
-                    logits = self.slow_logits[group[0]:group[-1] + 1, part, :, :r.width]
-                    logits, log_norm = logits.reshape(g * n_s, sh.kv_heads, -1, r.width), None
-                else:
-                    k_bufs = [self.token_to_kv_pool.get_key_buffer(l + self.start_layer) for l in group]
-                    logits, log_norm = logits_fn(q[idx.view(-1, 1, 1), q_rows.unsqueeze(0)], k_bufs,
-                                                 self.req_to_token, slots, pos, sh.sm_scale, sh.logit_cap,
-                                                 norms=cfg.prior_lambda_max > 0)
-                lo_g, hi_g = lo.repeat(g), hi.repeat(g)
-                held = None
-                if cover is not None:
-                    held = cover.held(part, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
-                f, cov = scores_fn(logits, pos, lo_g, hi_g, cfg.alpha, held)
-                if cover is not None:
-                    cover.add(part, cov, idx.view(-1))
-                    pos = restrict(pos, lo_g, hi_g)
-                sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None)
-                sel = sel.view(g, n_s, sh.kv_heads, -1)
-                if out is None:
-                    self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
-                else:
-                    out[idx.view(-1), a:a + n_s, :, : sel.shape[-1]] = sel
+                # one pass per call: its temporaries are freed before the next pass allocates
+                self._select_pass(layers[b:b + per], q, r, slice(a, a + rows), cover, out)
+
+    def _select_pass(self, group: list[int], q: torch.Tensor, r: _Refresh, part: slice,
+                     cover: _Coverage | None, out: torch.Tensor | None) -> None:
+        """One pass of :meth:`_select`: the layers ``group`` for the rows ``part`` of ``r``."""
+        cfg, sh = self.cfg, self.shape
+        slots, lo, hi, q_rows = r.slots[part], r.lo[part], r.hi[part], r.q_rows[part]
+        g, n_s = len(group), len(slots)
+        idx = self._to_device(torch.tensor(group)).view(-1, 1)
+        pos = torch.cat([r.positions(l)[part] for l in group])
+        if r.from_logits:  # the slow step's own logits: a view where it can be (all rows), no keys read
+            logits = self.slow_logits[group[0]:group[-1] + 1, part, :, :r.width]
+            logits, log_norm = logits.reshape(g * n_s, sh.kv_heads, -1, r.width), None
+        else:
+            k_bufs = [self.token_to_kv_pool.get_key_buffer(l + self.start_layer) for l in group]
+            logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref
+            logits, log_norm = logits_fn(q[idx.view(-1, 1, 1), q_rows.unsqueeze(0)], k_bufs,
+                                         self.req_to_token, slots, pos, sh.sm_scale, sh.logit_cap,
+                                         norms=cfg.prior_lambda_max > 0)
+        lo_g, hi_g = lo.repeat(g), hi.repeat(g)
+        held = None
+        if cover is not None:
+            held = cover.held(part, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
+        f, cov = (group_scores if self.on_cuda else group_scores_ref)(logits, pos, lo_g, hi_g, cfg.alpha, held)
+        del logits, held  # the largest temporaries: gone before the top-k allocates its own
+        if cover is not None:
+            cover.add(part, cov, idx.view(-1))
+            pos = restrict(pos, lo_g, hi_g)
+        sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None)
+        sel = sel.view(g, n_s, sh.kv_heads, -1)
+        if out is None:
+            self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel
+        else:
+            out[idx.view(-1), part.start:part.start + n_s, :, : sel.shape[-1]] = sel
 
     def _finish_coverage(self, cover: _Coverage, keep: torch.Tensor | None = None) -> None:
         """Coverage of a slow-step refresh (its rows in ``keep``) into the store and counters; the

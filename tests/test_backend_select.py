@@ -1,13 +1,19 @@
 """The backend's Selector refresh (``SFIBackend._select``) does not depend on how it batches
 requests and layers within its scratch budget."""
 
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import sfi_sglang.backend as backend
 import sfi_sglang.selector as selector
 from sfi_sglang.backend import SFIBackend, _slow_step_refresh
+import sfi_sglang.memory as memory
 from sfi_sglang.config import SFIConfig
+from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.sfi_decode import sfi_decode_ref
 from sfi_sglang.model_check import AttentionShape
 
@@ -211,3 +217,63 @@ def test_warm_up_runs_every_selector_call_and_counts_nothing(kernels, monkeypatc
     assert calls == [(False, True), (False, False), (True, False)]  # prefill, refresh from keys, from logits
     assert not b.stats.acc.any() and not b.stats.cov.any()
     assert (b.store.pos[:, 0, :, :cfg.topk] < 64).all()  # slot 0 holds a selection of the dummy request
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated under this mode and still referenced (what a
+    GPU's caching allocator would hold), counted on the CPU: views and in-place ops allocate nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors referencing it]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if key not in self.live:
+                if func.is_view or func._schema.name.endswith("_") or nbytes == 0:
+                    continue  # storage made before this mode
+                self.live[key] = [nbytes, 0]
+                self.now += nbytes
+                self.peak = max(self.peak, self.now)
+            self.live[key][1] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+
+def test_selector_temporaries_stay_within_what_sfi_reserves(monkeypatch):
+    """A refresh of every layer, in several scratch-sized passes through the Triton kernels (interpreted
+    here; as on a GPU), never holds more than ``memory.selector_peak_bytes``: a pass's temporaries
+    are freed before the next pass allocates its own."""
+    layers, hq, n = 6, 8, 1024
+    scratch = 2 * HKV * (hq // HKV) * n  # logits of two requests x one layer: six passes
+    for mod in (backend, memory):
+        monkeypatch.setattr(mod, "SELECTOR_SCRATCH", scratch)
+    monkeypatch.setattr(backend, "kept_mask", held_mask)
+    g = torch.Generator().manual_seed(0)
+    cfg = SFIConfig(topk=64, sinks=2, recent=8)
+    shape = AttentionShape(layers, hq, HKV, D, D, D ** -0.5, 0.0)
+    lens = torch.tensor([n, n - 100], dtype=torch.int32)
+    keys = [torch.randn(2 * n, HKV, D, generator=g, dtype=torch.float16) for _ in range(layers)]
+    b = SFIBackend.selector_only(cfg, shape, keys.__getitem__, torch.randperm(2 * n, generator=g).int().view(2, n),
+                                 torch.device("cpu"))
+    b.on_cuda, b._to_device = True, lambda t: t
+    b.store.pos.copy_(torch.randint(0, n - 100, b.store.pos.shape, generator=g).sort(-1).values)
+    slots = torch.arange(2)
+    lo, hi, count = b.store.bounds(lens)
+    r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, n, (hi.int(), count.int()))
+    with LiveBytes() as live:
+        b._refresh_now(r, torch.randn(layers, 2, hq, D, generator=g, dtype=torch.float16))
+    assert 0.5 < live.peak / memory.selector_peak_bytes(cfg, shape, n) <= 1
+    assert live.now == 0
