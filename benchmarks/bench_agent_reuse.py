@@ -1,7 +1,7 @@
 """Agent turns over a long shared prefix: sfi with selection reuse vs sfi without it vs dense.
 
     python benchmarks/bench_agent_reuse.py [--prefix 16384,65536] [--turns 6] [--user 256] [--output 128]
-        [--dense flashinfer] [--config SFI_JSON] [--out benchmarks/results/agent_reuse.json]
+        [--dense flashinfer] [--config SFI_JSON] [--profile-turn 3] [--out benchmarks/results/agent_reuse.json]
     python benchmarks/bench_agent_reuse.py --device cpu --model DIR --dense torch_native ...  # CPU smoke run
 
 Each variant runs in its own process (an sglang Engine on one GPU, dummy Qwen3-4B
@@ -14,7 +14,9 @@ fresh) from the engine's log, over the whole run and over turns 2+ alone. Turn 1
 the whole prefill; on later turns sfi with
 reuse scores only the selection record plus the new tokens, sfi without reuse re-scores
 the whole cached prefix at every prefill: over two or more ``--prefix`` lengths, the
-former's Selector time should stay flat and the latter's grow.
+former's Selector time should stay flat and the latter's grow. ``--profile-turn N`` records turn
+N's prefill and first decode step with sglang's profiler (``trace_summary.py``; the summary goes
+in that turn's row): where a later turn's time to first token goes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from sfi_sglang.dummy_model import write_dummy_model  # noqa: E402
+from trace_summary import profiled  # noqa: E402
 
 PREFILL_SELECTOR = re.compile(r"prefill Selector: (\d+) from records ([\d.]+) ms, (\d+) fresh ([\d.]+) ms")
 VARIANTS = {  # name -> (attention backend, SFI_CONFIG or None)
@@ -58,23 +61,32 @@ def run_turns(args) -> list[dict]:
     engine = sgl.Engine(model_path=args.model, attention_backend=args.backend, random_seed=0, context_length=context,
                         cuda_graph_backend_prefill="disabled", log_level="info", **kw)
     history, rows = words(args.prefix[0]), []
+
+    def turn(i: int) -> None:
+        nonlocal history
+        params = {"temperature": 0.0, "max_new_tokens": args.output, "ignore_eos": True}
+        t0 = time.perf_counter()
+        first = last = None
+        for chunk in engine.generate(input_ids=history, sampling_params=params, stream=True):
+            last = chunk
+            first = first or time.perf_counter()
+        t1 = time.perf_counter()
+        meta = last["meta_info"]
+        n = meta["completion_tokens"]
+        rows.append({"turn": i, "prompt_tokens": len(history), "cached_tokens": meta.get("cached_tokens"),
+                     "ttft_ms": 1e3 * (first - t0), "decode_tok_s": (n - 1) / (t1 - first)})
+        print(f"turn {i}: prompt {len(history)}, cached {meta.get('cached_tokens')}, "
+              f"ttft {rows[-1]['ttft_ms']:.1f} ms, decode {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+        history = history + last["output_ids"] + words(args.user)
+
     try:
-        for turn in range(args.turns):
-            params = {"temperature": 0.0, "max_new_tokens": args.output, "ignore_eos": True}
-            t0 = time.perf_counter()
-            first = last = None
-            for chunk in engine.generate(input_ids=history, sampling_params=params, stream=True):
-                last = chunk
-                first = first or time.perf_counter()
-            t1 = time.perf_counter()
-            meta = last["meta_info"]
-            n = meta["completion_tokens"]
-            rows.append({"turn": turn + 1, "prompt_tokens": len(history), "cached_tokens": meta.get("cached_tokens"),
-                         "ttft_ms": 1e3 * (first - t0), "decode_tok_s": (n - 1) / (t1 - first)})
-            print(f"turn {turn + 1}: prompt {len(history)}, cached {meta.get('cached_tokens')}, "
-                  f"ttft {rows[-1]['ttft_ms']:.1f} ms, decode {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
-            history = history + last["output_ids"] + words(args.user)
-            print(f"TURN {turn + 1} DONE", flush=True)  # the parent splits the engine's log here
+        for i in range(1, args.turns + 1):
+            if i == args.profile_turn:  # its prefill and first decode step under sglang's profiler
+                prof = profiled(engine, 2, lambda: turn(i), gpu=args.device == "cuda")
+                rows[-1]["profile"] = prof
+            else:
+                turn(i)
+            print(f"TURN {i} DONE", flush=True)  # the parent splits the engine's log here
     finally:
         engine.shutdown()
     return rows
@@ -92,6 +104,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke run on --model with the CPU engine (source checkout; dense: torch_native)")
     ap.add_argument("--model", help="model folder (default: a dummy-weight Qwen3-4B, cuda only)")
+    ap.add_argument("--profile-turn", type=int, default=0,
+                    help="record this turn's prefill and first decode step with sglang's profiler "
+                         "(trace_summary.py; the summary goes in that turn's row)")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "agent_reuse.json"))
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
@@ -142,7 +157,8 @@ def run_variant(name: str, backend: str, cfg: dict | None, model: str, prefix: i
     if cfg is not None:
         env["SFI_CONFIG"] = json.dumps(cfg)
     cmd = [sys.executable, __file__, "--child", model, backend, "--prefix", str(prefix), "--turns", str(args.turns),
-           "--user", str(args.user), "--output", str(args.output), "--device", args.device]
+           "--user", str(args.user), "--output", str(args.output), "--device", args.device,
+           "--profile-turn", str(args.profile_turn)]
     try:
         # one stream, in write order (the engine's log lines and the turn markers)
         log = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

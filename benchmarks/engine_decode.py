@@ -26,15 +26,14 @@ the refresh's fixed per-call cost is paid once per request instead of once per b
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import random
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trace_summary import profiled  # noqa: E402
 
 
 WARM_UP_STEPS = 128  # decode steps before timing: more than sfi's forced refresh interval in bench_decode
@@ -118,29 +117,14 @@ def main() -> None:
                 short, long = run(1, gap), run(1 + args.output_len, gap)
                 row["staggered_step_s"] = (long - short) / args.output_len
             if args.profile_steps and bs == top:
-                row["profile"] = profile(engine, args, lambda: run(2 + args.profile_steps))
+                row["profile"] = profiled(engine, args.profile_steps, lambda: run(2 + args.profile_steps),
+                                          args.profile_dir, args.device == "cuda")
             print(json.dumps(row), flush=True)
             with open(args.result_filename, "a") as f:
                 f.write(json.dumps(row) + "\n")
             engine.flush_cache()
     finally:
         engine.shutdown()
-
-
-def profile(engine, args, decode) -> dict:
-    """``args.profile_steps`` forward steps of ``decode()`` under sglang's profiler, summarised
-    (``trace_summary.py``); the trace stays in ``args.profile_dir``."""
-    from trace_summary import load, summarize
-
-    out = args.profile_dir or tempfile.mkdtemp(prefix="sfi-profile-")
-    before = set(glob.glob(os.path.join(out, "*.trace.json*")))
-    engine.start_profile(output_dir=out, num_steps=args.profile_steps, with_stack=False, record_shapes=False,
-                         activities=["CPU", "GPU"] if args.device == "cuda" else ["CPU"])
-    decode()  # the profiler stops, and writes its trace, after num_steps; the run outlasts them
-    new = sorted(set(glob.glob(os.path.join(out, "*.trace.json*"))) - before, key=os.path.getmtime)
-    if not new:
-        return {"error": f"no trace written to {out}"}
-    return {"trace": new[-1], **summarize(load(new[-1]), args.profile_steps)}
 
 
 if __name__ == "__main__":

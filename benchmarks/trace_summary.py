@@ -14,9 +14,13 @@ refresh after slow steps, ``sfi_prefill_selector``: a prefill's; host time and t
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import json
+import os
 import re
+import tempfile
+from typing import Callable
 
 CATEGORIES = (  # first match wins
     ("sfi_decode", re.compile(r"_sfi_decode|_plan_step")),
@@ -86,6 +90,20 @@ def summarize(trace: dict, steps: int) -> dict:
 def load(path: str) -> dict:
     with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         return json.load(f)
+
+
+def profiled(engine, steps: int, run: Callable[[], object], out_dir: str | None = None, gpu: bool = True) -> dict:
+    """The first ``steps`` forward steps of ``run()`` (which must outlast them) under sglang's profiler
+    (``Engine.start_profile``), summarised; the trace stays in ``out_dir`` (default: a temporary folder)."""
+    out = out_dir or tempfile.mkdtemp(prefix="sfi-profile-")
+    before = set(glob.glob(os.path.join(out, "*.trace.json*")))
+    engine.start_profile(output_dir=out, num_steps=steps, with_stack=False, record_shapes=False,
+                         activities=["CPU", "GPU"] if gpu else ["CPU"])
+    run()  # the profiler stops, and writes its trace, after `steps` steps
+    new = sorted(set(glob.glob(os.path.join(out, "*.trace.json*"))) - before, key=os.path.getmtime)
+    if not new:
+        return {"error": f"no trace written to {out}"}
+    return {"trace": new[-1], **summarize(load(new[-1]), steps)}
 
 
 def main() -> None:

@@ -39,7 +39,8 @@ def test_agent_reuse_bench_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "agent.json"
     cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "bench_agent_reuse.py"), "--device", "cpu",
            "--model", tiny_model, "--dense", "torch_native", "--prefix", "300", "--turns", "2", "--user", "24",
-           "--output", "16", "--config", '{"topk": 64, "recent": 16, "log_interval": 4}', "--out", str(out)]
+           "--output", "16", "--config", '{"topk": 64, "recent": 16, "log_interval": 4}', "--profile-turn", "2",
+           "--out", str(out)]
     proc = subprocess.run(cmd, env=engine_env("{}"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     (run,) = json.loads(out.read_text())["runs"]
@@ -52,3 +53,7 @@ def test_agent_reuse_bench_on_cpu(tiny_model, tmp_path):
     later = v["sfi_reuse"]["later_turns_selector"], v["sfi_no_reuse"]["later_turns_selector"]
     assert later[0]["from_records"][0] > 0 and later[0]["fresh"][0] == 0, later
     assert later[1]["from_records"][0] == 0 and later[1]["fresh"][0] > 0, later
+    # turn 2's prefill profiled: the Selector's range is in it (sfi), and the turn's row is whole
+    prof = v["sfi_reuse"]["turns"][1]["profile"]
+    assert prof["sfi_ranges"]["sfi_prefill_selector"]["count"] >= 1, prof
+    assert "profile" not in v["sfi_reuse"]["turns"][0] and v["sfi_reuse"]["turns"][1]["ttft_ms"] > 0
