@@ -214,7 +214,7 @@ SWEEP_KEYS = ("budget", "refresh_every", "policy", "min_refresh_gap", "coverage_
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Per sweep point, over its contexts (``--contexts 8000 8000 8000``: three texts of one length):
-    mean and worst top-1 agreement and mean KL."""
+    mean and worst top-1 agreement, mean KL and slow-step fraction."""
     points: dict[tuple, list[dict]] = {}
     for r in rows:
         points.setdefault(tuple(r[k] for k in SWEEP_KEYS), []).append(r)
@@ -222,7 +222,8 @@ def summarize(rows: list[dict]) -> list[dict]:
              "top1_agreement": round(sum(r["top1_agreement"] for r in rs) / len(rs), 4),
              "worst_top1": min(r["top1_agreement"] for r in rs),
              "mean_kl": round(sum(r["mean_kl"] for r in rs) / len(rs), 5),
-             "worst_kl": max(r["mean_kl"] for r in rs)} for key, rs in points.items()]
+             "worst_kl": max(r["mean_kl"] for r in rs),
+             "slow_step_frac": round(sum(r["slow_step_frac"] for r in rs) / len(rs), 4)} for key, rs in points.items()]
 
 
 def run_worker(spec: dict, env: dict) -> dict:
