@@ -42,8 +42,8 @@ from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.kernels.topk_select import topk_select
-from sfi_sglang.memory import (DEFERRED_ROWS, SELECTOR_SCRATCH, SelectionStore, StepRows, saved_queries, slow_logits,
-                               static_bytes)
+from sfi_sglang.memory import (CANDIDATE_BYTES, DEFERRED_ROWS, SelectionStore, StepRows, saved_queries,
+                               selector_pass_bytes, slow_logits, static_bytes)
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
@@ -513,9 +513,11 @@ class SFIBackend(AttentionBackend):
         """
         sh = self.shape
         wg = r.q_rows.shape[1] * (sh.q_heads // sh.kv_heads)  # queries per KV head
-        unit = sh.kv_heads * wg * max(r.width, 1)  # logits of one (layer, request)
-        rows = max(1, min(r.slots.shape[0], SELECTOR_SCRATCH // unit))
-        per = max(1, SELECTOR_SCRATCH // (unit * rows))
+        # bytes one (layer, request) allocates: fp32 logits (none from kept logits) and per-candidate temporaries
+        unit = sh.kv_heads * max(r.width, 1) * ((0 if r.from_logits else 4 * wg) + CANDIDATE_BYTES)
+        budget = selector_pass_bytes(sh)
+        rows = max(1, min(r.slots.shape[0], budget // unit))
+        per = max(1, budget // (unit * rows))
         layers = list(layers)
         for a in range(0, r.slots.shape[0], rows):
             for b in range(0, len(layers), per):

@@ -28,9 +28,15 @@ from sfi_sglang.model_check import AttentionShape
 from sfi_sglang.selector import aligned
 
 
-# Elements of the Selector's fp32 candidate logits per pass ([layers x rows, Hkv, queries, candidates]):
-# the backend batches rows and layers of a refresh or prefill up to this (one row of one layer may exceed it).
+# Elements of the Selector's fp32 candidate logits per pass ([layers x rows, Hkv, queries, candidates]) of a
+# refresh from the keys; with what each candidate needs besides (CANDIDATE_BYTES), this sets the bytes a pass
+# may allocate (selector_pass_bytes), within which the backend batches rows and layers (one row of one layer
+# may exceed it).
 SELECTOR_SCRATCH = 64 * 2**20
+
+# Bytes the Selector allocates per candidate and KV head besides the logits: a score, a top-k key, a held
+# flag and positions, rounded up.
+CANDIDATE_BYTES = 12
 
 # Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
 # in line. Each holds its new selections until they take over (3.4 MiB for Qwen3-4B at topk 3072).
@@ -145,15 +151,19 @@ def saved_queries(shape: AttentionShape, rows: int, dtype: torch.dtype, device: 
     return torch.zeros(shape.num_layers, rows, shape.q_heads, shape.head_dim, dtype=dtype, device=device)
 
 
+def selector_pass_bytes(shape: AttentionShape) -> int:
+    """What one pass of the Selector may allocate: ``SELECTOR_SCRATCH`` fp32 logits of a refresh from the
+    keys (one query row: the most candidates per logit) and their candidates' other temporaries."""
+    return 4 * SELECTOR_SCRATCH + CANDIDATE_BYTES * (SELECTOR_SCRATCH // (shape.q_heads // shape.kv_heads))
+
+
 def selector_peak_bytes(cfg: SFIConfig, shape: AttentionShape, context: int) -> int:
-    """A bound on the Selector's temporaries in one pass (the caching allocator's, not a static buffer):
-    the fp32 logits (up to ``SELECTOR_SCRATCH``, or one request's and layer's at ``prefill_queries``
-    query rows if larger) and, per candidate and KV head, a score, a top-k key, a held flag and
-    positions (12 bytes). The fewest queries per KV head (a refresh's one row) give the most candidates."""
-    group = shape.q_heads // shape.kv_heads
+    """A bound on the Selector's temporaries (the caching allocator's, not a static buffer): a pass's
+    (:func:`selector_pass_bytes`), or, if larger, one request's and layer's at ``prefill_queries`` query
+    rows over ``context`` tokens (a pass holds at least that)."""
     width = aligned(context)
-    logits = max(SELECTOR_SCRATCH, shape.kv_heads * group * max(1, cfg.prefill_queries) * width)
-    return 4 * logits + 12 * max(SELECTOR_SCRATCH // group, shape.kv_heads * width)
+    one = shape.kv_heads * width * (4 * (shape.q_heads // shape.kv_heads) * max(1, cfg.prefill_queries) + CANDIDATE_BYTES)
+    return max(selector_pass_bytes(shape), one)
 
 
 def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype, context: int) -> int:

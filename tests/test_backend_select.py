@@ -24,7 +24,7 @@ def refresh(scratch: int, monkeypatch, align: int = selector.WIDTH_ALIGN,
             from_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Selections and coverage sums after a slow-step refresh of three requests of different lengths;
     ``from_logits``: scored from the logits their slow step kept instead of the keys."""
-    monkeypatch.setattr(backend, "SELECTOR_SCRATCH", scratch)
+    monkeypatch.setattr(memory, "SELECTOR_SCRATCH", scratch)
     monkeypatch.setattr(selector, "WIDTH_ALIGN", align)
     g = torch.Generator().manual_seed(0)
     cfg = SFIConfig(topk=24, sinks=2, recent=8, slow_logit_rows=3 if from_logits else 0)
@@ -51,7 +51,7 @@ def refresh(scratch: int, monkeypatch, align: int = selector.WIDTH_ALIGN,
 
 def test_batching_does_not_change_the_selection(monkeypatch):
     whole = refresh(2**30, monkeypatch)
-    for scratch in (1, 1500):  # one request and one layer per call; a few layers per call
+    for scratch in (1, 4000):  # one request and one layer per pass; three requests and three layers per pass
         part = refresh(scratch, monkeypatch)
         assert torch.equal(part[0], whole[0])
         torch.testing.assert_close(part[1], whole[1])
@@ -252,17 +252,17 @@ class LiveBytes(TorchDispatchMode):
             del self.live[key]
 
 
-def test_selector_temporaries_stay_within_what_sfi_reserves(monkeypatch):
-    """A refresh of every layer, in several scratch-sized passes through the Triton kernels (interpreted
-    here; as on a GPU), never holds more than ``memory.selector_peak_bytes``: a pass's temporaries
-    are freed before the next pass allocates its own."""
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_selector_temporaries_stay_within_what_sfi_reserves(from_logits, monkeypatch):
+    """A refresh of every layer, in several passes through the Triton kernels (interpreted here; as on a
+    GPU), never holds more than ``memory.selector_peak_bytes`` and fills at least half of it: a pass's
+    temporaries are freed before the next pass allocates, and a refresh from the slow step's kept
+    logits (which allocates no logits) batches more layers per pass."""
     layers, hq, n = 6, 8, 1024
-    scratch = 2 * HKV * (hq // HKV) * n  # logits of two requests x one layer: six passes
-    for mod in (backend, memory):
-        monkeypatch.setattr(mod, "SELECTOR_SCRATCH", scratch)
+    monkeypatch.setattr(memory, "SELECTOR_SCRATCH", 2 * HKV * (hq // HKV) * n)  # from keys: 6 passes
     monkeypatch.setattr(backend, "kept_mask", held_mask)
     g = torch.Generator().manual_seed(0)
-    cfg = SFIConfig(topk=64, sinks=2, recent=8)
+    cfg = SFIConfig(topk=64, sinks=2, recent=8, slow_logit_rows=2 if from_logits else 0)
     shape = AttentionShape(layers, hq, HKV, D, D, D ** -0.5, 0.0)
     lens = torch.tensor([n, n - 100], dtype=torch.int32)
     keys = [torch.randn(2 * n, HKV, D, generator=g, dtype=torch.float16) for _ in range(layers)]
@@ -270,10 +270,15 @@ def test_selector_temporaries_stay_within_what_sfi_reserves(monkeypatch):
                                  torch.device("cpu"))
     b.on_cuda, b._to_device = True, lambda t: t
     b.store.pos.copy_(torch.randint(0, n - 100, b.store.pos.shape, generator=g).sort(-1).values)
+    b.slow_logits.normal_(generator=g)
     slots = torch.arange(2)
     lo, hi, count = b.store.bounds(lens)
-    r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, n, (hi.int(), count.int()))
+    r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, n, (hi.int(), count.int()), from_logits)
+    passes = []
+    select_pass = b._select_pass
+    monkeypatch.setattr(b, "_select_pass", lambda group, *a: (passes.append(group), select_pass(group, *a)))
     with LiveBytes() as live:
         b._refresh_now(r, torch.randn(layers, 2, hq, D, generator=g, dtype=torch.float16))
+    assert passes == ([[0, 1], [2, 3], [4, 5]] if from_logits else [[x] for x in range(layers)])
     assert 0.5 < live.peak / memory.selector_peak_bytes(cfg, shape, n) <= 1
     assert live.now == 0
