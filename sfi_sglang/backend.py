@@ -505,8 +505,9 @@ class SFIBackend(AttentionBackend):
         """Selector: for each layer ``l``, queries ``q[l][r.q_rows]`` (``q``: ``[layers, rows, Hq, D]``)
         -> ``store.pos[l]`` of ``r.slots`` (or ``out[l]``, one row per slot, for a deferred refresh).
 
-        Layers are batched (one pass of the score/top-k ops over many layers) within a
-        scratch budget, since a refresh after a slow step covers every layer at once.
+        Layers are batched (one pass of the score/top-k ops over many layers) within what a pass
+        may allocate (``memory.selector_pass_bytes``), since a refresh after a slow step covers
+        every layer at once.
         ``r.from_logits`` needs ``layers`` to be consecutive (the kept logits are sliced).
         A refresh after a slow step also measures, into ``cover``, the coverage of the
         selections it replaces.
