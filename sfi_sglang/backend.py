@@ -42,8 +42,8 @@ from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
 from sfi_sglang.kernels.sfi_decode import sfi_decode, sfi_decode_ref
 from sfi_sglang.kernels.topk_select import topk_select
-from sfi_sglang.memory import (CANDIDATE_BYTES, DEFERRED_ROWS, SelectionStore, StepRows, saved_queries,
-                               selector_pass_bytes, slow_logits, static_bytes)
+from sfi_sglang.memory import (DEFERRED_ROWS, SelectionStore, StepRows, saved_queries, selector_pass_bytes,
+                               selector_unit_bytes, slow_logits, static_bytes)
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
@@ -512,11 +512,8 @@ class SFIBackend(AttentionBackend):
         A refresh after a slow step also measures, into ``cover``, the coverage of the
         selections it replaces.
         """
-        sh = self.shape
-        wg = r.q_rows.shape[1] * (sh.q_heads // sh.kv_heads)  # queries per KV head
-        # bytes one (layer, request) allocates: fp32 logits (none from kept logits) and per-candidate temporaries
-        unit = sh.kv_heads * max(r.width, 1) * ((0 if r.from_logits else 4 * wg) + CANDIDATE_BYTES)
-        budget = selector_pass_bytes(sh)
+        unit = selector_unit_bytes(self.shape, r.width, r.q_rows.shape[1], r.from_logits)  # one (layer, request)
+        budget = selector_pass_bytes(self.shape)
         rows = max(1, min(r.slots.shape[0], budget // unit))
         per = max(1, budget // (unit * rows))
         layers = list(layers)

@@ -157,13 +157,19 @@ def selector_pass_bytes(shape: AttentionShape) -> int:
     return 4 * SELECTOR_SCRATCH + CANDIDATE_BYTES * (SELECTOR_SCRATCH // (shape.q_heads // shape.kv_heads))
 
 
+def selector_unit_bytes(shape: AttentionShape, width: int, query_rows: int, from_logits: bool = False) -> int:
+    """What the Selector allocates for one (layer, request) over ``width`` candidates scored with
+    ``query_rows`` query rows: fp32 logits per query head (none when it reads the slow step's kept
+    logits) and ``CANDIDATE_BYTES`` per candidate and KV head."""
+    logits = 0 if from_logits else 4 * query_rows * (shape.q_heads // shape.kv_heads)
+    return shape.kv_heads * max(width, 1) * (logits + CANDIDATE_BYTES)
+
+
 def selector_peak_bytes(cfg: SFIConfig, shape: AttentionShape, context: int) -> int:
     """A bound on the Selector's temporaries (the caching allocator's, not a static buffer): a pass's
     (:func:`selector_pass_bytes`), or, if larger, one request's and layer's at ``prefill_queries`` query
     rows over ``context`` tokens (a pass holds at least that)."""
-    width = aligned(context)
-    one = shape.kv_heads * width * (4 * (shape.q_heads // shape.kv_heads) * max(1, cfg.prefill_queries) + CANDIDATE_BYTES)
-    return max(selector_pass_bytes(shape), one)
+    return max(selector_pass_bytes(shape), selector_unit_bytes(shape, aligned(context), max(1, cfg.prefill_queries)))
 
 
 def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype, context: int) -> int:
