@@ -1,7 +1,7 @@
 """Agent turns over a long shared prefix: sfi with selection reuse vs sfi without it vs dense.
 
     python benchmarks/bench_agent_reuse.py [--prefix 16384,65536] [--turns 6] [--user 256] [--output 128]
-        [--dense flashinfer] [--config SFI_JSON] [--profile-turn 3] [--out benchmarks/results/agent_reuse.json]
+        [--dense flashinfer] [--variants sfi_reuse,sfi_no_reuse] [--config SFI_JSON] [--profile-turn 3] [--out benchmarks/results/agent_reuse.json]
     python benchmarks/bench_agent_reuse.py --device cpu --model DIR --dense torch_native ...  # CPU smoke run
 
 Each variant runs in its own process (an sglang Engine on one GPU, dummy Qwen3-4B
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--user", type=int, default=256, help="new user/tool tokens per turn")
     ap.add_argument("--output", type=int, default=128)
     ap.add_argument("--dense", default="flashinfer", help="dense backend to compare (empty: sfi only)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="sfi variants to run (comma list)")
     ap.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for both sfi variants")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a smoke run on --model with the CPU engine (source checkout; dense: torch_native)")
@@ -122,7 +123,11 @@ def main() -> None:
         ap.error("--device cpu needs --model")
     model = args.model or write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
     extra = json.loads(args.config)
-    variants = {name: (backend, {**cfg, **extra}) for name, (backend, cfg) in VARIANTS.items()}
+    unknown = set(filter(None, args.variants.split(","))) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    variants = {name: (backend, {**cfg, **extra}) for name, (backend, cfg) in VARIANTS.items()
+                if name in args.variants.split(",")}
     if args.dense:
         variants[args.dense] = (args.dense, None)
     runs = []

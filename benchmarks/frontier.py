@@ -2,13 +2,14 @@
 real text placed at the decode speed measured at its slow-step fraction.
 
     python benchmarks/frontier.py --fidelity benchmarks/results/adaptive_8k_x3.json \\
-        --speed benchmarks/results/decode_throughput_h200.json --shape 16x8192 [--shape 8x32768] \\
+        --speed benchmarks/results/decode_throughput_h200.json [MORE.json] --shape 16x8192 [--shape 8x32768] \\
         [--out benchmarks/results/adaptive_frontier.json] [--plot benchmarks/results/adaptive_frontier.png]
 
 ``--fidelity``: ``fidelity.py --gaps ... --adaptive-targets ...`` (real weights; per policy point the
 mean top-1 agreement, mean KL and slow-step fraction over its texts). ``--speed``: ``bench_decode.py``
-rows of one run holding sfi at two or more forced refresh periods R (``--refresh 16,32,64``, the same
-memory as the fidelity run) and a dense backend, at each ``--shape``. A slow step costs the same
+rows holding sfi at two or more forced refresh periods R (``--refresh 16,32,64``, the same
+memory as the fidelity run) and a dense backend, at each ``--shape``: one run's file, or several files
+of one machine's runs (their rows are pooled; e.g. a dense row re-run after its first try failed). A slow step costs the same
 whatever triggered it, so a shape's step time is linear in the slow-step fraction f: fitted as
 ``a + b f`` over its sfi rows (least squares; the largest residual is reported), a policy's step is
 ``a + b f`` at its own f, its throughput ``batch / step`` and its ratio against the fastest dense row
@@ -27,6 +28,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fidelity import summarize  # noqa: E402
+
+
+FRAC_ROUNDING = 5e-4  # sfi's counter line (bench_decode's slow_step_frac) has 3 decimals
 
 
 def fit(rows: list[dict]) -> dict:
@@ -60,7 +64,7 @@ def frontier(fidelity: dict, speed: dict, shapes: list[tuple[int, int]]) -> list
                         "coverage_target", "budget", "top1_agreement", "worst_top1", "mean_kl", "slow_step_frac")},
                         "step_ms": round(step, 3), "decode_tok_s": round(1e3 * bs / step, 1),
                         "ratio_vs_dense": round(best["step_ms"] / step, 3), "dense": best["backend"],
-                        "extrapolated": not lo <= p["slow_step_frac"] <= hi, "fit": line})
+                        "extrapolated": not lo - FRAC_ROUNDING <= p["slow_step_frac"] <= hi + FRAC_ROUNDING, "fit": line})
     return out
 
 
@@ -90,14 +94,20 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fidelity", required=True)
-    ap.add_argument("--speed", required=True)
+    ap.add_argument("--speed", required=True, nargs="+", help="bench_decode.py result files (rows pooled)")
     ap.add_argument("--shape", action="append", required=True, type=lambda s: tuple(map(int, s.split("x"))),
                     help="BATCHxCONTEXT of the speed rows (repeat for several)")
     ap.add_argument("--out")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    with open(args.fidelity) as f, open(args.speed) as g:
-        fidelity, speed = json.load(f), json.load(g)
+    with open(args.fidelity) as f:
+        fidelity = json.load(f)
+    speed = {"rows": []}
+    for path in args.speed:
+        with open(path) as f:
+            speed["rows"] += json.load(f)["rows"]
+    if len({r.get("gpu") for r in speed["rows"]}) > 1:
+        raise SystemExit("--speed: the files come from different GPUs")
     rows = frontier(fidelity, speed, args.shape)
     print(f"{'shape':>9} {'policy':>8} {'gap':>4} {'target':>6} {'slow':>6} {'top1':>6} {'KL':>8} "
           f"{'step ms':>8} {'tok/s':>8} {'ratio':>6}")
@@ -111,7 +121,7 @@ def main() -> None:
               f"points (largest residual {line['max_residual_ms']:.3f} ms)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"fidelity": os.path.basename(args.fidelity), "speed": os.path.basename(args.speed),
+            json.dump({"fidelity": os.path.basename(args.fidelity), "speed": [os.path.basename(p) for p in args.speed],
                        "fidelity_model": fidelity.get("model"), "speed_gpu": speed["rows"][0].get("gpu"),
                        "rows": rows}, f, indent=1)
         print("wrote", args.out)

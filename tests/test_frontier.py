@@ -41,3 +41,14 @@ def test_one_measured_rate_is_refused():
                       {"backend": "flashinfer", "batch": 1, "context": 8192, "refresh_every": None, "step_ms": 6.0}]}
     with pytest.raises(SystemExit, match="two or more"):
         frontier({"rows": [fidelity_row("fixed", 24, 0.03, 0.003, 0)]}, speed, [(1, 8192)])
+
+
+def test_a_fraction_within_the_logs_rounding_is_measured_not_extrapolated():
+    # sfi's log prints 1/64 as 0.016; the fidelity run's 1/64 is 0.0156
+    speed = {"rows": [{"backend": f"sfi_R{r}", "batch": 1, "context": 8192, "refresh_every": r,
+                       "slow_step_frac": round(1 / r, 3), "step_ms": 5.0 + 10 / r} for r in (16, 64)]
+             + [{"backend": "flashinfer", "batch": 1, "context": 8192, "refresh_every": None, "step_ms": 6.0}]}
+    (row,) = frontier({"rows": [fidelity_row("fixed", 48, 1 / 64, 0.003, 0)]}, speed, [(1, 8192)])
+    assert not row["extrapolated"]
+    (row,) = frontier({"rows": [fidelity_row("fixed", 96, 1 / 128, 0.003, 0)]}, speed, [(1, 8192)])
+    assert row["extrapolated"]
