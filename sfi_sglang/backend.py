@@ -178,6 +178,7 @@ class SFIBackend(AttentionBackend):
         self.cov_host = torch.zeros_like(self.store.cov_stats, device="cpu", pin_memory=self.on_cuda)
         self.cov_copied = torch.cuda.Event() if self.on_cuda else None
         self.step = 0  # decode steps run (not counting graph capture)
+        self.mixed_seen = False  # logged once: the first mixed prefill/decode batch
         self.deferred: list[_Deferred] = []
         self.side = torch.cuda.Stream(self.device) if self.on_cuda and cfg.refresh_lag > 1 else None
         logger.info(
@@ -252,6 +253,10 @@ class SFIBackend(AttentionBackend):
             self.init_forward_metadata_out_graph(forward_batch)
             return
         self._refresh_previous_slow_rows()
+        if forward_batch.forward_mode.is_mixed() and not self.mixed_seen:
+            self.mixed_seen = True
+            logger.info("SFI: a prefill chunk shares a batch with running decodes (--enable-mixed-chunk): "
+                        "those attend densely in it and rebuild their selection, as at a prefill")
         self.dense.init_forward_metadata(forward_batch)
         self.extend_refresh = self._plan_extend(forward_batch) if forward_batch.forward_mode.is_extend() else []
 

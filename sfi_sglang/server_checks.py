@@ -27,6 +27,16 @@ def check_server_args(server_args) -> None:
         raise SFIUnsupportedError(f"sfi is verified with --page-size 1 only (got --page-size {server_args.page_size})")
     if server_args.dcp_size and server_args.dcp_size > 1:
         raise SFIUnsupportedError("sfi does not support decode context parallelism (--dcp-size > 1)")
+    for flag in ("enable_two_batch_overlap", "enable_pdmux"):
+        # sglang builds several attention backends, one per micro-batch or stream group; each would
+        # keep its own selections, so a request's fast step could read another instance's state
+        if getattr(server_args, flag, False):
+            raise SFIUnsupportedError(f"sfi does not support --{flag.replace('_', '-')} (several attention "
+                                      "backend instances would each keep their own selections)")
+    if (server_args.pp_size or 1) > 1:
+        raise SFIUnsupportedError(f"sfi is verified without pipeline parallelism only (got --pp-size {server_args.pp_size})")
+    if getattr(server_args, "enable_dp_attention", False):
+        raise SFIUnsupportedError("sfi is verified without data-parallel attention only (--enable-dp-attention)")
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.info("SFI: --max-running-requests defaults to %d under sfi", DEFAULT_MAX_RUNNING_REQUESTS)

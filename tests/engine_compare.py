@@ -47,6 +47,8 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: 
         disable_overlap_schedule=args.disable_overlap, max_running_requests=args.max_running_requests,
         tp_size=tp,
     )
+    if args.mixed_chunk:  # prefill chunks share batches with running decodes (sglang skips it with logprobs)
+        kw.update(enable_mixed_chunk=True, chunked_prefill_size=64)
     if args.device == "cpu":
         kw.update(cuda_graph_backend_decode="disabled")
     else:
@@ -61,13 +63,14 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: 
                 {"temperature": 0.0, "max_new_tokens": args.new_tokens + 8 * i, "ignore_eos": True}
                 for i in range(len(batch))
             ]
+            logprob = not args.mixed_chunk
             if args.sequential:  # one request at a time, each after the previous one finished
-                outs += [engine.generate(input_ids=i, sampling_params=s, return_logprob=True)
+                outs += [engine.generate(input_ids=i, sampling_params=s, return_logprob=logprob)
                          for i, s in zip(batch, sampling)]
             else:
-                outs += engine.generate(input_ids=batch, sampling_params=sampling, return_logprob=True)
+                outs += engine.generate(input_ids=batch, sampling_params=sampling, return_logprob=logprob)
         return [
-            {"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"]["output_token_logprobs"]],
+            {"ids": o["output_ids"], "logprobs": [t[0] for t in o["meta_info"].get("output_token_logprobs", [])],
              "coverage": (o["meta_info"].get("sfi_coverage") or [None])[-1]}
             for o in outs
         ]
@@ -91,6 +94,8 @@ def main() -> None:
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--shared-prefix", action="store_true", help="prompts re-send a growing shared prefix")
     p.add_argument("--sequential", action="store_true", help="send the prompts one after another")
+    p.add_argument("--mixed-chunk", action="store_true",
+                   help="--enable-mixed-chunk, 64-token prefill chunks (no logprobs: sglang does not mix with them)")
     p.add_argument("--repeat-in-batch", action="store_true",
                    help="sfi only: the first prompt alone, then all prompts in one batch (the first one again)")
     p.add_argument("--across-tp", type=int, default=None,
@@ -122,8 +127,10 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
-def max_logprob_diff(a: list[dict], b: list[dict]) -> float:
-    """Largest |logprob difference| of the sampled token, over each pair's common prefix."""
+def max_logprob_diff(a: list[dict], b: list[dict]) -> float | None:
+    """Largest |logprob difference| of the sampled token, over each pair's common prefix (None: no logprobs)."""
+    if not any(d["logprobs"] for d in a):
+        return None
     diffs = [0.0]
     for d, s in zip(a, b):
         n = first_divergence(d["ids"], s["ids"])

@@ -56,6 +56,18 @@ def test_full_budget_equals_dense(tiny_model):
     assert tuple(map(int, PREFILL_SELECTOR.findall(out)[-1])) == (0, 0)
 
 
+def test_mixed_chunks_keep_dense_tokens_at_full_budget(tiny_model):
+    """--enable-mixed-chunk: prefill chunks of queued requests run in one batch with running decodes,
+    which then attend densely and rebuild their selection; at a full budget the tokens stay dense's."""
+    cfg = json.dumps({"topk": 4096, "recent": 64, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10})
+    res, stats, out = run_compare(tiny_model, cfg, "--prompts", "3", "--prompt-len", "150", "--new-tokens", "16",
+                                  "--max-running-requests", "2", "--mixed-chunk")
+    assert "shares a batch with running decodes" in out  # mixing happened
+    assert res["sfi"] == res["dense"] and [len(o) for o in res["sfi"]] == [16, 24, 32]
+    slow, fast, _, _ = stats[-1]
+    assert fast > 0 and slow > 0
+
+
 def test_small_budget_is_sparse(tiny_model):
     """A small budget really drops tokens: fast rows keep far fewer tokens than the context."""
     cfg = json.dumps({"topk": 16, "recent": 16, "sinks": 4, "max_fast_steps": 16, "min_refresh_gap": 4,

@@ -38,7 +38,8 @@ def test_launch_rejects_bad_config_naming_the_field(tiny_model):
 
 def server_args(**kw):
     base = dict(speculative_algorithm=None, kv_cache_dtype="auto", enable_unified_memory=False, dcp_size=1,
-                max_running_requests=64, page_size=None)
+                max_running_requests=64, page_size=None, pp_size=1, enable_two_batch_overlap=False,
+                enable_pdmux=False, enable_dp_attention=False)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -48,6 +49,10 @@ def server_args(**kw):
     ({"enable_unified_memory": True}, "--enable-unified-memory"),
     ({"dcp_size": 2}, "decode context parallelism"),
     ({"page_size": 16}, "--page-size 1 only"),
+    ({"enable_two_batch_overlap": True}, "--enable-two-batch-overlap"),
+    ({"enable_pdmux": True}, "--enable-pdmux"),
+    ({"pp_size": 2}, "pipeline parallelism"),
+    ({"enable_dp_attention": True}, "data-parallel attention"),
 ])
 def test_incompatible_flags(flags, message, monkeypatch):
     monkeypatch.delenv("SFI_CONFIG", raising=False)
