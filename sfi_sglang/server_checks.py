@@ -35,8 +35,13 @@ def check_server_args(server_args) -> None:
                                       "backend instances would each keep their own selections)")
     if (server_args.pp_size or 1) > 1:
         raise SFIUnsupportedError(f"sfi is verified without pipeline parallelism only (got --pp-size {server_args.pp_size})")
+    if getattr(server_args, "disaggregation_mode", "null") == "decode":
+        # requests arrive without a prefill here, so nothing would start their selection state
+        raise SFIUnsupportedError("sfi does not support a PD-disaggregated decode server (--disaggregation-mode decode)")
     if getattr(server_args, "enable_dp_attention", False):
         raise SFIUnsupportedError("sfi is verified without data-parallel attention only (--enable-dp-attention)")
+    if getattr(server_args, "enable_torch_compile", False):
+        raise SFIUnsupportedError("sfi is verified without torch.compile only (--enable-torch-compile)")
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.info("SFI: --max-running-requests defaults to %d under sfi", DEFAULT_MAX_RUNNING_REQUESTS)

@@ -39,7 +39,8 @@ def test_launch_rejects_bad_config_naming_the_field(tiny_model):
 def server_args(**kw):
     base = dict(speculative_algorithm=None, kv_cache_dtype="auto", enable_unified_memory=False, dcp_size=1,
                 max_running_requests=64, page_size=None, pp_size=1, enable_two_batch_overlap=False,
-                enable_pdmux=False, enable_dp_attention=False)
+                enable_pdmux=False, enable_dp_attention=False, disaggregation_mode="null",
+                enable_torch_compile=False)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -53,6 +54,8 @@ def server_args(**kw):
     ({"enable_pdmux": True}, "--enable-pdmux"),
     ({"pp_size": 2}, "pipeline parallelism"),
     ({"enable_dp_attention": True}, "data-parallel attention"),
+    ({"disaggregation_mode": "decode"}, "PD-disaggregated decode server"),
+    ({"enable_torch_compile": True}, "torch.compile"),
 ])
 def test_incompatible_flags(flags, message, monkeypatch):
     monkeypatch.delenv("SFI_CONFIG", raising=False)
