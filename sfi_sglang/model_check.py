@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 class SFIUnsupportedError(ValueError):
     """The model or server setup cannot be served by the sfi backend."""
@@ -38,6 +40,15 @@ def attention_shape(runner) -> AttentionShape:
             )
         if m.is_cross_attention or m.attn_type != AttentionType.DECODER:
             raise SFIUnsupportedError(f"sfi supports causal decoder self-attention only (layer {m.layer_id})")
+        # attention variants sfi's decode kernel does not implement (it would attend plainly instead)
+        variant = ("chunked local attention (iRoPE)" if m.use_irope else
+                   f"in-kernel position encoding {m.pos_encoding_mode}" if m.pos_encoding_mode not in (None, "NONE") else
+                   f"logit capping '{m.logit_capping_method}'" if m.logit_cap and m.logit_capping_method != "tanh" else
+                   "position-dependent attention temperature" if m.xai_temperature_len > 0 else None)
+        if variant:
+            raise SFIUnsupportedError(f"sfi does not support {variant} (layer {m.layer_id})")
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in runner.model.modules()):
+        raise SFIUnsupportedError("sfi does not support learned attention sinks (e.g. gpt-oss)")
     first = layers[0]
     for m in layers:
         same = (m.tp_q_head_num, m.tp_k_head_num, m.head_dim, m.v_head_dim, m.scaling, m.logit_cap) == (

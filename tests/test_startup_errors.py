@@ -75,6 +75,18 @@ def attn(layer_id=0, **kw):
     return RadixAttention(num_heads=8, head_dim=64, scaling=0.125, num_kv_heads=2, layer_id=layer_id, **kw)
 
 
+def grok_attn():
+    m = attn()
+    m.xai_temperature_len = 1024  # as sglang's Grok sets it from its config
+    return m
+
+
+def sinks_module():
+    m = torch.nn.Module()
+    m.sinks = torch.nn.Parameter(torch.zeros(8))  # as gpt-oss's attention holds its per-head sink logits
+    return m
+
+
 def test_supported_model_shape():
     shape = attention_shape(runner_with(attn(0), attn(1)))
     assert (shape.num_layers, shape.q_heads, shape.kv_heads, shape.head_dim) == (2, 8, 2, 64)
@@ -85,6 +97,11 @@ def test_supported_model_shape():
     (lambda: runner_with(attn(0), attn(1, sliding_window_size=128)), "sliding-window"),
     (lambda: runner_with(attn(is_cross_attention=True)), "causal decoder self-attention"),
     (lambda: runner_with(), "no attention layers"),
+    (lambda: runner_with(attn(use_irope=True)), "chunked local attention"),
+    (lambda: runner_with(attn(pos_encoding_mode="ROPE_LLAMA")), "position encoding ROPE_LLAMA"),
+    (lambda: runner_with(attn(logit_cap=30.0, logit_capping_method="clamp")), "logit capping 'clamp'"),
+    (lambda: runner_with(grok_attn()), "attention temperature"),
+    (lambda: runner_with(attn(), sinks_module()), "learned attention sinks"),
 ])
 def test_unsupported_models(runner, message):
     with pytest.raises(SFIUnsupportedError, match=message):
