@@ -47,6 +47,9 @@ def attention_shape(runner) -> AttentionShape:
                    "position-dependent attention temperature" if m.xai_temperature_len > 0 else None)
         if variant:
             raise SFIUnsupportedError(f"sfi does not support {variant} (layer {m.layer_id})")
+    if sorted(m.layer_id for m in layers) != list(range(len(layers))):
+        raise SFIUnsupportedError("sfi needs every layer to be an attention layer, numbered from 0 (hybrid models "
+                                  "such as Qwen3-Next mix in linear-attention layers)")
     if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in runner.model.modules()):
         raise SFIUnsupportedError("sfi does not support learned attention sinks (e.g. gpt-oss)")
     first = layers[0]

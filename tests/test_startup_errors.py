@@ -97,6 +97,7 @@ def test_supported_model_shape():
     (lambda: runner_with(attn(0), attn(1, sliding_window_size=128)), "sliding-window"),
     (lambda: runner_with(attn(is_cross_attention=True)), "causal decoder self-attention"),
     (lambda: runner_with(), "no attention layers"),
+    (lambda: runner_with(attn(3), attn(7)), "every layer to be an attention layer"),
     (lambda: runner_with(attn(use_irope=True)), "chunked local attention"),
     (lambda: runner_with(attn(pos_encoding_mode="ROPE_LLAMA")), "position encoding ROPE_LLAMA"),
     (lambda: runner_with(attn(logit_cap=30.0, logit_capping_method="clamp")), "logit capping 'clamp'"),
