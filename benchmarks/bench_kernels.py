@@ -14,6 +14,10 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
 - ``sparse_decode``: ``sfi_decode`` with every row fast, ``kept`` tokens per KV head: 4 sinks,
   ``kept - 4 - tail`` selected positions (random, sorted, unique per slot and head, in ``[4, hi)``)
   and the live tail ``[hi, n)`` of ``TAIL`` = 512 tokens (64 for ``kept <= 256``: 188 selected);
+- ``flashinfer_sparse_decode``: FlashInfer's decode over the same per-(request, KV head) token lists
+  (the pool viewed as one KV head per row, lists planned outside the graph); ``sparse_decode`` rows get
+  ``vs_flashinfer_sparse``, FlashInfer's time over ours (the issue keeps a Triton sparse decode only
+  if it beats FlashInfer's in the same run);
 - ``selector``: one layer's refresh after a decode slow step, every row refreshed from one query
   row, by the backend itself (``SFIBackend._refresh_now``: candidate_logits over the whole
   context -> group_scores and the coverage of the previous selection -> the Selector over the
@@ -167,6 +171,34 @@ def flashinfer_dense(c: Case) -> Fn | None:
     return lambda: wrapper.run(c.q, cache)
 
 
+def flashinfer_sparse(c: Case, store: SelectionStore) -> Fn | None:
+    """FlashInfer decode over the tokens ``sfi_decode``'s fast rows attend (sinks + selected + tail, per
+    request and KV head, as ``select_random`` set them): the pool viewed as one KV head per row
+    (``[tokens * HKV, 1, 1, D]``, token ``t`` of head ``h`` at ``t * HKV + h``) and each (request, KV
+    head) as one request with its query group, the index lists planned once outside the graph."""
+    fi = flashinfer(c.q.is_cuda)
+    if fi is None:
+        return None
+    dev, g = c.q.device, HQ // HKV
+    hi, cnt = int(store.hi[0]), int(store.count[0])  # select_random: the same for every row
+    lo = min(CFG.sinks, hi)
+    span = lambda a, b: torch.arange(a, b, device=dev).expand(c.bs, HKV, b - a)  # noqa: E731
+    pos = torch.cat([span(0, lo), store.pos[0, :c.bs, :, :cnt].long(), span(hi, c.ctx)], -1)
+    tok = c.req_to_token.long().gather(1, pos.flatten(1)).view(pos.shape)
+    indices = (tok * HKV + torch.arange(HKV, device=dev).view(1, HKV, 1)).flatten().int()
+    kept = pos.shape[-1]
+    indptr = torch.arange(c.bs * HKV + 1, dtype=torch.int32, device=dev) * kept
+    last = torch.ones(c.bs * HKV, dtype=torch.int32, device=dev)
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+        torch.empty(512 * 2**20, dtype=torch.uint8, device=dev), "NHD", use_cuda_graph=True,
+        use_tensor_cores=True, paged_kv_indptr_buffer=torch.empty_like(indptr),
+        paged_kv_indices_buffer=torch.empty_like(indices), paged_kv_last_page_len_buffer=torch.empty_like(last),
+        backend="fa2")
+    wrapper.plan(indptr, indices, last, g, 1, D, 1, q_data_type=c.q.dtype, kv_data_type=c.k.dtype, sm_scale=SCALE)
+    q, cache = c.q.view(c.bs * HKV, g, D), (c.k.view(-1, 1, 1, D), c.v.view(-1, 1, 1, D))
+    return lambda: wrapper.run(q, cache).view(c.bs, HQ, D)
+
+
 def sfi(c: Case, store: SelectionStore, slow: bool, logits: torch.Tensor | None = None, keep: bool = True) -> Fn:
     """``sfi_decode`` with every row slow or fast; ``logits`` ``[bs, HQ, >= ctx]``: slow rows keep theirs
     there (``keep``; else the kernel the backend runs, with no row kept)."""
@@ -287,7 +319,13 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
             del kept
             for kept in args.kept:
                 if select_random(store, c, kept):
-                    add("sparse_decode", bs, ctx, kept, sfi(c, store, slow=False, logits=unkept), kv_bytes(bs, kept))
+                    ours = sfi(c, store, slow=False, logits=unkept)
+                    add("sparse_decode", bs, ctx, kept, ours, kv_bytes(bs, kept))
+                    theirs = flashinfer_sparse(c, store)
+                    if theirs is not None:  # the same lists through FlashInfer: same output, which is faster
+                        err = (theirs() - ours()).abs().max().item()
+                        print(f"flashinfer_sparse_decode vs sparse_decode: max abs difference {err:.2g}")
+                        add("flashinfer_sparse_decode", bs, ctx, kept, theirs, kv_bytes(bs, kept))
                 else:
                     print(f"skip sparse_decode kept {kept}: context {ctx} too short")
             for suffix, from_logits, per_layer in ("", False, kv_bytes(bs, ctx, tensors=1)), (
@@ -326,6 +364,11 @@ def finish(rows: list[dict], gpu: str, bw: float | None, layers: int) -> list[di
                 rows.append({**r, "kernel": plus, "time_us": t, "graph": r["graph"] and a["graph"], "layers": n,
                              "bytes_moved": r["bytes_moved"] + n * a["bytes_moved"],
                              "vs_dense": t / (n * d["time_us"])})
+    theirs = {(r["batch"], r["context"], r["kept_tokens"]): r["time_us"] for r in rows
+              if r["kernel"] == "flashinfer_sparse_decode" and r["time_us"]}
+    for r in rows:
+        if r["kernel"] == "sparse_decode" and r["time_us"] and (r["batch"], r["context"], r["kept_tokens"]) in theirs:
+            r["vs_flashinfer_sparse"] = theirs[r["batch"], r["context"], r["kept_tokens"]] / r["time_us"]
     for r in rows:
         t, d = r["time_us"], dense.get((r["batch"], r["context"]))
         r.update(gpu=gpu, hbm_frac=r["bytes_moved"] / (t * 1e-6) / bw if t and bw and r["bytes_moved"] else None,
@@ -348,6 +391,8 @@ def report(rows: list[dict]) -> None:
          pick("sparse_decode", lambda r: r["batch"] >= 8 and r["kept_tokens"] >= 2048)),
         ("sparse_decode >= 10x dense at 16K, batch 16, kept 256", "speedup_vs_dense", min, lambda x: x >= 10,
          pick("sparse_decode", lambda r: (r["batch"], r["context"], r["kept_tokens"]) == (16, 16384, 256))),
+        ("sparse_decode at least as fast as FlashInfer over the same lists", "vs_flashinfer_sparse", min,
+         lambda x: x >= 1, pick("sparse_decode", lambda r: "vs_flashinfer_sparse" in r)),
         ("selector + dense <= 1.3x dense", "vs_dense", max, lambda x: x <= 1.3, pick("selector_plus_dense", bool)),
         ("all layers: refresh + dense <= 1.3x dense", "vs_dense", max, lambda x: x <= 1.3,
          pick("slow_step_all_layers", bool)),
