@@ -123,11 +123,10 @@ def main() -> None:
         ap.error("--device cpu needs --model")
     model = args.model or write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
     extra = json.loads(args.config)
-    unknown = set(filter(None, args.variants.split(","))) - set(VARIANTS)
-    if unknown:
-        ap.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
-    variants = {name: (backend, {**cfg, **extra}) for name, (backend, cfg) in VARIANTS.items()
-                if name in args.variants.split(",")}
+    chosen = set(filter(None, args.variants.split(",")))
+    if chosen - set(VARIANTS):
+        ap.error(f"--variants: unknown {sorted(chosen - set(VARIANTS))}; known: {sorted(VARIANTS)}")
+    variants = {name: (backend, {**cfg, **extra}) for name, (backend, cfg) in VARIANTS.items() if name in chosen}
     if args.dense:
         variants[args.dense] = (args.dense, None)
     runs = []

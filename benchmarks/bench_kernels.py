@@ -153,20 +153,29 @@ def flashinfer(cuda: bool):
     return fi
 
 
-def flashinfer_dense(c: Case) -> Fn | None:
-    """FlashInfer decode over whole contexts, set up like sglang's CUDA-graph decode wrappers
-    (512 MiB workspace as sglang uses for Qwen3)."""
-    fi = flashinfer(c.q.is_cuda)
-    if fi is None:
-        return None
-    indptr = torch.arange(c.bs + 1, dtype=torch.int32, device=c.q.device) * c.ctx
-    indices, last = c.req_to_token.flatten(), torch.ones(c.bs, dtype=torch.int32, device=c.q.device)
+def planned_decode(fi, c: Case, lists: int, kept: int, indices: torch.Tensor, qo_heads: int, kv_heads: int):
+    """FlashInfer's decode wrapper set up like sglang's CUDA-graph decode wrappers (512 MiB workspace as
+    sglang uses for Qwen3, fixed buffers, tensor cores, fa2), planned once for ``lists`` token lists
+    of ``kept`` pages (page size 1) each."""
+    dev = c.q.device
+    indptr = torch.arange(lists + 1, dtype=torch.int32, device=dev) * kept
+    last = torch.ones(lists, dtype=torch.int32, device=dev)
     wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
-        torch.empty(512 * 2**20, dtype=torch.uint8, device=c.q.device), "NHD", use_cuda_graph=True,
+        torch.empty(512 * 2**20, dtype=torch.uint8, device=dev), "NHD", use_cuda_graph=True,
         use_tensor_cores=True, paged_kv_indptr_buffer=torch.empty_like(indptr),
         paged_kv_indices_buffer=torch.empty_like(indices), paged_kv_last_page_len_buffer=torch.empty_like(last),
         backend="fa2")
-    wrapper.plan(indptr, indices, last, HQ, HKV, D, 1, q_data_type=c.q.dtype, kv_data_type=c.k.dtype, sm_scale=SCALE)
+    wrapper.plan(indptr, indices, last, qo_heads, kv_heads, D, 1, q_data_type=c.q.dtype, kv_data_type=c.k.dtype,
+                 sm_scale=SCALE)
+    return wrapper
+
+
+def flashinfer_dense(c: Case) -> Fn | None:
+    """FlashInfer decode over whole contexts (``planned_decode``)."""
+    fi = flashinfer(c.q.is_cuda)
+    if fi is None:
+        return None
+    wrapper = planned_decode(fi, c, c.bs, c.ctx, c.req_to_token.flatten(), HQ, HKV)
     cache = (c.k.view(-1, 1, HKV, D), c.v.view(-1, 1, HKV, D))
     return lambda: wrapper.run(c.q, cache)
 
@@ -186,15 +195,7 @@ def flashinfer_sparse(c: Case, store: SelectionStore) -> Fn | None:
     pos = torch.cat([span(0, lo), store.pos[0, :c.bs, :, :cnt].long(), span(hi, c.ctx)], -1)
     tok = c.req_to_token.long().gather(1, pos.flatten(1)).view(pos.shape)
     indices = (tok * HKV + torch.arange(HKV, device=dev).view(1, HKV, 1)).flatten().int()
-    kept = pos.shape[-1]
-    indptr = torch.arange(c.bs * HKV + 1, dtype=torch.int32, device=dev) * kept
-    last = torch.ones(c.bs * HKV, dtype=torch.int32, device=dev)
-    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
-        torch.empty(512 * 2**20, dtype=torch.uint8, device=dev), "NHD", use_cuda_graph=True,
-        use_tensor_cores=True, paged_kv_indptr_buffer=torch.empty_like(indptr),
-        paged_kv_indices_buffer=torch.empty_like(indices), paged_kv_last_page_len_buffer=torch.empty_like(last),
-        backend="fa2")
-    wrapper.plan(indptr, indices, last, g, 1, D, 1, q_data_type=c.q.dtype, kv_data_type=c.k.dtype, sm_scale=SCALE)
+    wrapper = planned_decode(fi, c, c.bs * HKV, pos.shape[-1], indices, g, 1)
     q, cache = c.q.view(c.bs * HKV, g, D), (c.k.view(-1, 1, 1, D), c.v.view(-1, 1, 1, D))
     return lambda: wrapper.run(q, cache).view(c.bs, HQ, D)
 
