@@ -16,8 +16,8 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
   and the live tail ``[hi, n)`` of ``TAIL`` = 512 tokens (64 for ``kept <= 256``: 188 selected);
 - ``flashinfer_sparse_decode``: FlashInfer's decode over the same per-(request, KV head) token lists
   (the pool viewed as one KV head per row, lists planned outside the graph); ``sparse_decode`` rows get
-  ``vs_flashinfer_sparse``, FlashInfer's time over ours (the issue keeps a Triton sparse decode only
-  if it beats FlashInfer's in the same run);
+  ``vs_flashinfer_sparse``, FlashInfer's time over ours (the kernel-level half of the choice that
+  ``sfi_decode``'s docstring explains);
 - ``selector``: one layer's refresh after a decode slow step, every row refreshed from one query
   row, by the backend itself (``SFIBackend._refresh_now``: candidate_logits over the whole
   context -> group_scores and the coverage of the previous selection -> the Selector over the

@@ -1,10 +1,11 @@
 """The ``sfi`` attention backend: dense prefill through a wrapped SGLang backend,
 slow/fast decode through one kernel that derives every row's token lists on the device.
 
-Decode step, metadata (outside the CUDA graph, no host sync): first the
+Decode step, metadata (outside the CUDA graph): first the
 Selector rebuilds the selections of the rows that were slow in the previous
 step, from the queries that step saved (the host learns which rows they were
-from an asynchronous copy of the slow mask); then the policy marks this step's
+from an asynchronous copy of the slow mask, made before the previous step's
+forward: the host waits for it only if the GPU has not got that far); then the policy marks this step's
 slow rows and the selection state advances. The refresh also measures how much of
 each slow row's attention the previous selection held (``sfi_sglang.coverage``),
 from the same logits. Decode step, per layer (inside the
@@ -261,7 +262,8 @@ class SFIBackend(AttentionBackend):
         self.extend_refresh = self._plan_extend(forward_batch) if forward_batch.forward_mode.is_extend() else []
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
-        """Decode metadata; also run before every graph replay. Device work only, no host sync."""
+        """Decode metadata; also run before every graph replay. Device work, and at most a wait for the
+        previous step's slow-mask copy (:meth:`_refresh_previous_slow_rows`)."""
         if not in_capture:
             self._apply_deferred()
         self._refresh_previous_slow_rows()
@@ -290,8 +292,8 @@ class SFIBackend(AttentionBackend):
             return
         real, seq_lens = self.pending
         self.pending = None
-        if self.slow_ready is not None:
-            self.slow_ready.synchronize()  # recorded before the previous step's forward: long done
+        if self.slow_ready is not None and not self.slow_ready.query():
+            self.slow_ready.synchronize()  # recorded before the previous step's forward: rarely still pending
         rows = self.slow_host[:real].nonzero().flatten()
         n = seq_lens[rows]
         lo, hi, _ = self.store.bounds(n)
