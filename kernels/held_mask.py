@@ -1,11 +1,14 @@
-"""Coverage input: which candidates the previous selection held, in one launch.
+"""Coverage input: which candidates the previous selection held, in two launches.
 
-For refresh row ``i``, KV head ``h`` and candidate ``j`` at position ``p = positions[i, 0 or h, j]``
-(-1: padding, never held): held if ``p`` is a sink (``p < sinks``), in the previous live tail
-(``p >= prev_hi[i]``), or among the first ``prev_cnt[i]`` previous selected positions
-``prev_sel[i, h]``, which are ascending (as the Selector writes them), so a binary search finds
-it. This replaces the reference's ~17 full-size torch ops (masks, a scatter into a bitmap) per
-layer group. ``sfi_sglang.coverage.kept_mask`` is the torch reference.
+Candidates are the positions ``[0, N)`` of a slow step's refresh, candidate ``j`` at position
+``positions[i, 0 or h, j]`` which is ``j`` or -1 (padding, never held), as
+``sfi_sglang.coverage.kept_mask`` (the torch reference) assumes. For refresh row ``i`` and KV
+head ``h``, candidate ``j`` is held if it is a sink (``j < sinks``), in the previous live tail
+(``j >= prev_hi[i]``), or one of the first ``prev_cnt[i]`` previous selected positions
+``prev_sel[i, h]``. The first launch writes the sinks and the tail over every candidate, the second
+marks the selected positions, each a store into its own column: the work follows the selection's
+size, not the candidates' (a binary search per candidate in the selection took 126 us per layer at
+16 x 128K on an H200, ``kernels_recheck_h200.json``).
 """
 
 from __future__ import annotations
@@ -15,35 +18,38 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 1024
+BLOCK_K = 1024
 
 
 @triton.jit
-def _held_mask(Pos, Sel, PrevHi, PrevCnt, Out, N, K, sinks, stride_ps, stride_ph, stride_ss, stride_sh,
-               H: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+def _held_ranges(Pos, PrevHi, Out, N, sinks, stride_ps, stride_ph, H: tl.constexpr, BLOCK: tl.constexpr):
+    """Sinks and the previous tail: every candidate's entry, 0 or 1."""
+    ih = tl.program_id(0)
+    i = ih // H
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    p = tl.load(Pos + i * stride_ps + (ih % H) * stride_ph + j, mask=j < N, other=-1)
+    held = ((p < sinks) | (p >= tl.load(PrevHi + i))) & (p >= 0)
+    tl.store(Out + ih.to(tl.int64) * N + j, held.to(tl.int8), mask=j < N)
+
+
+@triton.jit
+def _held_selected(Pos, Sel, PrevCnt, Out, N, K, stride_ps, stride_ph, stride_ss, stride_sh,
+                   H: tl.constexpr, BLOCK: tl.constexpr):
+    """The previous selected positions: 1 in their columns (padding columns excepted)."""
     ih = tl.program_id(0)
     i = ih // H
     h = ih % H
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    p = tl.load(Pos + i * stride_ps + h * stride_ph + j, mask=j < N, other=-1)
-    Sel += i * stride_ss + h * stride_sh
-    cnt = tl.minimum(tl.maximum(tl.load(PrevCnt + i), 0), K)
-    # lower bound of p among the selected positions: the first index whose entry is >= p
-    lo = tl.zeros([BLOCK], dtype=tl.int32)
-    hi = lo + cnt
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        below = tl.load(Sel + mid, mask=active, other=0) < p
-        lo = tl.where(active & below, mid + 1, lo)
-        hi = tl.where(active & ~below, mid, hi)
-    found = tl.load(Sel + lo, mask=lo < cnt, other=-1) == p
-    held = ((p < sinks) | (p >= tl.load(PrevHi + i)) | found) & (p >= 0)
-    tl.store(Out + ih.to(tl.int64) * N + j, held.to(tl.int8), mask=j < N)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cnt = tl.minimum(tl.load(PrevCnt + i), K)
+    p = tl.load(Sel + i * stride_ss + h * stride_sh + t, mask=t < cnt, other=-1)
+    ok = (p >= 0) & (p < N)
+    ok = ok & (tl.load(Pos + i * stride_ps + h * stride_ph + p, mask=ok, other=-1) >= 0)
+    tl.store(Out + ih.to(tl.int64) * N + p, tl.full([BLOCK], 1, tl.int8), mask=ok)
 
 
 def held_mask(positions: torch.Tensor, sinks: int, prev_hi: torch.Tensor, prev_sel: torch.Tensor,
               prev_cnt: torch.Tensor) -> torch.Tensor:
-    """Triton version of ``kept_mask`` (same arguments and result) for ascending ``prev_sel[:cnt]``."""
+    """Triton version of ``kept_mask`` (same arguments and result)."""
     s_rows, hkv, k = prev_sel.shape
     n = positions.shape[-1]
     pos = positions.expand(s_rows, -1, n)
@@ -51,9 +57,11 @@ def held_mask(positions: torch.Tensor, sinks: int, prev_hi: torch.Tensor, prev_s
     out = torch.empty(s_rows, hkv, n, dtype=torch.int8, device=positions.device)
     if s_rows == 0 or n == 0:
         return out.view(torch.bool)
-    _held_mask[(s_rows * hkv, triton.cdiv(n, BLOCK_N))](
-        pos, prev_sel, prev_hi.to(torch.int32).contiguous(), prev_cnt.to(torch.int32).contiguous(), out, n, k, sinks,
-        pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0, prev_sel.stride(0), prev_sel.stride(1),
-        H=hkv, BLOCK=BLOCK_N, STEPS=max(1, k.bit_length()), num_warps=4,
-    )
+    strides = (pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0)
+    _held_ranges[(s_rows * hkv, triton.cdiv(n, BLOCK_N))](
+        pos, prev_hi.to(torch.int32).contiguous(), out, n, sinks, *strides, H=hkv, BLOCK=BLOCK_N, num_warps=4)
+    if k > 0:
+        _held_selected[(s_rows * hkv, triton.cdiv(k, BLOCK_K))](
+            pos, prev_sel, prev_cnt.to(torch.int32).contiguous(), out, n, k, *strides,
+            prev_sel.stride(0), prev_sel.stride(1), H=hkv, BLOCK=BLOCK_K, num_warps=4)
     return out.view(torch.bool)

@@ -39,8 +39,9 @@ def test_kept_mask_and_coverage_match_loops(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_triton_held_mask_matches_kept_mask(seed):
-    """The one-launch kernel (interpreted on CPU) against the torch reference, for ascending
-    selections (as the Selector writes them): counts -1..k, padding, lengths off the block size."""
+    """The kernels (interpreted on CPU) against the torch reference: ascending selections (as the
+    Selector writes them) and shuffled ones, counts -1..k, selected positions past a row's end,
+    padding, lengths off the block size."""
     from sfi_sglang.kernels.held_mask import BLOCK_N, held_mask
 
     g = torch.Generator().manual_seed(seed)
@@ -52,6 +53,8 @@ def test_triton_held_mask_matches_kept_mask(seed):
         torch.randint(-1, k + 1, (s,), generator=g)
     prev_sel = torch.stack([torch.stack([torch.randperm(int(n.max()) + 50, generator=g)[:k].sort().values
                                          for _ in range(hkv)]) for _ in range(s)]).int()
+    if seed % 2:
+        prev_sel = prev_sel[..., torch.randperm(k, generator=g)].contiguous()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args = (pos.to(dev), 3, prev_hi.to(dev), prev_sel.to(dev), prev_cnt.to(dev))
     assert torch.equal(held_mask(*args).cpu(), kept_mask(*args).cpu())
