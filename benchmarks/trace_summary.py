@@ -24,7 +24,7 @@ from typing import Callable
 
 CATEGORIES = (  # first match wins
     ("sfi_decode", re.compile(r"_sfi_decode|_plan_step")),
-    ("selector", re.compile(r"_candidate_logits|_block_stats|_scores|_topk_select|_held_mask")),
+    ("selector", re.compile(r"_candidate_logits|_block_stats|_scores|_topk_select|_held_ranges|_held_selected")),
     ("communication", re.compile(r"nccl|all_?reduce|cross_device", re.I)),
     ("dense_attention", re.compile(r"flashinfer|BatchDecode|BatchPrefill|PersistentVariableLength|_fwd_kernel|"
                                    r"decode_kernel|fmha", re.I)),
