@@ -8,7 +8,7 @@ head ``h``, candidate ``j`` is held if it is a sink (``j < sinks``), in the prev
 ``prev_sel[i, h]``. The first launch writes the sinks and the tail over every candidate, the second
 marks the selected positions, each a store into its own column: the work follows the selection's
 size, not the candidates' (a binary search per candidate in the selection took 126 us per layer at
-16 x 128K on an H200, ``kernels_recheck_h200.json``).
+16 x 128K on an H200: the profile in ``benchmarks/results/kernels.log``).
 """
 
 from __future__ import annotations
