@@ -56,6 +56,7 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: 
     engine = sgl.Engine(**kw)
     try:
         outs = []
+        logprob = not args.mixed_chunk
         for batch in (input_ids, *more):
             # Different lengths: requests leave at different steps and, with a small
             # --max-running-requests, queued ones join a running batch and reuse req-pool slots.
@@ -63,7 +64,6 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: 
                 {"temperature": 0.0, "max_new_tokens": args.new_tokens + 8 * i, "ignore_eos": True}
                 for i in range(len(batch))
             ]
-            logprob = not args.mixed_chunk
             if args.sequential:  # one request at a time, each after the previous one finished
                 outs += [engine.generate(input_ids=i, sampling_params=s, return_logprob=logprob)
                          for i, s in zip(batch, sampling)]
