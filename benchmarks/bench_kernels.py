@@ -23,7 +23,7 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
   context -> group_scores and the coverage of the previous selection -> the Selector over the
   region -> the position buffer), eager as the backend runs it (host time included; it decides
   on the host how to batch, so it is not graph-captured); ``--profile`` prints its kernels by
-  CUDA time;
+  CUDA time (and adds their summed kernel time to the rows: ``kernel_us``);
 - ``selector_plus_dense``: selector + dense_decode; ``vs_dense`` is its ratio to dense alone;
 - ``refresh_all_layers``: the same over ``--layers`` layers sharing this layer's K: its batching
   of layers and rows within the Selector's scratch budget included, so batch 1 is measured as it
@@ -252,9 +252,10 @@ def temporaries(fn: Fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def profile(fn: Fn, label: str, top: int = 12) -> None:
+def profile(fn: Fn, label: str, top: int = 12) -> float:
     """CUDA time per kernel of one call of ``fn`` (after a warm-up call), largest first, and the
-    call's wall time against its summed kernel time (what is left is launch and host time)."""
+    call's wall time against its summed kernel time (what is left is launch and host time); returns
+    that kernel time (us): unlike an eager call's wall time, it does not vary with the host."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -267,6 +268,7 @@ def profile(fn: Fn, label: str, top: int = 12) -> None:
     print(f"\nprofile: {label}: wall {wall * 1e3:.2f} ms, kernels {gpu:.2f} ms, "
           f"{sum(e.count for e in events)} launches")
     print(events.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
+    return gpu * 1e3
 
 
 def planner(bs: int, dev: torch.device) -> Fn:
@@ -334,13 +336,14 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
                 run = refresh(c, 1, from_logits)
                 add("selector" + suffix, bs, ctx, CFG.topk, run, per_layer, graph=False, peak=True)
                 if args.profile and dev.type == "cuda":
-                    profile(run, f"selector{suffix} batch {bs} context {ctx}")
+                    rows[-1]["kernel_us"] = profile(run, f"selector{suffix} batch {bs} context {ctx}")
                 if args.layers:
                     run = refresh(c, args.layers, from_logits)
                     add("refresh_all_layers" + suffix, bs, ctx, CFG.topk, run, args.layers * per_layer, graph=False,
                         peak=True)
                     if args.profile and dev.type == "cuda":
-                        profile(run, f"refresh_all_layers{suffix} batch {bs} context {ctx}", top=20)
+                        rows[-1]["kernel_us"] = profile(run, f"refresh_all_layers{suffix} batch {bs} context {ctx}",
+                                                        top=20)
                     del run
             del c, store, dense
     for bs in args.batches:

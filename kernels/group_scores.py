@@ -4,23 +4,36 @@ For refresh row ``i``, KV head ``h`` and candidate ``j``, from the logits
 ``s[i, h, r, j]`` of the head's ``R`` queries (``sfi_sglang.kernels.candidate_logits``):
 
 - ``f[i, h, j]``: the power mean (order ``alpha``) over ``r`` of each query's softmax
-  restricted to the region ``[lo_i, hi_i)`` of positions (0 elsewhere), normalised to
-  sum 1 over the region: what the Selector ranks;
+  restricted to the region ``[lo_i, hi_i)`` of positions (0 elsewhere), and its sum
+  ``total[i, h]`` over the region: the Selector ranks ``f / total`` (the top-k kernel
+  divides as it reads, which saves a pass over ``f``);
 - ``coverage[i, h]`` (when ``held`` is given): the softmax mass over all candidates
   that falls on held ones, averaged over the ``R`` queries (``sfi_sglang.coverage``).
 
 ``group_scores_ref`` is the torch reference; ``group_scores`` does the same in two Triton
 passes over the logits (per-block softmax statistics, then the scores) instead of a dozen
-full-size torch passes (two softmaxes, masking, powers, means).
+full-size torch passes (two softmaxes, masking, powers, means), with a small launch between
+them that combines the blocks' statistics.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from sfi_sglang.coverage import coverage
+
+
+class Scores(NamedTuple):
+    """What the Selector ranks, ``f / total``, and the coverage of the held candidates (or None)."""
+
+    f: torch.Tensor  # [S, Hkv, N]
+    total: torch.Tensor  # [S, Hkv]
+    coverage: torch.Tensor | None  # [S, Hkv]
+
 
 BLOCK_N = 512  # 256: 1.5x slower on an H200 (benchmarks/results/tune_selector_h200.json)
 
@@ -31,15 +44,15 @@ def in_region(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> to
 
 
 def group_scores_ref(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                     alpha: float, held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     alpha: float, held: torch.Tensor | None = None) -> Scores:
     """Logits ``[S, Hkv, R, N]`` (fp32 or fp16; ignored at padding) of candidates at ``positions
     [S, 1 or Hkv, N]`` (-1: padding), region ``lo, hi [S]``, optional ``held [S, Hkv, N]`` ->
-    ``f [S, Hkv, N]`` and coverage ``[S, Hkv]`` (None without ``held``). Every row needs a
-    candidate in its region."""
+    ``f [S, Hkv, N]``, ``total [S, Hkv]`` and coverage ``[S, Hkv]`` (None without ``held``).
+    Every row needs a candidate in its region."""
     logits = logits.float().masked_fill(positions.unsqueeze(2) < 0, float("-inf"))
     reg = logits.masked_fill(~in_region(positions, lo, hi).unsqueeze(2), float("-inf"))
     f = reg.softmax(dim=-1).pow(alpha).mean(dim=2).pow(1.0 / alpha)
-    return f / f.sum(dim=-1, keepdim=True), (coverage(logits, held) if held is not None else None)
+    return Scores(f, f.sum(dim=-1), coverage(logits, held) if held is not None else None)
 
 
 @triton.jit(do_not_specialize=["NB", "SHR"])  # one compiled kernel for every width and row count
@@ -72,6 +85,28 @@ def _store_max_sum(Out, step, x, rmask):
     m = tl.max(x, 1)
     tl.store(Out, m, mask=rmask)
     tl.store(Out + step, tl.sum(tl.exp(x - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["NB", "SHR"])
+def _lse(Part, Lse, NB, SHR, BLOCK: tl.constexpr):
+    """Log-sum-exp of one (row, head, query) over all candidates (programs ``[0, SHR)``) or over the
+    region (``[SHR, 2 SHR)``) from the blocks' statistics: one launch instead of ten torch ops."""
+    row = tl.program_id(0)
+    kind = row // SHR
+    M = Part + (2 * kind * SHR + row % SHR) * NB
+    offs = tl.arange(0, BLOCK)
+    top = float("-inf")
+    for start in range(0, NB, BLOCK):
+        b = start + offs
+        top = tl.maximum(top, tl.max(tl.load(M + b, mask=b < NB, other=float("-inf")), 0))
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = 0.0
+    for start in range(0, NB, BLOCK):
+        b = start + offs
+        m = tl.load(M + b, mask=b < NB, other=float("-inf"))
+        sums = tl.load(M + SHR * NB + b, mask=b < NB, other=0.0)  # block sums of exp(x - block max)
+        total += tl.sum(tl.where(b < NB, sums * tl.exp(m - shift), 0.0), 0)
+    tl.store(Lse + row, top + tl.log(total))
 
 
 @triton.jit(do_not_specialize=["NB", "SHR"])
@@ -111,7 +146,7 @@ def _scores(
 
 def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  alpha: float, held: torch.Tensor | None = None,
-                 block: int = BLOCK_N) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 block: int = BLOCK_N) -> Scores:
     """Triton version of :func:`group_scores_ref` (same arguments and results); ``block``:
     candidates per program (``benchmarks/tune_selector.py``)."""
     s_rows, hkv, r, n = logits.shape
@@ -126,14 +161,12 @@ def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor
     grid = (s_rows * hkv, nb)
     part = torch.empty(4, shr, nb, dtype=torch.float32, device=logits.device)
     _block_stats[grid](logits, pos, lo, hi, part, n, nb, shr, *strides, **meta)
-    m, l = part.view(2, 2, shr, nb).unbind(1)  # [all, region] x [shr, nb]
-    top = m.amax(-1, keepdim=True)
-    total = (l * torch.exp(m - top.masked_fill(top == float("-inf"), 0.0))).sum(-1, keepdim=True)
-    lse = (top + total.log()).squeeze(-1).contiguous()  # [2 * shr]: all, then region
+    lse = torch.empty(2 * shr, dtype=torch.float32, device=logits.device)  # all, then region
+    _lse[(2 * shr,)](part, lse, nb, shr, BLOCK=256, num_warps=1)
     f = torch.empty(s_rows, hkv, n, dtype=torch.float32, device=logits.device)
     sums = torch.empty(2, s_rows * hkv, nb, dtype=torch.float32, device=logits.device)
     held_arg = held.contiguous().view(torch.int8) if held is not None else f
     _scores[grid](logits, pos, lo, hi, lse, held_arg, f, sums, alpha, n, nb, shr, *strides,
                   H=hkv, R=r, BLOCK=block, HELD=held is not None, num_warps=4)
-    f /= sums[0].sum(-1).view(s_rows, hkv, 1)
-    return f, (sums[1].sum(-1).view(s_rows, hkv) if held is not None else None)
+    cov = sums[1].sum(-1).view(s_rows, hkv) if held is not None else None
+    return Scores(f, sums[0].sum(-1).view(s_rows, hkv), cov)

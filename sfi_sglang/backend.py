@@ -550,12 +550,12 @@ class SFIBackend(AttentionBackend):
         held = None
         if cover is not None:
             held = cover.held(part, pos, self.store.pos[idx, slots.view(1, -1)].flatten(0, 1), g, cfg.sinks)
-        f, cov = (group_scores if self.on_cuda else group_scores_ref)(logits, pos, lo_g, hi_g, cfg.alpha, held)
+        f, total, cov = (group_scores if self.on_cuda else group_scores_ref)(logits, pos, lo_g, hi_g, cfg.alpha, held)
         del logits, held  # the largest temporaries: gone before the top-k allocates its own
         if cover is not None:
             cover.add(part, cov, idx.view(-1))
             pos = restrict(pos, lo_g, hi_g)
-        sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None)
+        sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None, total)
         sel = sel.view(g, n_s, sh.kv_heads, -1)
         if out is None:
             self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel

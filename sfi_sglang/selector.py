@@ -107,7 +107,7 @@ def rank_scores(
     contiguous: bool = False,
     mask: bool = True,
 ) -> torch.Tensor:
-    """Group attention ``f [S, Hkv, N]`` (``group_scores``: sums to 1 over the region) of candidates
+    """Group attention ``f [S, Hkv, N]`` (summing to 1 over the region) of candidates
     at ``positions [S, 1 or Hkv, N]`` (-1: padding or outside the region, see :func:`restrict`)
     -> score per KV head and candidate ``[S, Hkv, N]``; ``-1`` on padding. The prior
     (``lambda_max > 0``) needs the key norms and the candidate ``region`` ``(lo, hi)``;
@@ -125,7 +125,7 @@ def coarse(scores: torch.Tensor) -> torch.Tensor:
     """Float32 scores rounded toward zero to bfloat16 precision (8 significant bits). The Selector
     ranks these: candidates within ~0.5% of each other tie (and go to the earlier position),
     which changes nothing that matters here and lets the top-k kernel find the k-th score with
-    two 8-bit radix passes instead of four."""
+    two radix passes (7 and 8 bits) instead of four."""
     return (scores.view(torch.int32) & -65536).view(torch.float32)
 
 
@@ -170,15 +170,18 @@ def select(
     log_norm: torch.Tensor | None = None,
     contiguous: bool = False,
     fused_topk: Callable[..., torch.Tensor] | None = None,
+    total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Selector under ``cfg`` after ``group_scores``: group attention ``f [S, Hkv, N]`` of
-    candidates at ``positions`` (restricted to the region, ascending) -> ``[S, Hkv, min(topk, N)]``
-    selected positions (see :func:`topk_positions`). ``fused_topk``
-    (``sfi_sglang.kernels.topk_select``) does the top-k, and the neighbour spread of consecutive
-    candidates, in one launch instead of these torch ops."""
+    candidates at ``positions`` (restricted to the region, ascending; divided by ``total [S, Hkv]``
+    if given) -> ``[S, Hkv, min(topk, N)]`` selected positions (see :func:`topk_positions`).
+    ``fused_topk`` (``sfi_sglang.kernels.topk_select``) does the top-k, the division and the
+    neighbour spread of consecutive candidates, in one launch instead of these torch ops."""
     fused_window = cfg.neighbor_window if fused_topk is not None and contiguous else 0
+    if total is not None and (fused_topk is None or cfg.prior_lambda_max > 0 or fused_window < cfg.neighbor_window):
+        f, total = f / total.unsqueeze(-1), None  # torch ops come first: they take the divided scores
     s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window - fused_window,
                     contiguous, mask=fused_topk is None)
     if fused_topk is None:
         return topk_positions(s, positions, cfg.topk)
-    return fused_topk(s, positions, cfg.topk, fused_window)
+    return fused_topk(s, positions, cfg.topk, fused_window, total)

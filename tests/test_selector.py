@@ -85,8 +85,8 @@ def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
 
 def aggregate(logits, pos, alpha, lam, log_norm, region, window, contiguous=False):
     """The Selector's scores from logits: group_scores_ref, then rank_scores."""
-    f, _ = group_scores_ref(logits, pos, *region, alpha)
-    return rank_scores(f, pos, lam, log_norm, region, window, contiguous)
+    f, total, _ = group_scores_ref(logits, pos, *region, alpha)
+    return rank_scores(f / total.unsqueeze(-1), pos, lam, log_norm, region, window, contiguous)
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4])
@@ -222,34 +222,39 @@ def test_whole_context_restricted_to_the_region_selects_as_the_region(seed):
     lo, hi = torch.full((3,), 4), n - 16
     full = region_positions(torch.zeros(3, dtype=torch.long), n, 57)
     logits = torch.randn(3, 2, 4, 57, generator=g).masked_fill(full.unsqueeze(2) < 0, float("-inf"))
-    got = select(group_scores_ref(logits, full, lo, hi, cfg.alpha)[0], restrict(full, lo, hi), cfg, (lo, hi),
-                 contiguous=True)
+    f, total, _ = group_scores_ref(logits, full, lo, hi, cfg.alpha)
+    got = select(f, restrict(full, lo, hi), cfg, (lo, hi), contiguous=True, total=total)
     region = region_positions(lo, hi, int((hi - lo).max()))
     cols = (region.clamp_min(0).long()).expand(3, 2, -1).unsqueeze(2).expand(-1, -1, 4, -1)
     logits = logits.gather(-1, cols).masked_fill(region.unsqueeze(2) < 0, float("-inf"))
-    want = select(group_scores_ref(logits, region, lo, hi, cfg.alpha)[0], region, cfg, (lo, hi), contiguous=True)
+    f, total, _ = group_scores_ref(logits, region, lo, hi, cfg.alpha)
+    want = select(f, region, cfg, (lo, hi), contiguous=True, total=total)
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("r, per_head, with_held", [(4, False, True), (8, True, False), (1, False, True), (3, True, True)])
-def test_triton_group_scores_match_reference(r, per_head, with_held):
+@pytest.mark.parametrize("r, per_head, with_held, shift",
+                         [(4, False, True, 0.0), (8, True, False, 0.0), (8, False, True, -120.0), (1, False, True, 0.0),
+                          (3, True, True, 0.0)])
+def test_triton_group_scores_match_reference(r, per_head, with_held, shift):
     """Regions inside and at the edges of the candidates, padding (holding NaN), per-head lists, lengths
-    that are not multiples of the block, ties (repeated logits), with and without coverage."""
+    that are not multiples of the block, blocks with candidates but none in the region, ties (repeated
+    logits), logits far below 0 (``shift``), with and without coverage."""
     g, s_rows, hkv, n = gen(r), 3, 2, 300 + 37 * r
     lens = torch.tensor([n, n - 41, 5])
     pos = region_positions(torch.zeros(s_rows, dtype=torch.long), lens, n)
     if per_head:
         pos = pos.expand(s_rows, hkv, n).clone()
         pos[:, 1, 100:140] = -1
-    lo, hi = torch.tensor([0, 4, 1]), torch.tensor([n, n - 60, 5])
-    logits = (3 * torch.randn(s_rows, hkv, r, n, generator=g)).round()  # rounded: many ties
+    lo, hi = torch.tensor([0, 4, 1]), torch.tensor([n, min(n - 60, 400), 5])
+    logits = (3 * torch.randn(s_rows, hkv, r, n, generator=g)).round() + shift  # rounded: many ties
     logits = logits.masked_fill(pos.unsqueeze(2) < 0, float("nan"))  # padding: stale values, never read as scores
     held = torch.rand(s_rows, hkv, n, generator=g) < 0.3 if with_held else None
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
     to = lambda t: t.to(dev) if t is not None else None  # noqa: E731
-    want_f, want_c = group_scores_ref(logits, pos, lo, hi, 0.5, held)
-    got_f, got_c = group_scores(*map(to, (logits, pos, lo, hi)), 0.5, to(held))
+    want_f, want_t, want_c = group_scores_ref(logits, pos, lo, hi, 0.5, held)
+    got_f, got_t, got_c = group_scores(*map(to, (logits, pos, lo, hi)), 0.5, to(held))
     torch.testing.assert_close(got_f.cpu(), want_f, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(got_t.cpu(), want_t, atol=1e-6, rtol=1e-4)
     assert (got_f.cpu()[~in_region(pos, lo, hi).expand_as(want_f)] == 0).all()
     if with_held:
         torch.testing.assert_close(got_c.cpu(), want_c, atol=1e-6, rtol=1e-4)

@@ -9,9 +9,9 @@ from sfi_sglang.selector import PAD_POSITION, region_positions
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check(f, pos, k, window=0):
-    want = topk_select_ref(f, pos, k, window)
-    got = topk_select(f.to(DEV), pos.to(DEV), k, window).cpu()
+def check(f, pos, k, window=0, total=None):
+    want = topk_select_ref(f, pos, k, window, total)
+    got = topk_select(f.to(DEV), pos.to(DEV), k, window, total.to(DEV) if total is not None else None).cpu()
     assert torch.equal(got, want)
     return got
 
@@ -57,6 +57,19 @@ def test_scores_equal_at_ranking_precision_tie():
     assert check(f[..., :3], pos[..., :3], 1).tolist() == [[[0]]]
 
 
+@pytest.mark.parametrize("window", [0, 2])
+def test_normalisation_in_the_kernel_equals_dividing_first(window):
+    """Unnormalised scores and their row totals (``group_scores``' output) rank as the divided
+    scores do: the kernel divides with IEEE rounding, as torch does, before the neighbour spread."""
+    g = torch.Generator().manual_seed(window)
+    n = BLOCK_N + 300
+    pos = region_positions(torch.tensor([0, 4]), torch.tensor([n, n - 500]), n)
+    f = torch.rand(2, 3, n, generator=g).pow(8).masked_fill(pos < 0, 0.0)  # skewed: many near-ties
+    total = f.sum(-1) * (1 + torch.rand(2, 3, generator=g))
+    got = check(f, pos, 700, window, total)
+    assert not torch.equal(got, topk_select_ref(f * 3.7, pos, 700, window))  # the division changes ties
+
+
 def test_all_equal_scores_take_the_first_k():
     pos = torch.arange(3000, dtype=torch.int32).view(1, 1, -1)
     got = check(torch.zeros(1, 4, 3000), pos, 2048, window=2)
@@ -80,8 +93,9 @@ def test_selector_with_fused_topk_equals_torch_ops(contiguous, lam):
         pos = torch.where(torch.arange(1500) % 3 == 1, -1, pos)  # sparse candidates, still ascending
     pos = restrict(pos, lo, hi)
     logits = torch.randn(2, 2, 4, 1500, generator=g).masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
-    f = group_scores_ref(logits, pos, lo, hi, cfg.alpha)[0]
+    f, total, _ = group_scores_ref(logits, pos, lo, hi, cfg.alpha)
     log_norm = torch.randn(2, 2, 1500, generator=g)
-    want = select(f, pos, cfg, (lo, hi), log_norm, contiguous)
-    got = select(f.to(DEV), pos.to(DEV), cfg, (lo.to(DEV), hi.to(DEV)), log_norm.to(DEV), contiguous, topk_select)
+    want = select(f, pos, cfg, (lo, hi), log_norm, contiguous, total=total)
+    got = select(f.to(DEV), pos.to(DEV), cfg, (lo.to(DEV), hi.to(DEV)), log_norm.to(DEV), contiguous, topk_select,
+                 total.to(DEV))
     assert torch.equal(got.cpu(), want)
