@@ -4,7 +4,7 @@
 
 ``topk_select``: candidates per loop step and warps, for as many (row, KV head) programs as a
 refresh launches (one layer of batch 16, or 12 layers of batch 4 and more) at 8K-128K candidates,
-k 2048, neighbour window 2. ``group_scores``: candidates per program at batch 4 and 16, four queries
+the default topk and neighbour window, scores divided by their totals in the kernel. ``group_scores``: candidates per program at batch 4 and 16, four queries
 per KV head. Prints each shape's times and the best launch; the chosen defaults go into the
 kernels by hand, with the numbers that justify them.
 """
@@ -25,7 +25,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from bench_kernels import CFG, HKV, timed  # noqa: E402
 from sfi_sglang.kernels.group_scores import group_scores  # noqa: E402
-from sfi_sglang.kernels.topk_select import topk_select  # noqa: E402
+from sfi_sglang.kernels.topk_select import BLOCK_N, NUM_WARPS, topk_select  # noqa: E402
 from sfi_sglang.selector import region_positions  # noqa: E402
 
 TOPK_SHAPES = [(16, 8192), (128, 8192), (36 * 16, 8192), (16, 32768), (96, 32768), (384, 32768), (32, 131072),
@@ -44,15 +44,17 @@ def main() -> None:
     rows = []
     for s, n in TOPK_SHAPES:
         f = torch.rand(s, HKV, n, device=dev)
+        total = f.sum(-1)  # the backend passes group_scores' totals: the kernel divides
         pos = region_positions(torch.zeros(s, dtype=torch.int32, device=dev), torch.full((s,), n, device=dev), n)
         times = {}
         for block, warps in TOPK_LAUNCHES:
-            fn = lambda: topk_select(f, pos, CFG.topk, CFG.neighbor_window, block, warps)  # noqa: E731
+            fn = lambda: topk_select(f, pos, CFG.topk, CFG.neighbor_window, total, block=block,  # noqa: E731
+                                     num_warps=warps)
             times[(block, warps)] = timed(fn, args.iters, True)[0]
             rows.append({"kernel": "topk_select", "rows": s, "candidates": n, "block": block, "warps": warps,
                          "time_us": times[(block, warps)]})
         best = min(times, key=times.get)
-        print(f"topk_select {s:>4} x {HKV} rows, {n:>6} candidates: default {times[(1024, 8)]:8.1f} us, "
+        print(f"topk_select {s:>4} x {HKV} rows, {n:>6} candidates: default {times[(BLOCK_N, NUM_WARPS)]:8.1f} us, "
               f"best {times[best]:8.1f} us at block {best[0]}, {best[1]} warps")
     for s, n in SCORE_SHAPES:
         logits = torch.randn(s, HKV, 4, n, device=dev)
