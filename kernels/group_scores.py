@@ -105,7 +105,7 @@ def _lse(Part, Lse, NB, SHR, BLOCK: tl.constexpr):
         b = start + offs
         m = tl.load(M + b, mask=b < NB, other=float("-inf"))
         sums = tl.load(M + SHR * NB + b, mask=b < NB, other=0.0)  # block sums of exp(x - block max)
-        total += tl.sum(tl.where(b < NB, sums * tl.exp(m - shift), 0.0), 0)
+        total += tl.sum(sums * tl.exp(m - shift), 0)  # past NB: 0 x exp(-inf)
     tl.store(Lse + row, top + tl.log(total))
 
 

@@ -55,8 +55,7 @@ def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: in
 
 @triton.jit
 def _keys(F, Pos, j, N, total, WINDOW: tl.constexpr, NORM: tl.constexpr):
-    """Order-preserving keys of candidates ``j`` at ranking precision (0: padding or out of range)
-    and their positions."""
+    """Order-preserving keys of candidates ``j`` at ranking precision (0: padding or out of range)."""
     inb = j < N
     p = tl.load(Pos + j, mask=inb, other=-1)
     s = tl.load(F + j, mask=inb, other=0.0)
@@ -72,8 +71,7 @@ def _keys(F, Pos, j, N, total, WINDOW: tl.constexpr, NORM: tl.constexpr):
         s = tl.math.div_rn(s, total)
     # scores are >= 0, so their float bits order as ints; the top 16 bits are the coarse score
     # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding; < 2**15
-    key = tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
-    return key, p
+    return tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
 
 
 @triton.jit
@@ -113,7 +111,7 @@ def _topk_select(F, Total, Pos, Keys, Out, N, K, stride_fs, stride_fh, stride_ps
     hist = tl.zeros([128], dtype=tl.int32)
     for start in range(0, N, BLOCK):
         j = start + offs
-        key, _ = _keys(F, Pos, j, N, total, WINDOW, NORM)
+        key = _keys(F, Pos, j, N, total, WINDOW, NORM)
         tl.store(Keys + j, key.to(tl.int16), mask=j < N)
         hist += tl.histogram(key >> 8, 128, mask=j < N)
     tl.debug_barrier()  # the keys stored above are read back by other threads

@@ -67,7 +67,8 @@ def test_normalisation_in_the_kernel_equals_dividing_first(window):
     f = torch.rand(2, 3, n, generator=g).pow(8).masked_fill(pos < 0, 0.0)  # skewed: many near-ties
     total = f.sum(-1) * (1 + torch.rand(2, 3, generator=g))
     got = check(f, pos, 700, window, total)
-    assert not torch.equal(got, topk_select_ref(f * 3.7, pos, 700, window))  # the division changes ties
+    # rounding to ranking precision depends on the scale, so where the division happens matters
+    assert not torch.equal(got, topk_select_ref(f * 3.7, pos, 700, window))
 
 
 def test_all_equal_scores_take_the_first_k():
