@@ -202,7 +202,7 @@ def flashinfer_sparse(c: Case, store: SelectionStore) -> Fn | None:
 
 
 def sfi(c: Case, store: SelectionStore, slow: bool, logits: torch.Tensor | None = None, keep: bool = True) -> Fn:
-    """``sfi_decode`` with every row slow or fast; ``logits`` ``[bs, HQ, >= ctx]``: slow rows keep theirs
+    """``sfi_decode`` with every row slow or fast; ``logits`` ``[bs, HKV, >= ctx, HQ // HKV]``: slow rows keep theirs
     there (``keep``; else the kernel the backend runs, with no row kept)."""
     flags = torch.full((c.bs,), slow, dtype=torch.bool, device=c.q.device)
     rows = torch.arange(c.bs, dtype=torch.int32, device=c.q.device) if keep else torch.full(
@@ -315,9 +315,9 @@ def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> li
                       f"(largest output {ref.abs().max().item():.2g})")
                 add("dense_decode", bs, ctx, ctx, dense, kv_bytes(bs, ctx))
             # what the backend passes when it keeps slow rows' logits (slow_logit_rows > 0): no row kept here
-            unkept = torch.empty(bs, HQ, 16, dtype=torch.float16, device=dev) if CFG.logit_rows else None
+            unkept = torch.empty(bs, HKV, 16, HQ // HKV, dtype=torch.float16, device=dev) if CFG.logit_rows else None
             add("sfi_dense_decode", bs, ctx, ctx, sfi(c, store, slow=True, logits=unkept, keep=False), kv_bytes(bs, ctx))
-            kept = torch.empty(bs, HQ, ctx, dtype=torch.float16, device=dev)
+            kept = torch.empty(bs, HKV, ctx, HQ // HKV, dtype=torch.float16, device=dev)
             add("sfi_dense_decode_logits", bs, ctx, ctx, sfi(c, store, slow=True, logits=kept),
                 kv_bytes(bs, ctx) + kept.nbytes)
             del kept

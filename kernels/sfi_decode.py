@@ -8,8 +8,13 @@ Row ``b`` (req-pool slot ``s``, ``n`` tokens) attends, for KV head ``h``, to
   (ascending) and the live tail.
 Positions map to KV-pool rows through ``req_to_token[s]``. Slow rows given a row ``r`` of
 ``logits`` (``logit_row[b] >= 0``) also leave there their attention logits (scaled and capped,
-fp16) over the whole context, ``logits[r, head, :n]``: the Selector ranks tokens from them after
-the step instead of reading the keys again (``SFIBackend._select``).
+fp16) over the whole context, ``logits[r, h, :n, :]`` (token-major: the KV head's query group
+contiguous): the Selector ranks tokens from them, through a transposed view, after the step instead
+of reading the keys again (``SFIBackend._select``). Stored as the
+[group, tokens] tile is laid out, the logits cost every row of the kernel (storing or not) 6-14%:
+209 registers instead of 135, two programs per SM instead of three; token-major, 168 registers,
+three programs; dense rows that store nothing run at the plain kernel's speed, fast rows 2-3% slower
+(H200, same-run A/B in ``results/selector_ab_h200.log``).
 
 Why not FlashInfer over materialised index lists: its decode plan needs every
 list length on the host, and in a CUDA-graph replay sglang gives the backend
@@ -74,7 +79,7 @@ def sfi_decode_ref(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, c
                    sm_scale: float, logit_cap: float = 0.0, logits: torch.Tensor | None = None,
                    logit_row: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, Hq, D]``; k/v_buf ``[P, Hkv, D]``; pos ``[R, Hkv, K]`` (one layer) -> ``[B, Hq, Dv]``;
-    optionally the slow rows' logits into ``logits [rows, Hq, >= n]`` at ``logit_row [B]`` (-1: not kept)."""
+    optionally the slow rows' logits into ``logits [rows, Hkv, >= n, G]`` at ``logit_row [B]`` (-1: not kept)."""
     bsz, hq, _ = q.shape
     hkv = k_buf.shape[1]
     g = hq // hkv
@@ -88,7 +93,7 @@ def sfi_decode_ref(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, c
             if logit_cap > 0:
                 x = logit_cap * torch.tanh(x / logit_cap)
             if logits is not None and slow[b] and logit_row[b] >= 0:
-                logits[int(logit_row[b]), h * g:(h + 1) * g, :n] = x.clamp(-FP16_MAX.value, FP16_MAX.value)
+                logits[int(logit_row[b]), h, :n] = x.T.clamp(-FP16_MAX.value, FP16_MAX.value)
             out[b, h * g:(h + 1) * g] = (x.softmax(-1) @ v_buf[tok, h].float()).to(q.dtype)
     return out
 
@@ -139,7 +144,7 @@ def _sfi_decode_split(
     if KEEP_LOGITS:
         x_row = tl.load(LogitRow + b)
         keep = is_slow & (x_row >= 0)
-        x_base = Logits + tl.maximum(x_row, 0).to(tl.int64) * stride_xr + heads[:, None] * stride_xh
+        x_base = Logits + tl.maximum(x_row, 0).to(tl.int64) * stride_xr + h * stride_xh + offs_g[:, None]
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -158,7 +163,7 @@ def _sfi_decode_split(
         if CAP:
             s = logit_cap * (2.0 * tl.sigmoid(2.0 * s / logit_cap) - 1.0)
         if KEEP_LOGITS:  # slow rows: position j is token j
-            tl.store(x_base + j[None, :], tl.minimum(tl.maximum(s, -FP16_MAX), FP16_MAX).to(tl.float16),
+            tl.store(x_base + j[None, :] * G, tl.minimum(tl.maximum(s, -FP16_MAX), FP16_MAX).to(tl.float16),
                      mask=keep & g_mask[:, None] & valid[None, :])
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -227,6 +232,7 @@ def sfi_decode(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s
     out = torch.empty(bsz, hq, dv, dtype=q.dtype, device=q.device)
     common = dict(SINKS=sinks, MAX_SPLITS=splits, MIN_CHUNK_=launch.min_chunk, BLOCK=launch.block)
     keep = logits is not None and logits.numel() > 0
+    assert not keep or (logits.shape[-1] == g and logits.stride(-1) == 1 and logits.stride(-2) == g)
     x = logits if keep else mid_o
     _sfi_decode_split[(bsz, hkv, splits)](
         q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, mid_o, mid_lse, x,

@@ -539,7 +539,7 @@ class SFIBackend(AttentionBackend):
         pos = torch.cat([r.positions(l)[part] for l in group])
         if r.from_logits:  # the slow step's own logits: a view where it can be (all rows), no keys read
             logits = self.slow_logits[group[0]:group[-1] + 1, part, :, :r.width]
-            logits, log_norm = logits.reshape(g * n_s, sh.kv_heads, -1, r.width), None
+            logits, log_norm = logits.flatten(0, 1).transpose(2, 3), None  # [.., G, width], strided
         else:
             k_bufs = [self.token_to_kv_pool.get_key_buffer(l + self.start_layer) for l in group]
             logits_fn = candidate_logits if self.on_cuda else candidate_logits_ref

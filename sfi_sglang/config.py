@@ -88,12 +88,11 @@ class SFIConfig:
     Further slow rows of the same step are scored from the keys, as is every row with
     ``refresh_lag`` > 1 or the prior on. Takes layers x rows x query heads x context length x 2
     bytes of GPU memory (360 MiB for Qwen3-4B at 4 rows and 40K context). Off by default: on an
-    H200 it cuts the 36-layer refresh after a slow step to 28-40% of its kernel time at batch 8-16,
-    8K-128K (slow step 1.41-1.47x a dense step instead of 1.71-1.95x, by kernel time;
-    ``kernels_refresh_h200.json``), yet decode end to end was 2-3% slower at 16 x 8K and 8 x 32K,
-    R=32 (``decode_logit_rows_h200.json``): compiled with the store, ``sfi_decode`` needs 209
-    registers per thread instead of 135, so every row, fast ones included, runs 6-14% slower
-    (``results/selector_ab_h200.log``)."""
+    H200 the slow step reading K once is 1.37-1.40x a dense step at batch 8-16, 8K-128K, against
+    1.71-1.94x from the keys (by kernel time; ``kernels_logits_layout_h200.json``), but the decode
+    kernel compiled with the store runs fast rows 2-3% slower, which every step pays: through the
+    Engine at 16 x 8K, R=32, 6.21 against 6.15 ms per step (``decode_logit_profile_h200.json``),
+    and 2-4% slower at 8K-32K in earlier runs."""
     reuse_records: int = 64
     """Selections kept on radix-tree prefix nodes, so requests re-sending a cached prefix start
     from its selection and score only their new tokens (0: off). Each record takes up to

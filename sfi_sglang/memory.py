@@ -139,10 +139,11 @@ class StepRows:
 
 def slow_logits(cfg: SFIConfig, shape: AttentionShape, context: int, device: torch.device | str) -> torch.Tensor:
     """Attention logits of up to ``cfg.logit_rows`` slow rows of a decode step over their whole
-    context ``[layers, rows, Hq, width]`` (fp16), written by the decode kernel and read by the
-    refresh after the step instead of the keys."""
-    return torch.empty(shape.num_layers, cfg.logit_rows, shape.q_heads, aligned(context) if cfg.logit_rows else 0,
-                       dtype=torch.float16, device=device)
+    context ``[layers, rows, Hkv, width, G]`` (fp16; token-major, the layout the decode kernel
+    stores cheaply), written by the decode kernel and read by the refresh after the step instead of
+    the keys."""
+    return torch.empty(shape.num_layers, cfg.logit_rows, shape.kv_heads, aligned(context) if cfg.logit_rows else 0,
+                       shape.q_heads // shape.kv_heads, dtype=torch.float16, device=device)
 
 
 def saved_queries(shape: AttentionShape, rows: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

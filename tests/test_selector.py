@@ -232,13 +232,14 @@ def test_whole_context_restricted_to_the_region_selects_as_the_region(seed):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("r, per_head, with_held, shift",
-                         [(4, False, True, 0.0), (8, True, False, 0.0), (8, False, True, -120.0), (1, False, True, 0.0),
-                          (3, True, True, 0.0)])
-def test_triton_group_scores_match_reference(r, per_head, with_held, shift):
+@pytest.mark.parametrize("r, per_head, with_held, shift, token_major",
+                         [(4, False, True, 0.0, False), (8, True, False, 0.0, True), (8, False, True, -120.0, False),
+                          (1, False, True, 0.0, False), (3, True, True, 0.0, False), (4, False, True, 0.0, True)])
+def test_triton_group_scores_match_reference(r, per_head, with_held, shift, token_major):
     """Regions inside and at the edges of the candidates, padding (holding NaN), per-head lists, lengths
     that are not multiples of the block, blocks with candidates but none in the region, ties (repeated
-    logits), logits far below 0 (``shift``), with and without coverage."""
+    logits), logits far below 0 (``shift``), with and without coverage; logits query-major (as
+    ``candidate_logits`` writes them) or token-major (as the slow step keeps them, fp16)."""
     g, s_rows, hkv, n = gen(r), 3, 2, 300 + 37 * r
     lens = torch.tensor([n, n - 41, 5])
     pos = region_positions(torch.zeros(s_rows, dtype=torch.long), lens, n)
@@ -248,6 +249,8 @@ def test_triton_group_scores_match_reference(r, per_head, with_held, shift):
     lo, hi = torch.tensor([0, 4, 1]), torch.tensor([n, min(n - 60, 400), 5])
     logits = (3 * torch.randn(s_rows, hkv, r, n, generator=g)).round() + shift  # rounded: many ties
     logits = logits.masked_fill(pos.unsqueeze(2) < 0, float("nan"))  # padding: stale values, never read as scores
+    if token_major:
+        logits = logits.half().transpose(2, 3).contiguous().transpose(2, 3)
     held = torch.rand(s_rows, hkv, n, generator=g) < 0.3 if with_held else None
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU
     to = lambda t: t.to(dev) if t is not None else None  # noqa: E731

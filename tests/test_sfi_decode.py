@@ -157,7 +157,7 @@ def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, cap, dtyp
     req_to_token, slots, seq_lens, slow, k, v, q, logit_row = (
         t.to(dev) for t in (req_to_token, slots, seq_lens, slow, k, v, q, logit_row))
     for layer in (0, 2):
-        kept = [torch.full((3, hkv * ratio, MAX_LEN), 7.0, dtype=torch.float16, device=dev) for _ in range(2)]
+        kept = [torch.full((3, hkv, MAX_LEN, ratio), 7.0, dtype=torch.float16, device=dev) for _ in range(2)]
         want = decode(sfi_decode_ref, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap,
                       kept[0], logit_row)
         got = decode(sfi_decode_mod.sfi_decode, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap,
@@ -171,6 +171,7 @@ def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, cap, dtyp
             keys = k[req_to_token[slot, :n].long()].repeat_interleave(ratio, dim=1).float()  # [n, Hq, D]
             x = torch.einsum("hd,nhd->hn", q[b].float(), keys) * 0.25
             x = cap * torch.tanh(x / cap) if cap else x
+            x = x.view(hkv, ratio, n).transpose(1, 2)  # token-major: [Hkv, n, G]
             torch.testing.assert_close(kept[0][row, :, :n].float(), x, atol=1e-2, rtol=1e-2)
             assert (kept[0][row, :, n:] == 7.0).all()
 
