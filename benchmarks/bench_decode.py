@@ -50,6 +50,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from engine_decode import pool_tokens  # noqa: E402
 from sfi_sglang.config import SFIConfig  # noqa: E402
 from sfi_sglang.dummy_model import PRESETS, write_dummy_model  # noqa: E402
 
@@ -89,11 +90,14 @@ def model_bytes(cfg: dict) -> tuple[int, int]:
 
 
 def mem_fraction(args, w_bytes: int, kv_tok: int, context: int, batch: int) -> float:
-    """Static memory fraction for weights and a KV pool that holds ``batch`` requests (5% spare
-    and 2 GB for sglang's own buffers); the rest is left to the one-shot prefill's activations."""
+    """Static memory fraction for weights and a KV pool that holds ``batch`` requests (the Engine
+    runner's pool: ``engine_decode.pool_tokens``; 5% spare and 2 GB for sglang's own buffers); the
+    rest is left to the one-shot prefill's activations."""
     if args.mem_fraction != "auto":
         return float(args.mem_fraction)
-    need = (w_bytes + 1.05 * batch * (context + args.output_len + 64) * kv_tok) / args.tp + 2e9
+    tokens = pool_tokens(batch, context, args.output_len) if args.runner == "engine" else \
+        batch * (context + args.output_len + 64)
+    need = (w_bytes + 1.05 * tokens * kv_tok) / args.tp + 2e9
     return round(min(0.9, max(0.3, need / torch.cuda.get_device_properties(0).total_memory)), 3)
 
 
@@ -240,15 +244,19 @@ def main() -> None:
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
                 "bytes_moved": moved,
             })
-            if "staggered_step_s" in res:
-                rows[-1]["staggered_step_ms"] = 1e3 * res["staggered_step_s"]
+            for key in ("step_s_runs", "staggered_step_s", "staggered_step_s_runs"):  # engine runner: seconds -> ms
+                if key in res:
+                    rows[-1][key.replace("step_s", "step_ms")] = (
+                        [1e3 * t for t in res[key]] if key.endswith("runs") else 1e3 * res[key])
             if refreshes:  # the process's whole run (all its batch sizes, warm-up included)
                 rows[-1]["refreshes"] = refreshes
             if "profile" in res:
                 rows[-1]["profile"] = res["profile"]
                 print(f"{name:>12} bs {bs:>3} ctx {ctx:>6} profile, ms per step: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in res["profile"].get("per_step_ms", {}).items()), flush=True)
+            spread = res.get("step_s_runs", [step_s])
             print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s"
+                  + (f" (runs {1e3 * spread[0]:.2f}-{1e3 * spread[-1]:.2f} ms)" if len(spread) > 1 else "")
                   + "".join(f"; refresh {k} {refreshes[k][0]} x {refreshes[k][1]:.2f} ms"
                             for k in ("from_logits", "from_keys") if refreshes.get(k, [0])[0])
                   + (f" (host {refreshes['host_ms']:.2f} ms per call)" if refreshes else ""),

@@ -8,7 +8,10 @@ steps), then sent twice more: with 1 and with ``1 + output_len`` new tokens. The
 difference of those two wall times over ``output_len``: prefill, tokenizer and queueing costs
 cancel, and the host work of each step overlaps the GPU work of the one before, as in serving
 (sglang's one-batch benchmark runs each step synchronously, so its host time adds to every step).
-Writes one JSON line per batch size: ``batch_size, input_len, output_len, step_s``.
+The pair of sends is timed ``REPEATS`` times; ``step_s`` is the median, ``step_s_runs`` all of them:
+single pairs at 16 x 8K gave 4.4 to 6.6 ms per step for the same backend in different calls (H200,
+``results/decode_logit_*_h200.json``), and a negative step time for FlashInfer once.
+Writes one JSON line per batch size: ``batch_size, input_len, output_len, step_s, step_s_runs``.
 
 With ``--profile-steps N``, the largest batch then decodes N more steps under sglang's profiler
 (``Engine.start_profile``); its row gets ``profile``: where those steps' time went
@@ -37,6 +40,14 @@ from trace_summary import profiled  # noqa: E402
 
 
 WARM_UP_STEPS = 128  # decode steps before timing: more than sfi's forced refresh interval in bench_decode
+REPEATS = 3  # timed (short, long) pairs per measurement
+
+
+def pool_tokens(batch: int, input_len: int, output_len: int) -> int:
+    """KV pool size: the batch's prompts and outputs plus room for the outputs that the radix cache
+    keeps from earlier sends (warm-up and timed), so that no send has to evict a cached prompt or
+    wait for memory (the pool held exactly the batch's tokens when single timings spread)."""
+    return batch * (input_len + 2 * (output_len + WARM_UP_STEPS + 64))
 
 
 def main() -> None:
@@ -67,7 +78,7 @@ def main() -> None:
     kw = dict(model_path=args.model, attention_backend=args.backend, load_format=args.load_format,
               tp_size=args.tp_size, device=args.device, mem_fraction_static=args.mem_fraction_static,
               context_length=args.input_len + args.output_len + 64, max_running_requests=top,
-              max_total_tokens=top * (args.input_len + args.output_len + 64),
+              max_total_tokens=pool_tokens(top, args.input_len, args.output_len),
               cuda_graph_backend_prefill="disabled", random_seed=0, log_level="info")  # info: sfi counters
     if args.device == "cuda":
         kw["cuda_graph_max_bs_decode"] = top
@@ -84,38 +95,50 @@ def main() -> None:
                              "raise --mem-fraction-static")
         for bs in args.batch_size:
             prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
+            uncached = [0]  # prompt tokens the sends prefilled again (beyond the last one, always recomputed)
 
             def run(new_tokens: int, gap_s: float = 0.0) -> float:
                 """Wall time of the batch with ``new_tokens`` each: one call, or request ``i`` sent ``i * gap_s`` late."""
                 sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
 
-                async def one(i: int) -> None:
+                async def one(i: int) -> dict:
                     await asyncio.sleep(i * gap_s)
-                    out = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling)
-                    assert len(out["output_ids"]) == new_tokens
+                    return await engine.async_generate(input_ids=prompts[i], sampling_params=sampling)
 
-                async def staggered() -> None:
-                    await asyncio.gather(*(one(i) for i in range(bs)))
+                async def staggered() -> list[dict]:
+                    return await asyncio.gather(*(one(i) for i in range(bs)))
 
                 t0 = time.perf_counter()
                 if gap_s:
-                    engine.loop.run_until_complete(staggered())
+                    outs = engine.loop.run_until_complete(staggered())
                 else:
                     outs = engine.generate(input_ids=prompts, sampling_params=sampling)
-                    assert all(len(o["output_ids"]) == new_tokens for o in outs)
-                return time.perf_counter() - t0
+                wall = time.perf_counter() - t0
+                assert all(len(o["output_ids"]) == new_tokens for o in outs)
+                uncached[0] += sum(max(0, args.input_len - 1 - o["meta_info"]["cached_tokens"]) for o in outs)
+                return wall
 
             run(1)  # prefill into the radix cache
             # then decode over the cached prefixes, past a few slow steps, before timing: whatever compiles
             # on first use (FlashInfer's JIT, Triton variants) must not land in the timed steps
             run(1 + min(WARM_UP_STEPS, args.output_len))
-            short, long = run(1), run(1 + args.output_len)
+            uncached[0] = 0  # from here on: the timed sends, whose prompts must all be cached
+
+            def step_times(gap_s: float = 0.0) -> list[float]:
+                """Decode step time from ``REPEATS`` pairs of sends, sorted."""
+                times = []
+                for _ in range(REPEATS):
+                    short = run(1, gap_s)
+                    times.append((run(1 + args.output_len, gap_s) - short) / args.output_len)
+                return sorted(times)
+
+            runs = step_times()
             row = {"batch_size": bs, "input_len": args.input_len, "output_len": args.output_len,
-                   "step_s": (long - short) / args.output_len}
+                   "step_s": runs[REPEATS // 2], "step_s_runs": runs}
             if args.stagger:
-                gap = args.stagger * row["step_s"]
-                short, long = run(1, gap), run(1 + args.output_len, gap)
-                row["staggered_step_s"] = (long - short) / args.output_len
+                runs = step_times(args.stagger * row["step_s"])
+                row["staggered_step_s"], row["staggered_step_s_runs"] = runs[REPEATS // 2], runs
+            row["uncached_prompt_tokens"] = uncached[0]
             if args.profile_steps and bs == top:
                 row["profile"] = profiled(engine, args.profile_steps, lambda: run(2 + args.profile_steps),
                                           args.profile_dir, args.device == "cuda")
