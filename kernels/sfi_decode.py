@@ -10,11 +10,11 @@ Positions map to KV-pool rows through ``req_to_token[s]``. Slow rows given a row
 ``logits`` (``logit_row[b] >= 0``) also leave there their attention logits (scaled and capped,
 fp16) over the whole context, ``logits[r, h, :n, :]`` (token-major: the KV head's query group
 contiguous): the Selector ranks tokens from them, through a transposed view, after the step instead
-of reading the keys again (``SFIBackend._select``). Stored as the
-[group, tokens] tile is laid out, the logits cost every row of the kernel (storing or not) 6-14%:
-209 registers instead of 135, two programs per SM instead of three; token-major, 168 registers,
-three programs; dense rows that store nothing run at the plain kernel's speed, fast rows 2-3% slower
-(H200, same-run A/B in ``results/selector_ab_h200.log``).
+of reading the keys again (``SFIBackend._select``). Stored as the [group, tokens] tile is laid out,
+the logits cost every row of the kernel (storing or not) 6-14%: 209 registers instead of 135, two
+programs per SM instead of three. Token-major: 168 registers, three programs; dense rows that store
+nothing run at the plain kernel's speed, fast rows 2-3% slower (H200, same-run A/B in
+``results/selector_ab_h200.log``).
 
 Why not FlashInfer over materialised index lists: its decode plan needs every
 list length on the host, and in a CUDA-graph replay sglang gives the backend
