@@ -95,10 +95,11 @@ def main() -> None:
                              "raise --mem-fraction-static")
         for bs in args.batch_size:
             prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
-            uncached = [0]  # prompt tokens the sends prefilled again (beyond the last one, always recomputed)
+            uncached = 0  # prompt tokens the sends prefilled again (beyond the last one, always recomputed)
 
             def run(new_tokens: int, gap_s: float = 0.0) -> float:
                 """Wall time of the batch with ``new_tokens`` each: one call, or request ``i`` sent ``i * gap_s`` late."""
+                nonlocal uncached
                 sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}
 
                 async def one(i: int) -> dict:
@@ -115,14 +116,14 @@ def main() -> None:
                     outs = engine.generate(input_ids=prompts, sampling_params=sampling)
                 wall = time.perf_counter() - t0
                 assert all(len(o["output_ids"]) == new_tokens for o in outs)
-                uncached[0] += sum(max(0, args.input_len - 1 - o["meta_info"]["cached_tokens"]) for o in outs)
+                uncached += sum(max(0, args.input_len - 1 - o["meta_info"]["cached_tokens"]) for o in outs)
                 return wall
 
             run(1)  # prefill into the radix cache
             # then decode over the cached prefixes, past a few slow steps, before timing: whatever compiles
             # on first use (FlashInfer's JIT, Triton variants) must not land in the timed steps
             run(1 + min(WARM_UP_STEPS, args.output_len))
-            uncached[0] = 0  # from here on: the timed sends, whose prompts must all be cached
+            uncached = 0  # from here on: the timed sends, whose prompts must all be cached
 
             def step_times(gap_s: float = 0.0) -> list[float]:
                 """Decode step time from ``REPEATS`` pairs of sends, sorted."""
@@ -138,7 +139,7 @@ def main() -> None:
             if args.stagger:
                 runs = step_times(args.stagger * row["step_s"])
                 row["staggered_step_s"], row["staggered_step_s_runs"] = runs[REPEATS // 2], runs
-            row["uncached_prompt_tokens"] = uncached[0]
+            row["uncached_prompt_tokens"] = uncached
             if args.profile_steps and bs == top:
                 row["profile"] = profiled(engine, args.profile_steps, lambda: run(2 + args.profile_steps),
                                           args.profile_dir, args.device == "cuda")

@@ -5,8 +5,9 @@
 ``topk_select``: candidates per loop step and warps, for as many (row, KV head) programs as a
 refresh launches (one layer of batch 16, or 12 layers of batch 4 and more) at 8K-128K candidates,
 the default topk and neighbour window, scores divided by their totals in the kernel.
-``group_scores``: candidates per program at batch 4 and 16, four queries per KV head. Prints each shape's times and the best launch; the chosen defaults go into the
-kernels by hand, with the numbers that justify them.
+``group_scores``: candidates per program at batch 4 and 16, four queries per KV head. Prints each
+shape's times and the best launch; the chosen defaults go into the kernels by hand, with the
+numbers that justify them.
 """
 
 from __future__ import annotations
