@@ -248,6 +248,8 @@ def main() -> None:
                 if key in res:
                     rows[-1][key.replace("step_s", "step_ms")] = (
                         [1e3 * t for t in res[key]] if key.endswith("runs") else 1e3 * res[key])
+            if "uncached_prompt_tokens" in res:  # engine runner: prompt tokens timed sends prefilled again
+                rows[-1]["uncached_prompt_tokens"] = res["uncached_prompt_tokens"]
             if refreshes:  # the process's whole run (all its batch sizes, warm-up included)
                 rows[-1]["refreshes"] = refreshes
             if "profile" in res:
@@ -256,7 +258,9 @@ def main() -> None:
                     f"{k} {v:.2f}" for k, v in res["profile"].get("per_step_ms", {}).items()), flush=True)
             spread = res.get("step_s_runs", [step_s])
             print(f"{name:>12} bs {bs:>3} ctx {ctx:>6}: {1e3 * step_s:8.2f} ms/step, {bs / step_s:9.1f} tok/s"
-                  + (f" (runs {1e3 * spread[0]:.2f}-{1e3 * spread[-1]:.2f} ms)" if len(spread) > 1 else "")
+                  + (f" (runs {1e3 * min(spread):.2f}-{1e3 * max(spread):.2f} ms)" if len(spread) > 1 else "")
+                  + (f", {res['uncached_prompt_tokens']} prompt tokens prefilled again"
+                     if res.get("uncached_prompt_tokens") else "")
                   + "".join(f"; refresh {k} {refreshes[k][0]} x {refreshes[k][1]:.2f} ms"
                             for k in ("from_logits", "from_keys") if refreshes.get(k, [0])[0])
                   + (f" (host {refreshes['host_ms']:.2f} ms per call)" if refreshes else ""),

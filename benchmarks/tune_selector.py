@@ -2,9 +2,10 @@
 
     python benchmarks/tune_selector.py [--out benchmarks/results/tune_selector.json]
 
-``topk_select``: candidates per loop step and warps, for as many (row, KV head) programs as a
-refresh launches (one layer of batch 16, or 12 layers of batch 4 and more) at 8K-128K candidates,
-the default topk and neighbour window, scores divided by their totals in the kernel.
+``topk_select``: candidates per loop step and warps, for as many (row, KV head) rows as a
+refresh gives it (one layer of batch 16, or 12 layers of batch 4 and more) at 8K-128K candidates,
+the default topk and neighbour window, scores divided by their totals in the kernel (rows split
+over about ``topk_select.PROGRAMS`` chunk programs).
 ``group_scores``: candidates per program at batch 4 and 16, four queries per KV head. Prints each
 shape's times and the best launch; the chosen defaults go into the kernels by hand, with the
 numbers that justify them.

@@ -1,4 +1,4 @@
-"""Selector top-k: each (row, KV head)'s k best-scored candidates, in one launch.
+"""Selector top-k: each (row, KV head)'s k best-scored candidates, in three launches.
 
 For row ``i``, KV head ``h``: scores ``f[i, h, :]`` (>= 0) of candidates at
 ``positions[i, 0 or h, :]`` (-1: padding or outside the region), optionally
@@ -12,20 +12,28 @@ the earlier candidate, in candidate order; picked padding reads
 here as they are read (IEEE rounding, as torch divides), which saves
 ``group_scores`` a full pass over ``f``.
 
-One program per (row, head): two radix-histogram passes over the row find the
-k-th score exactly at the Selector's ranking precision (scores as
-order-preserving 15-bit keys: ``sfi_sglang.selector.coarse``; the first pass
-makes the keys, division and neighbour spread included, into an int16 scratch
-row and counts their high 7 bits, the second counts the low 8 bits of those in
-the k-th one's high bin), then one pass compacts the winners in order with a
-running count.
-This replaces a torch pipeline (topk, masks, two scans, scatter, sort) whose
-launches and full-size temporaries cost more than the logits pass. A row runs
-in one program because the backend batches layers, so rows are many: the time
-grows with rows x candidates, not with a program's latency
-(``tune_selector_h200.json``), and splitting rows into chunks (11-bit histograms
-summed with atomics, five launches) measured slower on an H200 at batch 4-16
-(``kernels_h200_chunked_topk.json``; both in ``benchmarks/results``).
+Radix select at the Selector's ranking precision (scores as order-preserving
+15-bit keys: ``sfi_sglang.selector.coarse``), each (row, head) split over
+chunks of candidates, about ``PROGRAMS`` (row, chunk) programs per call, no
+atomics:
+
+1. each chunk makes its keys (division and neighbour spread included) into an
+   int16 scratch row and stores the histogram of their high 7 bits;
+2. each chunk sums its row's high histograms, finds the k-th key's high bin,
+   and stores the histogram of the low 8 bits of its keys in that bin;
+3. each chunk sums both, finds the k-th key, and compacts its winners in
+   order at the offset the earlier chunks' histograms give (keys above the
+   k-th, then the ties the earlier chunks take); the last chunk pads the end.
+
+One program per (row, head) ran the same passes in one launch; with rows
+split over chunks the GPU stays evenly busy whatever the row count: on an
+H200, inside CUDA graphs, attention-like scores, 600 -> 538 us at 32 rows x 8
+heads x 128K candidates (16 x 128K, two layers per call), 968 -> 603 us at
+36 x 8 x 128K (batch 1, 36 layers), 644 -> 587 us at 144 x 8 x 32K, 141 ->
+136 us at 128 x 8 x 8K
+(``benchmarks/results/selector_ab_h200.log``, "chunked top-k"). Histograms
+of 4-bit digits (four passes over the keys instead of two) measured slower:
+the passes cost more than the narrower histograms save.
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
@@ -38,8 +46,9 @@ import triton.language as tl
 
 from sfi_sglang.selector import PAD_POSITION, spread_to_neighbors, topk_positions
 
-BLOCK_N = 4096  # with 8 warps: best or near it at every shape of benchmarks/tune_selector.py (H200)
-NUM_WARPS = 8
+BLOCK_N = 2048  # with 4 warps and PROGRAMS 2048: best or near it at the Selector's shapes (H200, log above)
+NUM_WARPS = 4
+PROGRAMS = 2048  # (row, chunk) programs a call aims for: many per SM on an H100/H200
 
 
 def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0,
@@ -93,58 +102,105 @@ def _count(mask, BLOCK: tl.constexpr):
     return tl.reshape(tl.cumsum(x, 1) + (tl.cumsum(rows, 0) - rows)[:, None], [BLOCK])
 
 
+
 @triton.jit
-def _topk_select(F, Total, Pos, Keys, Out, N, K, stride_fs, stride_fh, stride_ps, stride_ph,
-                 H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr,
-                 PAD: tl.constexpr):
+def _row_hist(Hist, ih, C, BINS: tl.constexpr):
+    """The row's histogram: the sum of its ``C`` chunks' ``[BINS]`` histograms."""
+    bins = tl.arange(0, BINS)
+    hist = tl.zeros([BINS], dtype=tl.int32)
+    for c in range(0, C):
+        hist += tl.load(Hist + (ih * C + c) * BINS + bins)
+    return hist
+
+
+@triton.jit
+def _chunk_high(F, Total, Pos, Keys, HistHi, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
+                H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 for chunk ``c`` of row ``ih``: its keys, and the histogram of their high 7 bits."""
     ih = tl.program_id(0)
+    c = tl.program_id(1)
     i = ih // H
     h = ih % H
     F += i * stride_fs + h * stride_fh
     Pos += i * stride_ps + h * stride_ph
     Keys += ih.to(tl.int64) * N
-    Out += ih.to(tl.int64) * K
     total = tl.load(Total + ih) if NORM else 1.0
     offs = tl.arange(0, BLOCK)
-    # radix select of the K-th largest key (< 2**15): its high 7 bits, then its low 8; the first
-    # pass makes the keys (normalisation and neighbour spread included) and keeps them (int16)
+    end = tl.minimum(c * CHUNK + CHUNK, N)
     hist = tl.zeros([128], dtype=tl.int32)
-    for start in range(0, N, BLOCK):
+    for start in range(c * CHUNK, end, BLOCK):
         j = start + offs
         key = _keys(F, Pos, j, N, total, WINDOW, NORM)
-        tl.store(Keys + j, key.to(tl.int16), mask=j < N)
-        hist += tl.histogram(key >> 8, 128, mask=j < N)
-    tl.debug_barrier()  # the keys stored above are read back by other threads
-    high, want = _kth_bin(hist, K, 128)
+        tl.store(Keys + j, key.to(tl.int16), mask=j < end)
+        hist += tl.histogram(key >> 8, 128, mask=j < end)
+    tl.store(HistHi + (ih * C + c) * 128 + tl.arange(0, 128), hist)
+
+
+@triton.jit
+def _chunk_low(Keys, HistHi, HistLo, N, K, C, CHUNK, BLOCK: tl.constexpr):
+    """Pass 2: the histogram of the low 8 bits of the chunk's keys in the k-th key's high bin."""
+    ih = tl.program_id(0)
+    c = tl.program_id(1)
+    Keys += ih.to(tl.int64) * N
+    high, _ = _kth_bin(_row_hist(HistHi, ih, C, 128), K, 128)
+    offs = tl.arange(0, BLOCK)
+    end = tl.minimum(c * CHUNK + CHUNK, N)
     hist = tl.zeros([256], dtype=tl.int32)
-    for start in range(0, N, BLOCK):
+    for start in range(c * CHUNK, end, BLOCK):
         j = start + offs
-        key = tl.load(Keys + j, mask=j < N, other=0).to(tl.int32)
-        hist += tl.histogram(key & 255, 256, mask=(j < N) & ((key >> 8) == high))
-    low, want = _kth_bin(hist, want, 256)
+        key = tl.load(Keys + j, mask=j < end, other=0).to(tl.int32)
+        hist += tl.histogram(key & 255, 256, mask=(j < end) & ((key >> 8) == high))
+    tl.store(HistLo + (ih * C + c) * 256 + tl.arange(0, 256), hist)
+
+
+@triton.jit
+def _chunk_take(Keys, Pos, HistHi, HistLo, Out, N, K, C, CHUNK, stride_ps, stride_ph,
+                H: tl.constexpr, BLOCK: tl.constexpr, PAD: tl.constexpr):
+    """Pass 3: the chunk's winners, in candidate order, at the offset the earlier chunks leave."""
+    ih = tl.program_id(0)
+    c = tl.program_id(1)
+    i = ih // H
+    h = ih % H
+    Pos += i * stride_ps + h * stride_ph
+    Keys += ih.to(tl.int64) * N
+    Out += ih.to(tl.int64) * K
+    high, want = _kth_bin(_row_hist(HistHi, ih, C, 128), K, 128)
+    low, want = _kth_bin(_row_hist(HistLo, ih, C, 256), want, 256)
     kth = (high << 8) | low
-    # compaction in candidate order: keys above the K-th, then its first `want` ties
-    taken = 0
+    real = kth > 0  # key 0 is padding: ties at 0 are never taken (picked padding goes to the end)
+    # what the chunks before this one take: keys above the k-th, then ties in candidate order
+    b128, b256 = tl.arange(0, 128), tl.arange(0, 256)
+    above = 0
     ties = 0
-    for start in range(0, N, BLOCK):
+    for cc in range(0, c):
+        hi_c = tl.load(HistHi + (ih * C + cc) * 128 + b128)
+        lo_c = tl.load(HistLo + (ih * C + cc) * 256 + b256)
+        above += tl.sum(tl.where(b128 > high, hi_c, 0), 0) + tl.sum(tl.where(b256 > low, lo_c, 0), 0)
+        ties += tl.sum(tl.where(b256 == low, lo_c, 0), 0)
+    taken = above + tl.where(real, tl.minimum(ties, want), 0)
+    offs = tl.arange(0, BLOCK)
+    end = tl.minimum(c * CHUNK + CHUNK, N)
+    for start in range(c * CHUNK, end, BLOCK):
         j = start + offs
-        key = tl.load(Keys + j, mask=j < N, other=0).to(tl.int32)
-        p = tl.load(Pos + j, mask=j < N, other=-1)
-        tie = (key == kth) & (j < N)
+        key = tl.load(Keys + j, mask=j < end, other=0).to(tl.int32)
+        p = tl.load(Pos + j, mask=j < end, other=-1)
+        tie = (key == kth) & (j < end)
         take = (key > kth) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= want))
-        take = take & (p >= 0)  # picked padding goes to the end instead
+        take = take & (p >= 0)
         at = taken + _count(take, BLOCK) - 1
         tl.store(Out + at, p, mask=take)
         taken += tl.sum(take.to(tl.int32), 0)
         ties += tl.sum(tie.to(tl.int32), 0)
-    for start in range(taken, K, BLOCK):
-        j = start + offs
-        tl.store(Out + j, tl.full([BLOCK], PAD, tl.int32), mask=j < K)
+    if c == C - 1:  # every chunk's winners are in: the row's end is padding
+        for start in range(taken, K, BLOCK):
+            j = start + offs
+            tl.store(Out + j, tl.full([BLOCK], PAD, tl.int32), mask=j < K)
 
 
 def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0, total: torch.Tensor | None = None,
-                block: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """Triton version of :func:`topk_select_ref` (same arguments and result); ``block`` (candidates
+                chunks: int | None = None, block: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """Triton version of :func:`topk_select_ref` (same arguments and result). ``chunks`` per row
+    (default: about ``PROGRAMS`` programs in all, at least one block each), ``block`` (candidates
     per loop step) and ``num_warps`` are the launch shape (``benchmarks/tune_selector.py``)."""
     s_rows, hkv, n = f.shape
     k = min(k, n)
@@ -152,12 +208,21 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
     if k == 0 or s_rows == 0:
         return out
     assert f.stride(-1) == 1 and positions.stride(-1) == 1 and f.dtype == torch.float32 and block >= 128
+    rows = s_rows * hkv
+    blocks = triton.cdiv(n, block)
+    chunks = max(1, min(blocks, chunks or triton.cdiv(PROGRAMS, rows)))
+    chunk = triton.cdiv(blocks, chunks) * block
+    chunks = triton.cdiv(n, chunk)
     pos = positions.expand(s_rows, -1, n)
-    keys = torch.empty(s_rows * hkv, n, dtype=torch.int16, device=f.device)
+    pos_strides = (pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0)
+    keys = torch.empty(rows, n, dtype=torch.int16, device=f.device)
+    hist_hi = torch.empty(rows, chunks, 128, dtype=torch.int32, device=f.device)
+    hist_lo = torch.empty(rows, chunks, 256, dtype=torch.int32, device=f.device)
     norm = total.float().contiguous() if total is not None else f
-    _topk_select[(s_rows * hkv,)](
-        f, norm, pos, keys, out, n, k, f.stride(0), f.stride(1),
-        pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0,
-        H=hkv, WINDOW=window, NORM=total is not None, BLOCK=block, PAD=PAD_POSITION, num_warps=num_warps,
-    )
+    grid = (rows, chunks)
+    _chunk_high[grid](f, norm, pos, keys, hist_hi, n, chunks, chunk, f.stride(0), f.stride(1), *pos_strides,
+                      H=hkv, WINDOW=window, NORM=total is not None, BLOCK=block, num_warps=num_warps)
+    _chunk_low[grid](keys, hist_hi, hist_lo, n, k, chunks, chunk, BLOCK=block, num_warps=num_warps)
+    _chunk_take[grid](keys, pos, hist_hi, hist_lo, out, n, k, chunks, chunk, *pos_strides,
+                      H=hkv, BLOCK=block, PAD=PAD_POSITION, num_warps=num_warps)
     return out

@@ -34,8 +34,8 @@ from sfi_sglang.selector import aligned
 # may exceed it).
 SELECTOR_SCRATCH = 64 * 2**20
 
-# Bytes the Selector allocates per candidate and KV head besides the logits: a score, a top-k key, a held
-# flag and positions, rounded up.
+# Bytes the Selector allocates per candidate and KV head besides the logits: a score, a top-k key (and
+# under 1 byte of its chunks' histograms), a held flag and positions, rounded up.
 CANDIDATE_BYTES = 12
 
 # Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
