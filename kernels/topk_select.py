@@ -102,7 +102,6 @@ def _count(mask, BLOCK: tl.constexpr):
     return tl.reshape(tl.cumsum(x, 1) + (tl.cumsum(rows, 0) - rows)[:, None], [BLOCK])
 
 
-
 @triton.jit
 def _row_hist(Hist, ih, C, BINS: tl.constexpr):
     """The row's histogram: the sum of its ``C`` chunks' ``[BINS]`` histograms."""

@@ -88,11 +88,11 @@ class SFIConfig:
     Further slow rows of the same step are scored from the keys, as is every row with
     ``refresh_lag`` > 1 or the prior on. Takes layers x rows x query heads x context length x 2
     bytes of GPU memory (360 MiB for Qwen3-4B at 4 rows and 40K context). Off by default: on an
-    H200 the slow step reading K once is 1.37-1.40x a dense step at batch 8-16, 8K-128K, against
-    1.71-1.94x from the keys (by kernel time; ``kernels_logits_layout_h200.json``), but the decode
-    kernel compiled with the store runs fast rows 2-3% slower, which every step pays: through the
-    Engine at 16 x 8K, R=32, 6.21 against 6.15 ms per step (``decode_logit_profile_h200.json``),
-    and 2-4% slower at 8K-32K in earlier runs."""
+    H200 the slow step reading K once is 1.33-1.41x a dense step at batch 8-32, 8K-128K, against
+    1.69-1.88x from the keys (by kernel time; ``kernels.json``), but the decode kernel compiled
+    with the store runs fast rows 2-3% slower, which every step pays. Through the Engine, R=32, a
+    row for every slow row: 4.91 against 5.22 ms per step at 4 x 128K, 6.12 against 6.15 at 16 x 8K
+    (``decode_engine_rows_*_h200.json``); 8 x 32K, slower by 2-4% in earlier runs, is not re-measured."""
     reuse_records: int = 64
     """Selections kept on radix-tree prefix nodes, so requests re-sending a cached prefix start
     from its selection and score only their new tokens (0: off). Each record takes up to
