@@ -65,7 +65,8 @@ def _block_stats(
     stride_ls, stride_lh, stride_lr, stride_ln, stride_ps, stride_ph,
     H: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per (row, head, query, block): max and sum of exp over valid candidates, then over the region."""
+    """Per (row, head, query, block): max and sum of exp over valid candidates, then over the region
+    (the same numbers, not computed twice, where every valid candidate of the block is in the region)."""
     ih = tl.program_id(0)
     blk = tl.program_id(1)
     i = ih // H
@@ -79,16 +80,23 @@ def _block_stats(
     s = tl.load(L + i * stride_ls + h * stride_lh + r[:, None] * stride_lr + j[None, :] * stride_ln,
                 mask=rmask[:, None] & (j < N)[None, :], other=float("-inf")).to(tl.float32)
     out = Part + (ih * R + r) * NB + blk
-    _store_max_sum(out, SHR * NB, tl.where(valid[None, :], s, float("-inf")), rmask)
-    _store_max_sum(out + 2 * SHR * NB, SHR * NB, tl.where(reg[None, :], s, float("-inf")), rmask)
+    m, total = _max_sum(tl.where(valid[None, :], s, float("-inf")))
+    tl.store(out, m, mask=rmask)
+    tl.store(out + SHR * NB, total, mask=rmask)
+    if tl.sum((valid & ~reg).to(tl.int32), 0) == 0:  # the block's candidates all in the region: the same
+        tl.store(out + 2 * SHR * NB, m, mask=rmask)
+        tl.store(out + 3 * SHR * NB, total, mask=rmask)
+    else:
+        m, total = _max_sum(tl.where(reg[None, :], s, float("-inf")))
+        tl.store(out + 2 * SHR * NB, m, mask=rmask)
+        tl.store(out + 3 * SHR * NB, total, mask=rmask)
 
 
 @triton.jit
-def _store_max_sum(Out, step, x, rmask):
-    """Row max of ``x`` at ``Out`` and the row sum of exp(x - max) at ``Out + step``."""
+def _max_sum(x):
+    """Row max of ``x`` and the row sum of exp(x - max)."""
     m = tl.max(x, 1)
-    tl.store(Out, m, mask=rmask)
-    tl.store(Out + step, tl.sum(tl.exp(x - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1), mask=rmask)
+    return m, tl.sum(tl.exp(x - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1)
 
 
 @triton.jit(do_not_specialize=["NB", "SHR"])

@@ -50,19 +50,27 @@ FP16_MAX = tl.constexpr(torch.finfo(torch.float16).max)  # kept logits are clamp
 @dataclass(frozen=True)
 class Launch:
     """Tile and split shape of one ``sfi_decode`` call: ``block`` tokens per loop step, at least
-    ``min_chunk`` tokens per split (short lists spread over fewer, longer programs as it grows)."""
+    ``min_chunk`` tokens per split (short lists spread over fewer, longer programs as it grows),
+    ``min_chunk_slow`` for slow rows (0: ``min_chunk``)."""
 
     block: int = 64
     min_chunk: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    min_chunk_slow: int = 0
 
 
 def launch_for(batch: int) -> Launch:
     """Launch shape for a batch of ``batch`` rows, from ``benchmarks/tune_sfi_decode.py`` on an H200
     (``results/tune_sfi_decode.json``): 128-token steps, and longer splits as the batch alone fills
     the GPU. Against 64/64 it cut fast rows' time 20-33% (batch 16 x 2048 kept: 62 -> 47 us; batch
-    32 x 4096 kept: 225 -> 152 us, 83% of copy bandwidth) and dense rows' 14-24%."""
+    32 x 4096 kept: 225 -> 152 us, 83% of copy bandwidth) and dense rows' 14-24%. At batch 1 slow rows
+    split into chunks of >= 512 tokens and the loop runs 3 stages deep: dense rows 155 -> 135 us at
+    1 x 128K (keeping logits 167 -> 144), 28.5 -> 27.1 us at 1 x 16K, fast rows unchanged (same-run
+    A/B, ``benchmarks/ab_sfi_decode.py``, ``results/selector_ab_h200.log``); in the sweep 1 x 32K
+    dense rows lost 4% (45.3 -> 47.1 us). Stages 3 at batch 2 gained nothing (2 x 64K)."""
+    if batch == 1:
+        return Launch(block=128, min_chunk=128, min_chunk_slow=512, num_stages=3)
     return Launch(block=128, min_chunk=128 if batch < 4 else 256 if batch < 16 else 512)
 
 
@@ -100,7 +108,7 @@ def sfi_decode_ref(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, c
 
 @triton.jit
 def _row_span(Slots, SeqLens, Slow, HiS, CntS, b, SINKS: tl.constexpr, MAX_SPLITS: tl.constexpr,
-              MIN_CHUNK_: tl.constexpr, BLOCK: tl.constexpr):
+              MIN_CHUNK_: tl.constexpr, MIN_CHUNK_SLOW: tl.constexpr, BLOCK: tl.constexpr):
     """Slot, length, list layout and split size of row ``b``."""
     slot = tl.load(Slots + b).to(tl.int64)
     n = tl.load(SeqLens + b).to(tl.int32)
@@ -109,7 +117,8 @@ def _row_span(Slots, SeqLens, Slow, HiS, CntS, b, SINKS: tl.constexpr, MAX_SPLIT
     cnt = tl.load(CntS + slot)
     lo = tl.minimum(hi, SINKS)
     length = tl.where(is_slow, n, lo + cnt + n - hi)
-    splits = tl.minimum(tl.maximum((length + MIN_CHUNK_ - 1) // MIN_CHUNK_, 1), MAX_SPLITS)
+    wanted = tl.where(is_slow, (length + MIN_CHUNK_SLOW - 1) // MIN_CHUNK_SLOW, (length + MIN_CHUNK_ - 1) // MIN_CHUNK_)
+    splits = tl.minimum(tl.maximum(wanted, 1), MAX_SPLITS)
     chunk = ((length + splits - 1) // splits + BLOCK - 1) // BLOCK * BLOCK
     return slot, n, is_slow, lo, hi, cnt, length, splits, chunk
 
@@ -121,14 +130,14 @@ def _sfi_decode_split(
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_r, stride_ps, stride_ph, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_xr, stride_xh,
     G: tl.constexpr, SINKS: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_CHUNK_: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    MIN_CHUNK_SLOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAP: tl.constexpr, KEEP_LOGITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     slot, n, is_slow, lo, hi, cnt, length, splits, chunk = _row_span(
-        Slots, SeqLens, Slow, HiS, CntS, b, SINKS, MAX_SPLITS, MIN_CHUNK_, BLOCK)
+        Slots, SeqLens, Slow, HiS, CntS, b, SINKS, MAX_SPLITS, MIN_CHUNK_, MIN_CHUNK_SLOW, BLOCK)
     if split >= splits:
         return
     start = split * chunk
@@ -187,13 +196,13 @@ def _sfi_decode_split(
 def _sfi_decode_merge(
     MidO, MidLse, Out, Slots, SeqLens, Slow, HiS, CntS,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-    SINKS: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SINKS: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_CHUNK_: tl.constexpr, MIN_CHUNK_SLOW: tl.constexpr,
+    BLOCK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
     _, _, _, _, _, _, _, splits, _ = _row_span(
-        Slots, SeqLens, Slow, HiS, CntS, b, SINKS, MAX_SPLITS, MIN_CHUNK_, BLOCK)
+        Slots, SeqLens, Slow, HiS, CntS, b, SINKS, MAX_SPLITS, MIN_CHUNK_, MIN_CHUNK_SLOW, BLOCK)
     offs_dv = tl.arange(0, BLOCK_DV)
     dmask = offs_dv < DV
     m = float("-inf")
@@ -230,7 +239,8 @@ def sfi_decode(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s
     mid_o = torch.empty(bsz, hq, splits, block_dv, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(bsz, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(bsz, hq, dv, dtype=q.dtype, device=q.device)
-    common = dict(SINKS=sinks, MAX_SPLITS=splits, MIN_CHUNK_=launch.min_chunk, BLOCK=launch.block)
+    common = dict(SINKS=sinks, MAX_SPLITS=splits, MIN_CHUNK_=launch.min_chunk,
+                  MIN_CHUNK_SLOW=launch.min_chunk_slow or launch.min_chunk, BLOCK=launch.block)
     keep = logits is not None and logits.numel() > 0
     assert not keep or (logits.shape[-1] == g and logits.stride(-1) == 1 and logits.stride(-2) == g)
     x = logits if keep else mid_o

@@ -137,14 +137,15 @@ def test_slow_rows_and_covering_selections_equal_plain_dense_attention():
             torch.testing.assert_close(out[b].double(), torch.einsum("hn,nhd->hd", p, vals), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("hkv, ratio, block, min_chunk, cap, dtype", [
-    (2, 1, 64, 512, 0.0, torch.float32),
-    (2, 3, 16, 8, 0.0, torch.float32),  # many splits per list, lengths not multiples of the block
-    (1, 4, 32, 16, 5.0, torch.float32),  # logit soft cap
-    (1, 8, 16, 8, 0.0, torch.float16),
+@pytest.mark.parametrize("hkv, ratio, block, min_chunk, slow_chunk, cap, dtype", [
+    (2, 1, 64, 512, 0, 0.0, torch.float32),
+    (2, 3, 16, 4, 0, 0.0, torch.float32),  # many splits per list, lengths not multiples of the block
+    (2, 3, 16, 4, 48, 0.0, torch.float32),  # slow rows split coarser than fast rows
+    (1, 4, 32, 16, 0, 5.0, torch.float32),  # logit soft cap
+    (1, 8, 16, 8, 0, 0.0, torch.float16),
 ])
-def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, cap, dtype, monkeypatch):
-    launch = sfi_decode_mod.Launch(block=block, min_chunk=min_chunk)
+def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, slow_chunk, cap, dtype, monkeypatch):
+    launch = sfi_decode_mod.Launch(block=block, min_chunk=min_chunk, min_chunk_slow=slow_chunk)
     monkeypatch.setattr(sfi_decode_mod, "launch_for", lambda _: launch)
     store, req_to_token, slots, seq_lens, slow = make_state(hkv=hkv, seed=30 + ratio)
     k, v = pool(hkv, 16, seed=ratio, dtype=dtype)
