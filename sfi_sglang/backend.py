@@ -497,7 +497,7 @@ class SFIBackend(AttentionBackend):
         out = attend(
             q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], slow,
-            st.hi, st.count, st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
+            self.rows.hi[:bs], self.rows.count[:bs], st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
             self.slow_logits[li] if self.cfg.logit_rows else None, self.rows.logit_row[:bs],
         )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)

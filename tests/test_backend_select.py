@@ -40,7 +40,7 @@ def refresh(scratch: int, monkeypatch, align: int = selector.WIDTH_ALIGN,
     if from_logits:  # the slow step: every row dense, keeping its logits in rows 0-2
         for layer in range(LAYERS):
             sfi_decode_ref(q[layer], keys[layer], keys[layer], req_to_token, slots, lens, torch.ones(3, dtype=torch.bool),
-                           b.store.hi, b.store.count, b.store.pos[layer], cfg.sinks, D ** -0.5, 0.0,
+                           b.store.hi[slots], b.store.count[slots], b.store.pos[layer], cfg.sinks, D ** -0.5, 0.0,
                            b.slow_logits[layer], torch.arange(3))
     r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, int(lens.max()),
                            (hi.int(), count.int()), from_logits)
@@ -172,8 +172,8 @@ def decode_step_then_refresh(logit_rows: int, swap: bool = False) -> tuple[torch
                   5, 5, b.rows)
     assert b.rows.slow.all()
     for layer in range(LAYERS):
-        sfi_decode_ref(b.q_hist[layer], keys[layer], keys[layer], req_to_token, slots, lens, b.rows.slow, st.hi,
-                       st.count, st.pos[layer], cfg.sinks, D ** -0.5, 0.0, b.slow_logits[layer], b.rows.logit_row)
+        sfi_decode_ref(b.q_hist[layer], keys[layer], keys[layer], req_to_token, slots, lens, b.rows.slow, b.rows.hi,
+                       b.rows.count, st.pos[layer], cfg.sinks, D ** -0.5, 0.0, b.slow_logits[layer], b.rows.logit_row)
     if swap:
         b.slow_logits[:, [0, 1]] = b.slow_logits[:, [1, 0]]
     b.slow_host[:], b.pending = b.rows.slow, (5, lens.clone())

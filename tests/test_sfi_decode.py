@@ -75,7 +75,7 @@ def attend(q, keys, values, scale):
 
 def decode(fn, store, req_to_token, slots, seq_lens, slow, k, v, q, scale, layer, cap=0.0, logits=None,
            logit_row=None):
-    return fn(q, k, v, req_to_token, slots, seq_lens, slow, store.hi, store.count, store.pos[layer],
+    return fn(q, k, v, req_to_token, slots, seq_lens, slow, store.hi[slots], store.count[slots], store.pos[layer],
               CFG.sinks, scale, cap, logits, logit_row)
 
 
@@ -245,9 +245,14 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
                                       store.pos[0, s, h]).tolist()
                 assert len(set(got)) == len(got) and all(0 <= p < n for p in got), (step, b, h, got)
         q = torch.randn(bs, hkv * ratio, d, generator=g)
-        want = sfi_decode_ref(q, k, v, req_to_token, slots, seq_lens, slow, store.hi, store.count, store.pos[0],
+        # the decode reads the plan's per-row state (the backend passes rows.hi / rows.count): for
+        # fast rows it is the store's, which only slow rows' plan changes
+        fast = (~slow).nonzero().flatten()
+        assert torch.equal(rows.hi[fast], store.hi[slots[fast]])
+        assert torch.equal(rows.count[fast], store.count[slots[fast]])
+        want = sfi_decode_ref(q, k, v, req_to_token, slots, seq_lens, slow, rows.hi, rows.count, store.pos[0],
                               cfg.sinks, 0.25)
-        got = sfi_decode_mod.sfi_decode(*to(q, k, v, req_to_token, slots, seq_lens, slow), store_t.hi, store_t.count,
+        got = sfi_decode_mod.sfi_decode(*to(q, k, v, req_to_token, slots, seq_lens, slow), rows_t.hi, rows_t.count,
                                         store_t.pos[0], cfg.sinks, 0.25)
         torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)
         seq_lens = seq_lens + 1  # the next step's token
