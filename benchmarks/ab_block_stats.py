@@ -10,34 +10,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+from bench_kernels import timed  # noqa: E402
 from sfi_sglang.kernels.group_scores import group_scores  # noqa: E402
 from sfi_sglang.selector import region_positions  # noqa: E402
 
 HKV, G = 8, 4
-
-
-def graph_time(fn, it: int = 10) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(it):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-    best = 1e9
-    for _ in range(5):
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) / it * 1e3)
-    return best
 
 
 def main() -> None:
@@ -61,8 +40,8 @@ def main() -> None:
         b = lambda: group_scores(logits, pos, lo, hi, 0.5, held)  # noqa: E731
         for u, w in zip(a(), b()):
             torch.testing.assert_close(w, u, atol=0, rtol=0)
-        print(f"{'kept fp16' if kept else 'fp32':>9} rows {s_rows:>3} x {HKV}, {n:>6}: {graph_time(a):8.1f} / "
-              f"{graph_time(b):8.1f}", flush=True)
+        print(f"{'kept fp16' if kept else 'fp32':>9} rows {s_rows:>3} x {HKV}, {n:>6}: {timed(a, 10, True)[0]:8.1f} / "
+              f"{timed(b, 10, True)[0]:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

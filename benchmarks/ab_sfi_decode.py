@@ -13,10 +13,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_decode import copy_bandwidth  # noqa: E402
-from bench_kernels import CFG, HKV, SCALE, Case, kv_bytes, select_random, timed  # noqa: E402
-from sfi_sglang.config import SFIConfig  # noqa: E402
+from bench_kernels import CFG, HKV, SCALE, decode_case, kv_bytes, timed  # noqa: E402
 from sfi_sglang.kernels import sfi_decode as new  # noqa: E402
-from sfi_sglang.memory import SelectionStore  # noqa: E402
 
 SHAPES = [(1, 32768, 2048), (2, 32768, 2048), (8, 32768, 2048), (16, 8192, 2048), (32, 8192, 2048),
           (16, 32768, 4096), (1, 16384, None), (1, 131072, None), (2, 65536, None), (8, 32768, None),
@@ -32,12 +30,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, copy {bw / 1e12:.2f} TB/s; us per call (% of copy bandwidth):"
           " previous / this kernel at the previous launch / this kernel at its launch / previous again")
     for bs, ctx, kept in SHAPES:
-        c = Case.make(bs, ctx, dev, torch.bfloat16)
-        store = SelectionStore(SFIConfig(topk=4096), 1, bs, HKV, dev)
+        c, store, flags = decode_case(bs, ctx, kept, dev)
         slow = kept is None
-        if not slow:
-            select_random(store, c, kept)
-        flags = torch.full((bs,), slow, dtype=torch.bool, device=dev)
         logits = torch.zeros(bs, HKV, ctx, 4, dtype=torch.float16, device=dev)
         rows = torch.arange(bs, dtype=torch.int32, device=dev)
         nbytes = kv_bytes(bs, ctx if slow else kept)

@@ -224,6 +224,16 @@ def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
     return True
 
 
+def decode_case(bs: int, ctx: int, kept: int | None, dev: torch.device) -> tuple[Case, SelectionStore, torch.Tensor]:
+    """One layer's decode inputs with every row fast (``kept`` tokens per KV head) or, for ``kept``
+    None, slow (dense); and the rows' slow flags."""
+    c = Case.make(bs, ctx, dev, torch.bfloat16)
+    store = SelectionStore(SFIConfig(topk=4096), 1, bs, HKV, dev)
+    if kept is not None:
+        select_random(store, c, kept)
+    return c, store, torch.full((bs,), kept is None, dtype=torch.bool, device=dev)
+
+
 def refresh(c: Case, layers: int, from_logits: bool = False) -> Fn:
     """The backend's own refresh after a slow step of every row (``SFIBackend._refresh_now``:
     logits over the whole context, coverage of the previous selection, the Selector over the

@@ -23,9 +23,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from bench_kernels import CFG, HKV, SCALE, Case, kv_bytes, select_random, timed  # noqa: E402
+from bench_kernels import CFG, SCALE, Case, decode_case, kv_bytes, timed  # noqa: E402
 from bench_decode import copy_bandwidth  # noqa: E402
-from sfi_sglang.config import SFIConfig  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import Launch, launch_for, sfi_decode  # noqa: E402
 from sfi_sglang.memory import SelectionStore  # noqa: E402
 
@@ -52,12 +51,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s, {len(LAUNCHES)} launches")
     rows = []
     for bs, ctx, kept in SHAPES:
-        c = Case.make(bs, ctx, dev, torch.bfloat16)
-        store = SelectionStore(SFIConfig(topk=4096), 1, bs, HKV, dev)
+        c, store, flags = decode_case(bs, ctx, kept, dev)
         slow = kept is None
-        if not slow:
-            select_random(store, c, kept)
-        flags = torch.full((bs,), slow, dtype=torch.bool, device=dev)
         nbytes = kv_bytes(bs, ctx if slow else kept)
         for launch in LAUNCHES:
             try:
