@@ -4,7 +4,6 @@ branch) against main's (``gpurun/group_scores_main.py``: ``git show main:kernels
 at the Selector's shapes: kept fp16 logits through the transposed view (refresh from kept logits) and
 fp32 query-major logits (refresh from the keys), coverage on. Outputs checked close.
 ``python benchmarks/ab_block_stats.py``"""
-import importlib.util
 import os
 import sys
 
@@ -12,7 +11,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
-from bench_kernels import timed  # noqa: E402
+from bench_kernels import load_file, timed  # noqa: E402
 from sfi_sglang.kernels.group_scores import group_scores  # noqa: E402
 from sfi_sglang.selector import region_positions  # noqa: E402
 
@@ -20,9 +19,7 @@ HKV, G = 8, 4
 
 
 def main() -> None:
-    spec = importlib.util.spec_from_file_location("group_scores_main", "gpurun/group_scores_main.py")
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
+    old = load_file("group_scores_main", "gpurun/group_scores_main.py")
     dev = "cuda"
     print(torch.cuda.get_device_name(), "main / this branch, us per call")
     for kept, s_rows, n in [(True, 560, 8192), (True, 144, 32768), (True, 32, 131072), (True, 36, 131072),

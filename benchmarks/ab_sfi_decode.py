@@ -4,7 +4,6 @@ fast rows (sparse lists) and slow rows (dense, with and without kept logits). Fo
 previous kernel at its own launch, this one at the previous launch (the kernel change alone), this
 one at its own ``launch_for``, the previous one again (the run-order control). Outputs checked close.
 ``python benchmarks/ab_sfi_decode.py``"""
-import importlib.util
 import os
 import sys
 
@@ -13,7 +12,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_decode import copy_bandwidth  # noqa: E402
-from bench_kernels import CFG, HKV, SCALE, decode_case, kv_bytes, timed  # noqa: E402
+from bench_kernels import CFG, HKV, SCALE, decode_case, kv_bytes, load_file, timed  # noqa: E402
 from sfi_sglang.kernels import sfi_decode as new  # noqa: E402
 
 SHAPES = [(1, 32768, 2048), (2, 32768, 2048), (8, 32768, 2048), (16, 8192, 2048), (32, 8192, 2048),
@@ -22,9 +21,7 @@ SHAPES = [(1, 32768, 2048), (2, 32768, 2048), (8, 32768, 2048), (16, 8192, 2048)
 
 
 def main() -> None:
-    spec = importlib.util.spec_from_file_location("sfi_decode_main", "gpurun/sfi_decode_main.py")
-    old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(old)
+    old = load_file("sfi_decode_main", "gpurun/sfi_decode_main.py")
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy {bw / 1e12:.2f} TB/s; us per call (% of copy bandwidth):"

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -222,6 +223,15 @@ def select_random(store: SelectionStore, c: Case, kept: int) -> bool:
     ranks = torch.rand(c.bs, HKV, hi - CFG.sinks, device=c.q.device)
     store.pos[0, :, :, :cnt] = ranks.topk(cnt, dim=-1).indices.sort(dim=-1).values.int() + CFG.sinks
     return True
+
+
+def load_file(name: str, path: str):
+    """The module in ``path`` (e.g. a previous version of a kernel, for a same-run A/B), registered
+    as ``name`` (dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def decode_case(bs: int, ctx: int, kept: int | None, dev: torch.device) -> tuple[Case, SelectionStore, torch.Tensor]:

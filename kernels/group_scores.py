@@ -83,13 +83,10 @@ def _block_stats(
     m, total = _max_sum(tl.where(valid[None, :], s, float("-inf")))
     tl.store(out, m, mask=rmask)
     tl.store(out + SHR * NB, total, mask=rmask)
-    if tl.sum((valid & ~reg).to(tl.int32), 0) == 0:  # the block's candidates all in the region: the same
-        tl.store(out + 2 * SHR * NB, m, mask=rmask)
-        tl.store(out + 3 * SHR * NB, total, mask=rmask)
-    else:
+    if tl.sum((valid & ~reg).to(tl.int32), 0) != 0:  # else the block's candidates are all in the region
         m, total = _max_sum(tl.where(reg[None, :], s, float("-inf")))
-        tl.store(out + 2 * SHR * NB, m, mask=rmask)
-        tl.store(out + 3 * SHR * NB, total, mask=rmask)
+    tl.store(out + 2 * SHR * NB, m, mask=rmask)
+    tl.store(out + 3 * SHR * NB, total, mask=rmask)
 
 
 @triton.jit
