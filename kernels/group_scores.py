@@ -173,9 +173,9 @@ def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor
     lse = torch.empty(2 * shr, dtype=torch.float32, device=logits.device)  # all, then region
     _lse[(2 * shr,)](part, lse, nb, shr, BLOCK=256, num_warps=1)
     f = torch.empty(s_rows, hkv, n, dtype=torch.float32, device=logits.device)
-    sums = torch.empty(2, s_rows * hkv, nb, dtype=torch.float32, device=logits.device)
+    sums = torch.empty(1 + (held is not None), s_rows * hkv, nb, dtype=torch.float32, device=logits.device)
     held_arg = held.contiguous().view(torch.int8) if held is not None else f
     _scores[grid](logits, pos, lo, hi, lse, held_arg, f, sums, alpha, n, nb, shr, *strides,
                   H=hkv, R=r, BLOCK=block, HELD=held is not None, num_warps=4)
-    cov = sums[1].sum(-1).view(s_rows, hkv) if held is not None else None
-    return Scores(f, sums[0].sum(-1).view(s_rows, hkv), cov)
+    sums = sums.sum(-1).view(-1, s_rows, hkv)  # the score totals (and the held mass): one launch
+    return Scores(f, sums[0], sums[1] if held is not None else None)

@@ -1,7 +1,9 @@
 """Selector top-k: each (row, KV head)'s k best-scored candidates, in three launches.
 
 For row ``i``, KV head ``h``: scores ``f[i, h, :]`` (>= 0) of candidates at
-``positions[i, 0 or h, :]`` (-1: padding or outside the region), optionally
+``positions[i, 0 or h, :]`` (-1: padding; with ``region``, those outside row ``i``'s
+``[lo, hi)`` are not ranked either: a refresh after a slow step scores the whole
+context but ranks only the region), optionally
 spread to neighbours first (``window``: each score averaged with the best
 within +-window candidates, as ``sfi_sglang.selector.spread_to_neighbors``
 does for consecutive candidates) -> the positions of the ``k`` best, ties to
@@ -44,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.selector import PAD_POSITION, spread_to_neighbors, topk_positions
+from sfi_sglang.selector import PAD_POSITION, restrict, spread_to_neighbors, topk_positions
 
 BLOCK_N = 2048  # with 4 warps and PROGRAMS 2048: best or near it at the Selector's shapes (H200, log above)
 NUM_WARPS = 4
@@ -52,9 +54,13 @@ PROGRAMS = 2048  # (row, chunk) programs a call aims for: many per SM on an H100
 
 
 def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0,
-                    total: torch.Tensor | None = None) -> torch.Tensor:
+                    total: torch.Tensor | None = None,
+                    region: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """f ``[S, Hkv, N]``, positions ``[S, 1 or Hkv, N]`` ascending among valid ones -> ``[S, Hkv, min(k, N)]``.
-    ``total [S, Hkv]``: scores are ``f / total`` (the normalisation ``group_scores`` leaves to the top-k)."""
+    ``total [S, Hkv]``: scores are ``f / total`` (the normalisation ``group_scores`` leaves to the top-k).
+    ``region``: ``(lo, hi) [S]``, only candidates at positions in ``[lo, hi)`` are ranked."""
+    if region is not None:
+        positions = restrict(positions, *region)
     if total is not None:
         f = f / total.unsqueeze(-1)
     if window > 0:
@@ -63,8 +69,20 @@ def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: in
 
 
 @triton.jit
-def _keys(F, Pos, j, N, total, WINDOW: tl.constexpr, NORM: tl.constexpr):
-    """Order-preserving keys of candidates ``j`` at ranking precision (0: padding or out of range)."""
+def _bounds(Lo, Hi, i, REGION: tl.constexpr):
+    """Positions row ``i`` ranks: ``[lo, hi)`` (without a region: every position, padding excepted)."""
+    lo = 0
+    hi = 2147483647
+    if REGION:
+        lo = tl.load(Lo + i)
+        hi = tl.load(Hi + i)
+    return lo, hi
+
+
+@triton.jit
+def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr):
+    """Order-preserving keys of candidates ``j`` at ranking precision (0: padding, out of range or outside
+    ``[lo, hi)``)."""
     inb = j < N
     p = tl.load(Pos + j, mask=inb, other=-1)
     s = tl.load(F + j, mask=inb, other=0.0)
@@ -80,7 +98,7 @@ def _keys(F, Pos, j, N, total, WINDOW: tl.constexpr, NORM: tl.constexpr):
         s = tl.math.div_rn(s, total)
     # scores are >= 0, so their float bits order as ints; the top 16 bits are the coarse score
     # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding; < 2**15
-    return tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
+    return tl.where((p >= lo) & (p < hi), (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
 
 
 @triton.jit
@@ -113,8 +131,8 @@ def _row_hist(Hist, ih, C, BINS: tl.constexpr):
 
 
 @triton.jit
-def _chunk_high(F, Total, Pos, Keys, HistHi, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
-                H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
+                H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, REGION: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1 for chunk ``c`` of row ``ih``: its keys, and the histogram of their high 7 bits."""
     ih = tl.program_id(0)
     c = tl.program_id(1)
@@ -124,12 +142,13 @@ def _chunk_high(F, Total, Pos, Keys, HistHi, N, C, CHUNK, stride_fs, stride_fh, 
     Pos += i * stride_ps + h * stride_ph
     Keys += ih.to(tl.int64) * N
     total = tl.load(Total + ih) if NORM else 1.0
+    lo, hi = _bounds(Lo, Hi, i, REGION)
     offs = tl.arange(0, BLOCK)
     end = tl.minimum(c * CHUNK + CHUNK, N)
     hist = tl.zeros([128], dtype=tl.int32)
     for start in range(c * CHUNK, end, BLOCK):
         j = start + offs
-        key = _keys(F, Pos, j, N, total, WINDOW, NORM)
+        key = _keys(F, Pos, j, N, total, lo, hi, WINDOW, NORM)
         tl.store(Keys + j, key.to(tl.int16), mask=j < end)
         hist += tl.histogram(key >> 8, 128, mask=j < end)
     tl.store(HistHi + (ih * C + c) * 128 + tl.arange(0, 128), hist)
@@ -197,6 +216,7 @@ def _chunk_take(Keys, Pos, HistHi, HistLo, Out, N, K, C, CHUNK, stride_ps, strid
 
 
 def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0, total: torch.Tensor | None = None,
+                region: tuple[torch.Tensor, torch.Tensor] | None = None,
                 chunks: int | None = None, block: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton version of :func:`topk_select_ref` (same arguments and result). ``chunks`` per row
     (default: about ``PROGRAMS`` programs in all, at least one block each), ``block`` (candidates
@@ -218,9 +238,11 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
     hist_hi = torch.empty(rows, chunks, 128, dtype=torch.int32, device=f.device)
     hist_lo = torch.empty(rows, chunks, 256, dtype=torch.int32, device=f.device)
     norm = total.float().contiguous() if total is not None else f
+    lo, hi = (t.to(torch.int32).contiguous() for t in region) if region is not None else (f, f)
     grid = (rows, chunks)
-    _chunk_high[grid](f, norm, pos, keys, hist_hi, n, chunks, chunk, f.stride(0), f.stride(1), *pos_strides,
-                      H=hkv, WINDOW=window, NORM=total is not None, BLOCK=block, num_warps=num_warps)
+    _chunk_high[grid](f, norm, pos, lo, hi, keys, hist_hi, n, chunks, chunk, f.stride(0), f.stride(1), *pos_strides,
+                      H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None, BLOCK=block,
+                      num_warps=num_warps)
     _chunk_low[grid](keys, hist_hi, hist_lo, n, k, chunks, chunk, BLOCK=block, num_warps=num_warps)
     _chunk_take[grid](keys, pos, hist_hi, hist_lo, out, n, k, chunks, chunk, *pos_strides,
                       H=hkv, BLOCK=block, PAD=PAD_POSITION, num_warps=num_warps)

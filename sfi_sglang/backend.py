@@ -36,8 +36,9 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sfi_sglang.config import SFIConfig, SFIConfigError
-from sfi_sglang.coverage import kept_mask, next_gap
+from sfi_sglang.coverage import kept_mask
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
+from sfi_sglang.kernels.finish_coverage import finish_coverage, finish_coverage_ref
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref
 from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
@@ -49,7 +50,7 @@ from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
 from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
 from sfi_sglang.radix import SelectionRecord, SelectionReuse
-from sfi_sglang.selector import aligned, region_positions, restrict, select
+from sfi_sglang.selector import aligned, region_positions, select
 
 logger = logging.getLogger("sfi_sglang")
 
@@ -117,18 +118,11 @@ class _Coverage:
         """Coverage ``[g*S', Hkv]`` of the ``g`` ``layers`` (index tensor) for the rows ``part``."""
         self.by_layer[part, layers] = cov.view(layers.numel(), -1, cov.shape[-1]).mean(2).T
 
-    def finish(self, store: SelectionStore, stats: SFIStats, cfg: SFIConfig,
-               keep: torch.Tensor | None = None) -> None:
+    def finish(self, store: SelectionStore, stats: SFIStats, keep: torch.Tensor | None = None) -> None:
         """Per row: mean over layers (and the worst layer) -> the store, the counters and (adaptive)
         the gap. Rows that had no selection before their slow step, or are not in ``keep``, are not measured."""
-        slots, measured = self.slots, self.previous[1] >= 0
-        if keep is not None:
-            measured = measured & keep
-        mean, worst = self.by_layer.mean(1), self.by_layer.min(1).values
-        store.add_coverage(slots, mean, worst, measured, self.by_layer)
-        stats.add_coverage(mean, worst, measured)
-        if cfg.adaptive_refresh:
-            store.gap[slots] = torch.where(measured, next_gap(store.gap[slots], mean, cfg), store.gap[slots])
+        fn = finish_coverage if self.slots.is_cuda else finish_coverage_ref
+        fn(store, stats, self.slots, self.by_layer, self.previous[1], keep)
 
 
 @dataclass
@@ -554,7 +548,6 @@ class SFIBackend(AttentionBackend):
         del logits, held  # the largest temporaries: gone before the top-k allocates its own
         if cover is not None:
             cover.add(part, cov, idx.view(-1))
-            pos = restrict(pos, lo_g, hi_g)
         sel = select(f, pos, cfg, (lo_g, hi_g), log_norm, r.contiguous, topk_select if self.on_cuda else None, total)
         sel = sel.view(g, n_s, sh.kv_heads, -1)
         if out is None:
@@ -565,7 +558,7 @@ class SFIBackend(AttentionBackend):
     def _finish_coverage(self, cover: _Coverage, keep: torch.Tensor | None = None) -> None:
         """Coverage of a slow-step refresh (its rows in ``keep``) into the store and counters; the
         per-request summaries copied to the host (asynchronously) for the responses."""
-        cover.finish(self.store, self.stats, self.cfg, keep)
+        cover.finish(self.store, self.stats, keep)
         self.cov_host.copy_(self.store.cov_stats, non_blocking=True)
         if self.cov_copied is not None:
             self.cov_copied.record()

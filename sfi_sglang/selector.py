@@ -173,15 +173,18 @@ def select(
     total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Selector under ``cfg`` after ``group_scores``: group attention ``f [S, Hkv, N]`` of
-    candidates at ``positions`` (restricted to the region, ascending; divided by ``total [S, Hkv]``
-    if given) -> ``[S, Hkv, min(topk, N)]`` selected positions (see :func:`topk_positions`).
-    ``fused_topk`` (``sfi_sglang.kernels.topk_select``) does the top-k, the division and the
-    neighbour spread of consecutive candidates, in one launch instead of these torch ops."""
+    candidates at ``positions`` (ascending; only those in the ``region`` ``(lo, hi)`` are ranked; divided
+    by ``total [S, Hkv]`` if given) -> ``[S, Hkv, min(topk, N)]`` selected positions (see
+    :func:`topk_positions`). ``fused_topk`` (``sfi_sglang.kernels.topk_select``) does the top-k, the
+    region, the division and the neighbour spread of consecutive candidates in its launches instead
+    of these torch ops."""
     fused_window = cfg.neighbor_window if fused_topk is not None and contiguous else 0
-    if total is not None and (fused_topk is None or cfg.prior_lambda_max > 0 or fused_window < cfg.neighbor_window):
-        f, total = f / total.unsqueeze(-1), None  # torch ops come first: they take the divided scores
+    if fused_topk is None or cfg.prior_lambda_max > 0 or fused_window < cfg.neighbor_window:
+        positions = restrict(positions, *region)  # torch ops come first: they take the region's candidates
+        if total is not None:  # and the divided scores
+            f, total = f / total.unsqueeze(-1), None
     s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window - fused_window,
                     contiguous, mask=fused_topk is None)
     if fused_topk is None:
         return topk_positions(s, positions, cfg.topk)
-    return fused_topk(s, positions, cfg.topk, fused_window, total)
+    return fused_topk(s, positions, cfg.topk, fused_window, total, region)

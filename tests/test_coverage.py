@@ -73,3 +73,34 @@ def test_adaptive_gap_doubles_on_high_coverage_and_resets_on_low():
     gap = torch.tensor([8, 16, 32, 40, 32], dtype=torch.int32)
     cov = torch.tensor([0.95, 0.9, 0.99, 0.99, 0.5])
     assert next_gap(gap, cov, cfg).tolist() == [16, 32, 40, 40, 8]
+
+
+@pytest.mark.parametrize("adaptive, with_keep", [(False, False), (True, True), (True, False)])
+def test_triton_finish_coverage_matches_reference(adaptive, with_keep):
+    """The one-launch end of a refresh (interpreted on CPU) against its torch composition: rows not
+    measured (no selection before, or not kept) leave their slot's state and the totals alone."""
+    from sfi_sglang.kernels.finish_coverage import finish_coverage, finish_coverage_ref
+    from sfi_sglang.memory import SelectionStore
+    from sfi_sglang.metrics import SFIStats
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = SFIConfig(adaptive_refresh=adaptive, min_refresh_gap=4, max_fast_steps=20, coverage_target=0.9)
+    g = torch.Generator().manual_seed(int(adaptive) * 2 + int(with_keep))
+    slots_total, layers, s = 10, 5, 6
+    slots = torch.randperm(slots_total, generator=g)[:s]
+    by_layer = 0.8 + 0.2 * torch.rand(s, layers, generator=g)
+    prev_count = torch.tensor([3, -1, 0, 7, 2, 5], dtype=torch.int32)
+    keep = torch.tensor([True, True, False, True, True, False]) if with_keep else None
+    outs = []
+    for fn in (finish_coverage_ref, finish_coverage):
+        store, stats = SelectionStore(cfg, layers, slots_total, 2, dev), SFIStats(dev)
+        store.gap.copy_(torch.randint(4, 20, (slots_total,), generator=torch.Generator().manual_seed(1)))
+        store.cov_stats[:, 1] = 1.0
+        for _ in range(2):  # twice: sums and minima build on the state
+            fn(store, stats, slots.to(dev), by_layer.to(dev), prev_count.to(dev), keep.to(dev) if with_keep else None)
+        outs.append([t.cpu() for t in (store.layer_cov, store.coverage, store.cov_stats, store.gap, stats.cov)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    measured = (prev_count >= 0) & (keep if with_keep else True)
+    assert outs[0][4][2] == 2 * measured.sum()
+    assert (outs[0][2][slots[~measured], 2] == 0).all()

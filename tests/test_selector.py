@@ -223,7 +223,8 @@ def test_whole_context_restricted_to_the_region_selects_as_the_region(seed):
     full = region_positions(torch.zeros(3, dtype=torch.long), n, 57)
     logits = torch.randn(3, 2, 4, 57, generator=g).masked_fill(full.unsqueeze(2) < 0, float("-inf"))
     f, total, _ = group_scores_ref(logits, full, lo, hi, cfg.alpha)
-    got = select(f, restrict(full, lo, hi), cfg, (lo, hi), contiguous=True, total=total)
+    got = select(f, full, cfg, (lo, hi), contiguous=True, total=total)  # ranks the region only
+    assert torch.equal(got, select(f, restrict(full, lo, hi), cfg, (lo, hi), contiguous=True, total=total))
     region = region_positions(lo, hi, int((hi - lo).max()))
     cols = (region.clamp_min(0).long()).expand(3, 2, -1).unsqueeze(2).expand(-1, -1, 4, -1)
     logits = logits.gather(-1, cols).masked_fill(region.unsqueeze(2) < 0, float("-inf"))

@@ -18,9 +18,11 @@ def tied_regions(n, k, window):
     return ((4 * torch.rand(3, 2, n, generator=g)).floor() / 4).masked_fill(pos < 0, 0.0), pos
 
 
-def check(f, pos, k, window=0, total=None, **launch):
-    want = topk_select_ref(f, pos, k, window, total)
-    got = topk_select(f.to(DEV), pos.to(DEV), k, window, total.to(DEV) if total is not None else None, **launch).cpu()
+def check(f, pos, k, window=0, total=None, region=None, **launch):
+    want = topk_select_ref(f, pos, k, window, total, region)
+    dev = lambda t: t.to(DEV) if t is not None else None  # noqa: E731
+    got = topk_select(f.to(DEV), pos.to(DEV), k, window, dev(total), region and tuple(map(dev, region)),
+                      **launch).cpu()
     assert torch.equal(got, want)
     return got
 
@@ -64,6 +66,23 @@ def test_per_head_candidates_with_padding_inside(chunks):
     assert (got >= 0).all() and (got != PAD_POSITION).all()
 
 
+@pytest.mark.parametrize("window, chunks", [(0, None), (2, 3)])
+def test_region_ranks_only_its_candidates(window, chunks):
+    """Candidates over the whole context and a region per row (a refresh after a slow step): the
+    same selection as candidates restricted to the region, though sinks and the tail score highest."""
+    from sfi_sglang.selector import restrict
+
+    g = torch.Generator().manual_seed(window)
+    n = torch.tensor([700, 450, 300])
+    lo, hi = torch.tensor([4, 4, 0]), n - torch.tensor([64, 100, 1])
+    pos = region_positions(torch.zeros(3, dtype=torch.long), n, 700)
+    f = ((4 * torch.rand(3, 2, 700, generator=g)).floor() / 4).masked_fill(pos < 0, 0.0)
+    f[..., :4] = f[..., -120:] = 9.0  # outside the regions (and padding): must not be picked
+    got = check(f, pos, 200, window, region=(lo, hi), chunks=chunks, block=128)
+    assert torch.equal(got, topk_select_ref(f, restrict(pos, lo, hi), 200, window))
+    assert ((got >= lo.view(-1, 1, 1)) & (got < hi.view(-1, 1, 1))).all()
+
+
 def test_scores_equal_at_ranking_precision_tie():
     """Scores that differ only below bfloat16 precision tie, and the earlier candidate wins; one
     bit of bfloat16 precision more decides."""
@@ -99,16 +118,15 @@ def test_selector_with_fused_topk_equals_torch_ops(contiguous, lam):
     prior and the neighbour spread (fused for consecutive candidates, torch otherwise)."""
     from sfi_sglang.config import SFIConfig
     from sfi_sglang.kernels.group_scores import group_scores_ref
-    from sfi_sglang.selector import restrict, select
+    from sfi_sglang.selector import select
 
     g = torch.Generator().manual_seed(int(contiguous) + int(10 * lam))
     cfg = SFIConfig(topk=100, neighbor_window=2, prior_lambda_max=lam)
     n = torch.tensor([1500, 900])
     lo, hi = torch.tensor([4, 4]), n - 64
-    pos = region_positions(torch.zeros(2, dtype=torch.long), n, 1500)
+    pos = region_positions(torch.zeros(2, dtype=torch.long), n, 1500)  # the whole context: the region is ranked
     if not contiguous:
         pos = torch.where(torch.arange(1500) % 3 == 1, -1, pos)  # sparse candidates, still ascending
-    pos = restrict(pos, lo, hi)
     logits = torch.randn(2, 2, 4, 1500, generator=g).masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
     f, total, _ = group_scores_ref(logits, pos, lo, hi, cfg.alpha)
     log_norm = torch.randn(2, 2, 1500, generator=g)

@@ -1,0 +1,105 @@
+"""Device launches of the backend's refresh after a slow step, counted on the CPU.
+
+    TRITON_INTERPRET=1 python benchmarks/count_launches.py [--batch 1] [--context 2048] [--layers 36] [--from-keys]
+
+Runs ``SFIBackend._refresh_now`` (``bench_kernels.refresh``'s setup) on its GPU code path, with the
+Triton kernels interpreted, and counts what would be launches on a GPU: Triton kernels, host-to-device
+copies and torch ops that run a kernel (views, allocations and the profiler's ranges excluded). At
+batch 1 the refresh is host-bound on an H200 (about 15 us of host time per launch, RESULTS.md), so
+this count is its cost there; it does not depend on the context, only on the passes the Selector
+makes (``memory.selector_pass_bytes``)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from dataclasses import replace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+# aten ops that launch nothing on a GPU
+NO_LAUNCH = {"view", "_unsafe_view", "expand", "slice", "select", "transpose", "t", "unsqueeze", "squeeze",
+             "as_strided", "permute", "alias", "detach", "unflatten", "_reshape_alias", "lift_fresh", "empty",
+             "empty_strided", "split", "unbind", "_record_function_enter_new", "_record_function_exit"}
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self, counts: collections.Counter):
+        super().__init__()
+        self.counts, self.paused = counts, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in NO_LAUNCH:
+            self.counts["torch " + name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Counter:
+    import triton.runtime.interpreter as interp
+
+    import bench_kernels as bk
+    from sfi_sglang import backend
+    from sfi_sglang.backend import SFIBackend, _slow_step_refresh
+    from sfi_sglang.kernels.finish_coverage import finish_coverage
+    from sfi_sglang.kernels.held_mask import held_mask
+    from sfi_sglang.model_check import AttentionShape
+
+    counts: collections.Counter = collections.Counter()
+    mode = _Count(counts)
+    run = interp.InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):  # a Triton launch; the interpreter's own torch calls are not counted
+        counts["triton " + self.fn.__name__] += 1
+        mode.paused = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            mode.paused = False
+
+    interp.InterpretedFunction.run = counted
+    backend.kept_mask, backend.finish_coverage_ref = held_mask, finish_coverage  # their GPU versions
+    c = bk.Case.make(bs, ctx, torch.device("cpu"), torch.float16)
+    b = SFIBackend.selector_only(replace(bk.CFG, slow_logit_rows=bs if from_logits else 0),
+                                 AttentionShape(layers, bk.HQ, bk.HKV, bk.D, bk.D, bk.SCALE, 0.0), lambda _: c.k,
+                                 c.req_to_token, c.q.device)
+    b.on_cuda = True
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        counts["host-to-device copy"] += 1
+        return t
+
+    b._to_device = to_device
+    lo, hi, cnt = b.store.bounds(c.seq_lens)
+    r = _slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
+                           (hi.int(), cnt.int()), from_logits)
+    with mode:
+        b._refresh_now(r, c.q.expand(layers, -1, -1, -1))
+    interp.InterpretedFunction.run = run
+    return counts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=36)
+    p.add_argument("--from-keys", action="store_true", help="score from the keys, not the kept logits")
+    a = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1 (the kernels run interpreted on the CPU)")
+    counts = count(a.batch, a.context, a.layers, not a.from_keys)
+    for name, n in counts.most_common():
+        print(f"{n:4d}  {name}")
+    print(f"{sum(counts.values())} launches: refresh of {a.batch} x {a.context} over {a.layers} layers "
+          f"from the {'keys' if a.from_keys else 'kept logits'}")
+
+
+if __name__ == "__main__":
+    main()
