@@ -1,9 +1,9 @@
 """A/B on one GPU, same run, inside CUDA graphs: the Selector's top-k (``topk_select``) against a
-previous version of it (``gpurun/topk_select_main.py``: ``git show <rev>:kernels/topk_select.py``), at
+previous version of it (a path, default ``gpurun/topk_select_main.py``: ``git show <rev>:kernels/topk_select.py``), at
 the Selector's shapes (rows x 8 KV heads x candidates, k 3072, neighbour window 2, scores divided by
 their row totals in the kernel, attention-like skew: lognormal, and all equal, the compaction's worst
 case). Columns: previous / this / previous again (the run-order control), each with its per-pass kernel
-times (profiler); outputs checked equal to the torch reference. ``python benchmarks/ab_topk_select.py``"""
+times (profiler); outputs checked equal to the torch reference. ``python benchmarks/ab_topk_select.py [PATH]``"""
 import os
 import sys
 
@@ -28,7 +28,7 @@ def pass_times(fn) -> str:
 
 
 def main() -> None:
-    old = load_file("topk_select_main", "gpurun/topk_select_main.py")
+    old = load_file("topk_select_prev", sys.argv[1] if len(sys.argv) > 1 else "gpurun/topk_select_main.py")
     dev, k, window = "cuda", 3072, 2
     g = torch.Generator(device=dev).manual_seed(0)
     print(torch.cuda.get_device_name(), "us per call: previous / this / previous again (per-pass kernel us)")
