@@ -1,9 +1,10 @@
-"""Device launches of the backend's refresh after a slow step, counted on the CPU.
+"""Device launches of the backend's refresh after a decode step whose rows were all slow, counted on the CPU.
 
     TRITON_INTERPRET=1 python benchmarks/count_launches.py [--batch 1] [--context 2048] [--layers 36] [--from-keys]
 
-Runs ``SFIBackend._refresh_now`` (``bench_kernels.refresh``'s setup) on its GPU code path, with the
-Triton kernels interpreted, and counts what would be launches on a GPU: Triton kernels, host-to-device
+Runs ``SFIBackend._refresh_previous_slow_rows`` (what the backend does before the next step: rows and
+bounds to the device, the Selector over every layer, the coverage) on its GPU code path, with the Triton
+kernels interpreted, and counts what would be launches on a GPU: Triton kernels, host-to-device
 copies and torch ops that run a kernel (views, allocations and the profiler's ranges excluded). At
 batch 1 the refresh is host-bound on an H200 (about 15 us of host time per launch, RESULTS.md), so
 this count is its cost there; it does not depend on the context, only on the passes the Selector
@@ -15,10 +16,12 @@ import argparse
 import collections
 import os
 import sys
+import weakref
 from dataclasses import replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
@@ -30,15 +33,21 @@ NO_LAUNCH = {"view", "_unsafe_view", "expand", "slice", "select", "transpose", "
 
 
 class _Count(TorchDispatchMode):
-    def __init__(self, counts: collections.Counter):
+    """Counts torch ops on device tensors; ops whose inputs are all ``host`` tensors (the backend's host
+    copies: the slow mask, the sequence lengths) run on the host, and their outputs are host tensors."""
+
+    def __init__(self, counts: collections.Counter, host: list[torch.Tensor]):
         super().__init__()
-        self.counts, self.paused = counts, False
+        self.counts, self.paused, self.host = counts, False, weakref.WeakSet(host)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.paused and name not in NO_LAUNCH:
-            self.counts["torch " + name] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if inputs and all(t in self.host for t in inputs):
+            self.host.update(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        elif not self.paused and func.overloadpacket.__name__ not in NO_LAUNCH:
+            self.counts["torch " + func.overloadpacket.__name__] += 1
+        return out
 
 
 def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Counter:
@@ -46,13 +55,13 @@ def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Coun
 
     import bench_kernels as bk
     from sfi_sglang import backend
-    from sfi_sglang.backend import SFIBackend, _slow_step_refresh
+    from sfi_sglang.backend import SFIBackend
     from sfi_sglang.kernels.finish_coverage import finish_coverage
     from sfi_sglang.kernels.held_mask import held_mask
+    from sfi_sglang.memory import StepRows
     from sfi_sglang.model_check import AttentionShape
 
     counts: collections.Counter = collections.Counter()
-    mode = _Count(counts)
     run = interp.InterpretedFunction.run
 
     def counted(self, *args, **kwargs):  # a Triton launch; the interpreter's own torch calls are not counted
@@ -71,16 +80,27 @@ def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Coun
                                  c.req_to_token, c.q.device)
     b.on_cuda = True
 
+    # the state after a decode step in which every row was slow (what the step plan leaves)
+    b.q_hist = c.q.expand(layers, -1, -1, -1)
+    b.rows, b.slow_host, b.slow_ready = StepRows.zeros(bs, "cpu"), torch.ones(bs, dtype=torch.bool), None
+    b.step, b.deferred, b.side = 0, [], None
+    _, hi, cnt = b.store.bounds(c.seq_lens)
+    b.rows.slow[:], b.rows.slots[:], b.rows.hi[:], b.rows.count[:] = True, c.slots, hi, cnt
+    b.rows.logit_row[:] = torch.arange(bs) if from_logits else -1
+    b.pending = (bs, c.seq_lens.clone())
+    mode = _Count(counts, [b.slow_host, b.pending[1]])
+
     def to_device(t: torch.Tensor) -> torch.Tensor:
         counts["host-to-device copy"] += 1
-        return t
+        mode.paused = True
+        d = t.clone()
+        mode.paused = False
+        mode.host.discard(d)
+        return d
 
     b._to_device = to_device
-    lo, hi, cnt = b.store.bounds(c.seq_lens)
-    r = _slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
-                           (hi.int(), cnt.int()), from_logits)
     with mode:
-        b._refresh_now(r, c.q.expand(layers, -1, -1, -1))
+        b._refresh_previous_slow_rows()
     interp.InterpretedFunction.run = run
     return counts
 

@@ -126,7 +126,7 @@ class SFIStats:
 
     def add_refreshes(self, n: int) -> None:
         """Selections built (after a slow step, or at the end of a prefill)."""
-        self.acc[2] += n
+        self.acc[2:3].add_(n)  # in place: `acc[2] += n` adds, then copies back
 
     def add_coverage(self, mean: torch.Tensor, worst_layer: torch.Tensor, measured: torch.Tensor) -> None:
         """Coverage of slow rows (those where ``measured``): mean over layers and KV heads, and
