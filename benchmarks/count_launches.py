@@ -51,35 +51,21 @@ class _Count(TorchDispatchMode):
 
 
 def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Counter:
+    """Launches of the refresh after a decode step of ``bs`` slow rows of ``ctx`` tokens, ``layers`` layers."""
     import triton.runtime.interpreter as interp
 
     import bench_kernels as bk
     from sfi_sglang import backend
-    from sfi_sglang.backend import SFIBackend
     from sfi_sglang.kernels.finish_coverage import finish_coverage
     from sfi_sglang.kernels.held_mask import held_mask
     from sfi_sglang.memory import StepRows
     from sfi_sglang.model_check import AttentionShape
 
-    counts: collections.Counter = collections.Counter()
-    run = interp.InterpretedFunction.run
-
-    def counted(self, *args, **kwargs):  # a Triton launch; the interpreter's own torch calls are not counted
-        counts["triton " + self.fn.__name__] += 1
-        mode.paused = True
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            mode.paused = False
-
-    interp.InterpretedFunction.run = counted
-    backend.kept_mask, backend.finish_coverage_ref = held_mask, finish_coverage  # their GPU versions
     c = bk.Case.make(bs, ctx, torch.device("cpu"), torch.float16)
-    b = SFIBackend.selector_only(replace(bk.CFG, slow_logit_rows=bs if from_logits else 0),
-                                 AttentionShape(layers, bk.HQ, bk.HKV, bk.D, bk.D, bk.SCALE, 0.0), lambda _: c.k,
-                                 c.req_to_token, c.q.device)
+    b = backend.SFIBackend.selector_only(replace(bk.CFG, slow_logit_rows=bs if from_logits else 0),
+                                         AttentionShape(layers, bk.HQ, bk.HKV, bk.D, bk.D, bk.SCALE, 0.0),
+                                         lambda _: c.k, c.req_to_token, c.q.device)
     b.on_cuda = True
-
     # the state after a decode step in which every row was slow (what the step plan leaves)
     b.q_hist = c.q.expand(layers, -1, -1, -1)
     b.rows, b.slow_host, b.slow_ready = StepRows.zeros(bs, "cpu"), torch.ones(bs, dtype=torch.bool), None
@@ -88,20 +74,37 @@ def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Coun
     b.rows.slow[:], b.rows.slots[:], b.rows.hi[:], b.rows.count[:] = True, c.slots, hi, cnt
     b.rows.logit_row[:] = torch.arange(bs) if from_logits else -1
     b.pending = (bs, c.seq_lens.clone())
+    counts: collections.Counter = collections.Counter()
     mode = _Count(counts, [b.slow_host, b.pending[1]])
 
+    def unpaused(fn, key):
+        def call(*args, **kwargs):
+            counts[key(*args)] += 1
+            mode.paused = True  # what it runs on the CPU is not counted
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                mode.paused = False
+        return call
+
     def to_device(t: torch.Tensor) -> torch.Tensor:
-        counts["host-to-device copy"] += 1
-        mode.paused = True
         d = t.clone()
-        mode.paused = False
         mode.host.discard(d)
         return d
 
-    b._to_device = to_device
-    with mode:
-        b._refresh_previous_slow_rows()
-    interp.InterpretedFunction.run = run
+    b._to_device = unpaused(to_device, lambda t: "host-to-device copy")
+    run = unpaused(interp.InterpretedFunction.run, lambda fn, *_: "triton " + fn.fn.__name__)
+    patches = [(interp.InterpretedFunction, "run", run), (backend, "kept_mask", held_mask),
+               (backend, "finish_coverage_ref", finish_coverage)]  # the GPU versions of the last two
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        with mode:
+            b._refresh_previous_slow_rows()
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
     return counts
 
 

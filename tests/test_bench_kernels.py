@@ -24,3 +24,13 @@ def test_slow_step_rows_by_wall_and_kernel_time():
     assert slow["vs_dense_kernels"] == pytest.approx((1800 + 3600) / 3600)
     assert slow["kernel_us"] == pytest.approx(1800 + 3600)
     assert fused["vs_dense"] == pytest.approx((900 + 36 * 110) / 3600) and "vs_dense_kernels" not in fused
+
+
+def test_batch1_refresh_launches_stay_within_budget():
+    """The refresh before the step after a slow step, at batch 1 from kept logits, counted on the CPU
+    (``benchmarks/count_launches.py``, kernels interpreted): at batch 1 its host time follows its launches
+    (70 before session 19's cuts, 35 after)."""
+    count_launches = pytest.importorskip("count_launches")
+    counts = count_launches.count(1, 4608, 2, from_logits=True)
+    assert sum(counts.values()) <= 35, counts
+    assert counts["triton _finish_coverage"] == 1 and counts["triton _chunk_take"] == 1
