@@ -16,7 +16,6 @@ import argparse
 import collections
 import os
 import sys
-import weakref
 from dataclasses import replace
 
 import torch
@@ -38,13 +37,18 @@ class _Count(TorchDispatchMode):
 
     def __init__(self, counts: collections.Counter, host: list[torch.Tensor]):
         super().__init__()
-        self.counts, self.paused, self.host = counts, False, weakref.WeakSet(host)
+        self.counts, self.paused = counts, False
+        self.host: dict[int, torch.Tensor] = {}  # by identity (kept alive, so ids stay unique)
+        self.add_host(host)
+
+    def add_host(self, tensors) -> None:
+        self.host.update((id(t), t) for t in tensors if isinstance(t, torch.Tensor))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if inputs and all(t in self.host for t in inputs):
-            self.host.update(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        if inputs and all(id(t) in self.host for t in inputs):
+            self.add_host(tree_leaves(out))
         elif not self.paused and func.overloadpacket.__name__ not in NO_LAUNCH:
             self.counts["torch " + func.overloadpacket.__name__] += 1
         return out
@@ -89,7 +93,7 @@ def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Coun
 
     def to_device(t: torch.Tensor) -> torch.Tensor:
         d = t.clone()
-        mode.host.discard(d)
+        mode.host.pop(id(d), None)
         return d
 
     b._to_device = unpaused(to_device, lambda t: "host-to-device copy")
