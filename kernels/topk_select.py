@@ -37,6 +37,12 @@ heads x 128K candidates (16 x 128K, two layers per call), 968 -> 603 us at
 of 4-bit digits (four passes over the keys instead of two) measured slower:
 the passes cost more than the narrower histograms save.
 
+Why not FlashInfer's ``top_k`` (0.6.15, a radix top-k for long rows): it gives ties
+to the smaller index, as the Selector needs for deterministic selections, only on its
+FilteredTopK path, which takes k <= 2048, and the default ``topk`` is 3072; it would
+also need the keys (spread, divided, coarse) written out first and its indices sorted
+back into candidate order.
+
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
 
