@@ -40,8 +40,8 @@ the passes cost more than the narrower histograms save.
 Why not FlashInfer's ``top_k`` (0.6.15, a radix top-k for long rows): it gives ties
 to the smaller index, as the Selector needs for deterministic selections, only on its
 FilteredTopK path, which takes k <= 2048, and the default ``topk`` is 3072; it would
-also need the keys (spread, divided, coarse) written out before it. A same-run timing
-at k 2048 is prepared (not in this repository yet: no GPU in the session that wrote it).
+also need the keys (spread, divided, coarse) written out before it.
+``benchmarks/ab_flashinfer_topk.py`` times both in one run (not run yet).
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
