@@ -1,9 +1,11 @@
 """A/B on one GPU, same run, inside CUDA graphs: ``sfi_decode`` against a previous version of it
-(``gpurun/sfi_decode_main.py``: ``git show <rev>:kernels/sfi_decode.py``), one Qwen3-4B layer,
+(a path, default ``gpurun/sfi_decode_main.py``: ``git show <rev>:kernels/sfi_decode.py``), one Qwen3-4B layer,
 fast rows (sparse lists) and slow rows (dense, with and without kept logits). Four columns: the
 previous kernel at its own launch, this one at the previous launch (the kernel change alone), this
 one at its own ``launch_for``, the previous one again (the run-order control). Outputs checked close.
-``python benchmarks/ab_sfi_decode.py``"""
+Each call also saves the queries for the Selector as the backend does: through the kernel's ``q_out``
+where it has one, else by a copy before it. ``python benchmarks/ab_sfi_decode.py [PATH]``"""
+import inspect
 import os
 import sys
 
@@ -21,7 +23,7 @@ SHAPES = [(1, 32768, 2048), (2, 32768, 2048), (8, 32768, 2048), (16, 8192, 2048)
 
 
 def main() -> None:
-    old = load_file("sfi_decode_main", "gpurun/sfi_decode_main.py")
+    old = load_file("sfi_decode_prev", sys.argv[1] if len(sys.argv) > 1 else "gpurun/sfi_decode_main.py")
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy {bw / 1e12:.2f} TB/s; us per call (% of copy bandwidth):"
@@ -35,10 +37,18 @@ def main() -> None:
         prev_launch = old.launch_for(bs)
         for keep in ((False, True) if slow else (False,)):
             x = (logits, rows) if keep else (None, None)
+            saved = torch.empty_like(c.q)
 
             def call(mod, launch):
-                return lambda: mod.sfi_decode(c.q, c.k, c.v, c.req_to_token, c.slots, c.seq_lens, flags, store.hi,
-                                              store.count, store.pos[0], CFG.sinks, SCALE, 0.0, *x, launch=launch)
+                fused = "q_out" in inspect.signature(mod.sfi_decode).parameters
+                kw = dict(q_out=saved) if fused else {}
+
+                def run():
+                    if not fused:
+                        saved.copy_(c.q)
+                    return mod.sfi_decode(c.q, c.k, c.v, c.req_to_token, c.slots, c.seq_lens, flags, store.hi,
+                                          store.count, store.pos[0], CFG.sinks, SCALE, 0.0, *x, launch=launch, **kw)
+                return run
             fns = [call(old, prev_launch), call(new, new.Launch(**prev_launch.__dict__)), call(new, new.launch_for(bs)),
                    call(old, prev_launch)]
             ref = fns[0]()

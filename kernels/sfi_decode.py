@@ -32,6 +32,10 @@ layers) and up to 0.8 ms at 32 x 128K, before the host sync, the per-step rebuil
 36 layers' lists and the second launch per layer that FlashInfer would add: this
 kernel stays; a FlashInfer path for fast rows at large batches is not built.
 
+Given ``q_out``, the kernel also saves each row's query there (the first split program of each
+(row, KV head) stores the tile it loaded): the Selector scores a slow row's candidates with it at
+the next step, and a separate copy was one more launch per layer inside the decode graph.
+
 ``sfi_decode_ref`` is the torch reference (CPU runs and tests); ``sfi_decode``
 runs the Triton kernels (split-KV pass + merge).
 """
@@ -86,10 +90,13 @@ def token_positions(slow: bool, n: int, hi: int, cnt: int, sinks: int, pos_row: 
 
 def sfi_decode_ref(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, sinks: int,
                    sm_scale: float, logit_cap: float = 0.0, logits: torch.Tensor | None = None,
-                   logit_row: torch.Tensor | None = None) -> torch.Tensor:
+                   logit_row: torch.Tensor | None = None, q_out: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, Hq, D]``; k/v_buf ``[P, Hkv, D]``; pos ``[R, Hkv, K]`` (one layer) -> ``[B, Hq, Dv]``;
-    optionally the slow rows' logits into ``logits [rows, Hkv, >= n, G]`` at ``logit_row [B]`` (-1: not kept)."""
+    optionally the slow rows' logits into ``logits [rows, Hkv, >= n, G]`` at ``logit_row [B]`` (-1: not kept)
+    and the queries into ``q_out [>= B, Hq, D]``."""
     bsz, hq, _ = q.shape
+    if q_out is not None:
+        q_out[:bsz].copy_(q)
     hkv = k_buf.shape[1]
     g = hq // hkv
     out = torch.empty(bsz, hq, v_buf.shape[-1], dtype=q.dtype, device=q.device)
@@ -126,13 +133,14 @@ def _row_span(Slots, SeqLens, Slow, HiS, CntS, b, SINKS: tl.constexpr, MAX_SPLIT
 
 @triton.jit
 def _sfi_decode_split(
-    Q, K, V, ReqToToken, Slots, SeqLens, Slow, HiS, CntS, Pos, MidO, MidLse, Logits, LogitRow,
+    Q, K, V, ReqToToken, Slots, SeqLens, Slow, HiS, CntS, Pos, MidO, MidLse, Logits, LogitRow, QOut,
     sm_scale, logit_cap,
-    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qb, stride_qh, stride_sqb, stride_sqh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_r, stride_ps, stride_ph, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_xr, stride_xh,
     G: tl.constexpr, SINKS: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_CHUNK_: tl.constexpr,
     MIN_CHUNK_SLOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAP: tl.constexpr, KEEP_LOGITS: tl.constexpr,
+    SAVE_Q: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -149,8 +157,11 @@ def _sfi_decode_split(
     offs_dv = tl.arange(0, BLOCK_DV)
     heads = h * G + offs_g
     g_mask = offs_g < G
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+    q_mask = g_mask[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    if SAVE_Q:
+        tl.store(QOut + b * stride_sqb + heads[:, None] * stride_sqh + offs_d[None, :], q.to(QOut.dtype.element_ty),
+                 mask=q_mask & (split == 0))
     if KEEP_LOGITS:
         x_row = tl.load(LogitRow + b)
         keep = is_slow & (x_row >= 0)
@@ -228,7 +239,8 @@ def max_splits_for(batch: int) -> int:
 
 def sfi_decode(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, sinks: int,
                sm_scale: float, logit_cap: float = 0.0, logits: torch.Tensor | None = None,
-               logit_row: torch.Tensor | None = None, launch: Launch | None = None) -> torch.Tensor:
+               logit_row: torch.Tensor | None = None, q_out: torch.Tensor | None = None,
+               launch: Launch | None = None) -> torch.Tensor:
     """Triton version of :func:`sfi_decode_ref` (same arguments; ``launch`` defaults to
     :func:`launch_for` the batch); CUDA-graph safe."""
     bsz, hq, d = q.shape
@@ -245,16 +257,19 @@ def sfi_decode(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s
     keep = logits is not None and logits.numel() > 0
     assert not keep or (logits.shape[-1] == g and logits.stride(-1) == 1 and logits.stride(-2) == g)
     x = logits if keep else mid_o
+    assert q_out is None or (q_out.shape[0] >= bsz and q_out.shape[1:] == q.shape[1:] and q_out.stride(-1) == 1)
+    q_save = q_out if q_out is not None else q
     _sfi_decode_split[(bsz, hkv, splits)](
         q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s, pos, mid_o, mid_lse, x,
-        logit_row if keep else slots, sm_scale, logit_cap if logit_cap > 0 else 1.0,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        logit_row if keep else slots, q_save, sm_scale, logit_cap if logit_cap > 0 else 1.0,
+        q.stride(0), q.stride(1), q_save.stride(0), q_save.stride(1),
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), pos.stride(0), pos.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         x.stride(0), x.stride(1),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, DV=dv,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv, CAP=logit_cap > 0, KEEP_LOGITS=keep,
-        num_warps=launch.num_warps, num_stages=launch.num_stages, **common,
+        SAVE_Q=q_out is not None, num_warps=launch.num_warps, num_stages=launch.num_stages, **common,
     )
     _sfi_decode_merge[(bsz, hq)](
         mid_o, mid_lse, out, slots, seq_lens, slow, hi_s, cnt_s,

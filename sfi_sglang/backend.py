@@ -9,8 +9,8 @@ forward: the host waits for it only if the GPU has not got that far); then the p
 slow rows and the selection state advances. The refresh also measures how much of
 each slow row's attention the previous selection held (``sfi_sglang.coverage``),
 from the same logits. Decode step, per layer (inside the
-graph): write this step's K/V, save the query for the Selector, and attend
-(slow rows: whole context; fast rows: sinks + selected + live tail). A slow
+graph): write this step's K/V and attend (slow rows: whole context; fast rows: sinks +
+selected + live tail); the decode kernel also saves the query for the Selector. A slow
 step's selection is used from the next step on, as in the reference; with
 ``refresh_lag`` L > 1 the Selector runs on a side stream instead, overlapping the
 next L - 1 steps (the rows keep their previous selection meanwhile), and its
@@ -485,7 +485,6 @@ class SFIBackend(AttentionBackend):
         bs = forward_batch.batch_size
         li = layer.layer_id - self.start_layer
         q3 = q.reshape(bs, sh.q_heads, sh.head_dim)
-        self.q_hist[li, :bs].copy_(q3)
         attend = sfi_decode if self.on_cuda else sfi_decode_ref
         slow = (self.rows.slow if li >= self.cfg.dense_layers else self.all_slow)[:bs]
         out = attend(
@@ -493,6 +492,7 @@ class SFIBackend(AttentionBackend):
             self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs], slow,
             self.rows.hi[:bs], self.rows.count[:bs], st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
             self.slow_logits[li] if self.cfg.logit_rows else None, self.rows.logit_row[:bs],
+            q_out=self.q_hist[li],  # saved for the Selector (the refresh after a slow row)
         )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
 

@@ -282,3 +282,28 @@ def test_selector_temporaries_stay_within_what_sfi_reserves(from_logits, monkeyp
     assert passes == ([[0, 1], [2, 3], [4, 5]] if from_logits else [[x] for x in range(layers)])
     assert 0.5 < live.peak / memory.selector_peak_bytes(cfg, shape, n) <= 1
     assert live.now == 0
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_decode_saves_each_rows_query_for_the_selector(kernels):
+    """``forward_decode`` leaves each batch row's query in ``q_hist[layer]`` (the decode kernel saves it:
+    Triton, interpreted here, or the torch reference), where the refresh after a slow row reads it."""
+    from types import SimpleNamespace
+
+    from sfi_sglang.memory import StepRows
+
+    g = torch.Generator().manual_seed(3)
+    req_to_token = torch.randperm(4 * 32, generator=g).int().view(4, 32)
+    keys = [torch.randn(4 * 32, HKV, D, generator=g) for _ in range(LAYERS)]
+    b = SFIBackend.selector_only(SFIConfig(topk=8, sinks=2, recent=4), AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0),
+                                 keys.__getitem__, req_to_token, torch.device("cpu"))
+    b.token_to_kv_pool.get_value_buffer = keys.__getitem__
+    b.on_cuda = kernels
+    b.q_hist, b.rows = torch.zeros(LAYERS, 5, HQ, D), StepRows.zeros(5, "cpu")
+    b.rows.slow[:] = True  # dense rows: no selection needed
+    fb = SimpleNamespace(batch_size=3, req_pool_indices=torch.tensor([2, 0, 3]),
+                         seq_lens=torch.tensor([30, 17, 25], dtype=torch.int32))
+    q = torch.randn(3, HQ * D, generator=g)
+    b.forward_decode(q, None, None, SimpleNamespace(layer_id=1), fb)
+    assert torch.equal(b.q_hist[1, :3], q.view(3, HQ, D))
+    assert not b.q_hist[1, 3:].any() and not b.q_hist[[0, 2, 3, 4]].any()

@@ -74,9 +74,9 @@ def attend(q, keys, values, scale):
 
 
 def decode(fn, store, req_to_token, slots, seq_lens, slow, k, v, q, scale, layer, cap=0.0, logits=None,
-           logit_row=None):
+           logit_row=None, q_out=None):
     return fn(q, k, v, req_to_token, slots, seq_lens, slow, store.hi[slots], store.count[slots], store.pos[layer],
-              CFG.sinks, scale, cap, logits, logit_row)
+              CFG.sinks, scale, cap, logits, logit_row, q_out=q_out)
 
 
 @pytest.mark.parametrize("hkv", [1, 2, 3])
@@ -159,10 +159,12 @@ def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, slow_chun
         t.to(dev) for t in (req_to_token, slots, seq_lens, slow, k, v, q, logit_row))
     for layer in (0, 2):
         kept = [torch.full((3, hkv, MAX_LEN, ratio), 7.0, dtype=torch.float16, device=dev) for _ in range(2)]
+        saved = torch.full((len(REQUESTS) + 2, *q.shape[1:]), 7.0, device=dev)  # more rows than the batch; fp32
         want = decode(sfi_decode_ref, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap,
                       kept[0], logit_row)
         got = decode(sfi_decode_mod.sfi_decode, store, req_to_token, slots, seq_lens, slow, k, v, q, 0.25, layer, cap,
-                     kept[1], logit_row)
+                     kept[1], logit_row, q_out=saved)
+        assert torch.equal(saved[:len(REQUESTS)], q.float()) and (saved[len(REQUESTS):] == 7.0).all()  # saved
         tol = 1e-5 if dtype == torch.float32 and dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
         torch.testing.assert_close(kept[1].float(), kept[0].float(), atol=1e-2, rtol=1e-2)
