@@ -290,16 +290,14 @@ def test_decode_saves_each_rows_query_for_the_selector(kernels):
     Triton, interpreted here, or the torch reference), where the refresh after a slow row reads it."""
     from types import SimpleNamespace
 
-    from sfi_sglang.memory import StepRows
-
     g = torch.Generator().manual_seed(3)
     req_to_token = torch.randperm(4 * 32, generator=g).int().view(4, 32)
     keys = [torch.randn(4 * 32, HKV, D, generator=g) for _ in range(LAYERS)]
     b = SFIBackend.selector_only(SFIConfig(topk=8, sinks=2, recent=4), AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0),
                                  keys.__getitem__, req_to_token, torch.device("cpu"))
     b.token_to_kv_pool.get_value_buffer = keys.__getitem__
+    b._alloc_rows(5)  # the per-row buffers, q_hist among them (zeros)
     b.on_cuda = kernels
-    b.q_hist, b.rows = torch.zeros(LAYERS, 5, HQ, D), StepRows.zeros(5, "cpu")
     b.rows.slow[:] = True  # dense rows: no selection needed
     fb = SimpleNamespace(batch_size=3, req_pool_indices=torch.tensor([2, 0, 3]),
                          seq_lens=torch.tensor([30, 17, 25], dtype=torch.int32))
