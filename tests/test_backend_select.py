@@ -287,21 +287,23 @@ def test_selector_temporaries_stay_within_what_sfi_reserves(from_logits, monkeyp
 @pytest.mark.parametrize("kernels", [False, True])
 def test_decode_saves_each_rows_query_for_the_selector(kernels):
     """``forward_decode`` leaves each batch row's query in ``q_hist[layer]`` (the decode kernel saves it:
-    Triton, interpreted here, or the torch reference), where the refresh after a slow row reads it."""
+    Triton, compiled on a GPU or interpreted on CPU, or the torch reference), where the refresh after a
+    slow row reads it."""
     from types import SimpleNamespace
 
+    dev = torch.device("cuda" if kernels and torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(3)
-    req_to_token = torch.randperm(4 * 32, generator=g).int().view(4, 32)
-    keys = [torch.randn(4 * 32, HKV, D, generator=g) for _ in range(LAYERS)]
+    req_to_token = torch.randperm(4 * 32, generator=g).int().view(4, 32).to(dev)
+    keys = [torch.randn(4 * 32, HKV, D, generator=g).to(dev) for _ in range(LAYERS)]
     b = SFIBackend.selector_only(SFIConfig(topk=8, sinks=2, recent=4), AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0),
-                                 keys.__getitem__, req_to_token, torch.device("cpu"))
+                                 keys.__getitem__, req_to_token, dev)
     b.token_to_kv_pool.get_value_buffer = keys.__getitem__
     b._alloc_rows(5)  # the per-row buffers, q_hist among them (zeros)
-    b.on_cuda = kernels
+    b.on_cuda = kernels  # on CPU: the Triton kernel in the interpreter
     b.rows.slow[:] = True  # dense rows: no selection needed
-    fb = SimpleNamespace(batch_size=3, req_pool_indices=torch.tensor([2, 0, 3]),
-                         seq_lens=torch.tensor([30, 17, 25], dtype=torch.int32))
-    q = torch.randn(3, HQ * D, generator=g)
+    fb = SimpleNamespace(batch_size=3, req_pool_indices=torch.tensor([2, 0, 3], device=dev),
+                         seq_lens=torch.tensor([30, 17, 25], dtype=torch.int32, device=dev))
+    q = torch.randn(3, HQ * D, generator=g).to(dev)
     b.forward_decode(q, None, None, SimpleNamespace(layer_id=1), fb)
     assert torch.equal(b.q_hist[1, :3], q.view(3, HQ, D))
     assert not b.q_hist[1, 3:].any() and not b.q_hist[[0, 2, 3, 4]].any()
