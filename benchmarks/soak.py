@@ -171,11 +171,11 @@ def main() -> None:
             time.sleep(5)
         for t in threads:
             t.join()
-        alive = True
-        try:
-            client.models.list()
-        except Exception:  # noqa: BLE001
-            alive = False
+        alive, alive_error = True, None
+        try:  # a fresh client: a pooled connection that an aborted session left closed is no sign of a dead server
+            OpenAI(base_url=url, api_key="none", max_retries=2, timeout=60).models.list()
+        except Exception as e:  # noqa: BLE001
+            alive, alive_error = False, repr(e)
         sfi_metrics = metric_totals(url)  # sfi's Prometheus values (None without --enable-metrics)
 
     window = min(60.0, 15.0 * args.minutes)
@@ -191,7 +191,7 @@ def main() -> None:
         "max_gpu_mem_mb_start": max((m for t, m in mem if t <= window), default=None),
         "max_gpu_mem_mb_end": max((m for t, m in mem if t >= last - window), default=None),
         "p50_ms": percentile(tally.latencies_ms, 0.5), "p99_ms": percentile(tally.latencies_ms, 0.99),
-        "server_alive_after": alive, "server_tracebacks": server_log.count("Traceback"),
+        "server_alive_after": alive, "alive_error": alive_error, "server_tracebacks": server_log.count("Traceback"),
         "sfi_log": [ln for ln in server_log.splitlines() if "SFI:" in ln][-1:], "sfi_metrics": sfi_metrics,
         "errors": tally.errors,
     }
