@@ -54,32 +54,30 @@ class _Count(TorchDispatchMode):
         return out
 
 
-def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Counter:
-    """Launches of the refresh after a decode step of ``bs`` slow rows of ``ctx`` tokens, ``layers`` layers."""
-    import triton.runtime.interpreter as interp
-
+def _backend(bs: int, ctx: int, layers: int, from_logits: bool):
+    """A Selector-only backend on its GPU code path (kernels interpreted) over one layer's case, and the case."""
     import bench_kernels as bk
-    from sfi_sglang import backend
-    from sfi_sglang.kernels.finish_coverage import finish_coverage
-    from sfi_sglang.kernels.held_mask import held_mask
-    from sfi_sglang.memory import StepRows
+    from sfi_sglang.backend import SFIBackend
     from sfi_sglang.model_check import AttentionShape
 
     c = bk.Case.make(bs, ctx, torch.device("cpu"), torch.float16)
-    b = backend.SFIBackend.selector_only(replace(bk.CFG, slow_logit_rows=bs if from_logits else 0),
-                                         AttentionShape(layers, bk.HQ, bk.HKV, bk.D, bk.D, bk.SCALE, 0.0),
-                                         lambda _: c.k, c.req_to_token, c.q.device)
+    b = SFIBackend.selector_only(replace(bk.CFG, slow_logit_rows=bs if from_logits else 0),
+                                 AttentionShape(layers, bk.HQ, bk.HKV, bk.D, bk.D, bk.SCALE, 0.0),
+                                 lambda _: c.k, c.req_to_token, c.q.device)
     b.on_cuda = True
-    # the state after a decode step in which every row was slow (what the step plan leaves)
-    b.q_hist = c.q.expand(layers, -1, -1, -1)
-    b.rows, b.slow_host, b.slow_ready = StepRows.zeros(bs, "cpu"), torch.ones(bs, dtype=torch.bool), None
-    b.step, b.deferred, b.side = 0, [], None
-    _, hi, cnt = b.store.bounds(c.seq_lens)
-    b.rows.slow[:], b.rows.slots[:], b.rows.hi[:], b.rows.count[:] = True, c.slots, hi, cnt
-    b.rows.logit_row[:] = torch.arange(bs) if from_logits else -1
-    b.pending = (bs, c.seq_lens.clone())
+    return b, c
+
+
+def _counted(b, host: list[torch.Tensor], body) -> collections.Counter:
+    """Launches of ``body()`` on backend ``b`` (``host``: its host tensors)."""
+    import triton.runtime.interpreter as interp
+
+    from sfi_sglang import backend
+    from sfi_sglang.kernels.finish_coverage import finish_coverage
+    from sfi_sglang.kernels.held_mask import held_mask
+
     counts: collections.Counter = collections.Counter()
-    mode = _Count(counts, [b.slow_host, b.pending[1]])
+    mode = _Count(counts, host)
 
     def unpaused(fn, key):
         def call(*args, **kwargs):
@@ -105,11 +103,45 @@ def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Coun
         for obj, name, value in patches:
             setattr(obj, name, value)
         with mode:
-            b._refresh_previous_slow_rows()
+            body()
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
     return counts
+
+
+def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Counter:
+    """Launches of the refresh after a decode step of ``bs`` slow rows of ``ctx`` tokens, ``layers`` layers."""
+    from sfi_sglang.memory import StepRows
+
+    b, c = _backend(bs, ctx, layers, from_logits)
+    # the state after a decode step in which every row was slow (what the step plan leaves)
+    b.q_hist = c.q.expand(layers, -1, -1, -1)
+    b.rows, b.slow_host, b.slow_ready = StepRows.zeros(bs, "cpu"), torch.ones(bs, dtype=torch.bool), None
+    b.step, b.deferred, b.side = 0, [], None
+    _, hi, cnt = b.store.bounds(c.seq_lens)
+    b.rows.slow[:], b.rows.slots[:], b.rows.hi[:], b.rows.count[:] = True, c.slots, hi, cnt
+    b.rows.logit_row[:] = torch.arange(bs) if from_logits else -1
+    b.pending = (bs, c.seq_lens.clone())
+    return _counted(b, [b.slow_host, b.pending[1]], b._refresh_previous_slow_rows)
+
+
+def count_reuse(ctx: int, layers: int, new: int = 256) -> collections.Counter:
+    """Launches of a prefill's Selector from a cached prefix's selection record (one request of ``ctx``
+    tokens, the last ``new`` of them new): the record's positions and the tokens after it are scored."""
+    import bench_kernels as bk
+    from sfi_sglang.backend import _reuse_refresh
+    from sfi_sglang.radix import SelectionRecord
+
+    b, c = _backend(1, ctx, layers, False)
+    lo, hi, _ = b.store.bounds(c.seq_lens)
+    start = ctx - new - bk.CFG.recent  # where the record's candidates ended
+    kept = (torch.randperm(start - bk.CFG.sinks)[:bk.CFG.topk].sort().values + bk.CFG.sinks).int()
+    record = SelectionRecord(start, kept.numel(), kept.expand(layers, bk.HKV, -1).contiguous())
+    q = c.q.expand(layers, 2, -1, -1)  # two prompt query rows (prefill_queries)
+    rows = torch.arange(2).view(1, -1)
+    return _counted(b, [lo, hi, rows], lambda: b._select(range(layers), q, _reuse_refresh(
+        c.slots, rows, lo.int(), hi.int(), [record], b._to_device)))
 
 
 def main() -> None:
@@ -118,15 +150,20 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--from-keys", action="store_true", help="score from the keys, not the kept logits")
+    p.add_argument("--reuse", action="store_true", help="a prefill's Selector from a cached selection record instead")
     a = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1 (the kernels run interpreted on the CPU)")
-    counts = count(a.batch, a.context, a.layers, not a.from_keys)
+    if a.reuse:
+        counts = count_reuse(a.context, a.layers)
+        what = f"a prefill's Selector from a selection record, {a.context} tokens (256 new), {a.layers} layers"
+    else:
+        counts = count(a.batch, a.context, a.layers, not a.from_keys)
+        what = (f"refresh of {a.batch} x {a.context} over {a.layers} layers from the "
+                f"{'keys' if a.from_keys else 'kept logits'}")
     for name, n in counts.most_common():
         print(f"{n:4d}  {name}")
-    print(f"{sum(counts.values())} launches: refresh of {a.batch} x {a.context} over {a.layers} layers "
-          f"from the {'keys' if a.from_keys else 'kept logits'}")
-
+    print(f"{sum(counts.values())} launches: {what}")
 
 if __name__ == "__main__":
     main()

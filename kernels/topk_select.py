@@ -6,7 +6,9 @@ For row ``i``, KV head ``h``: scores ``f[i, h, :]`` (>= 0) of candidates at
 context but ranks only the region), optionally
 spread to neighbours first (``window``: each score averaged with the best
 within +-window candidates, as ``sfi_sglang.selector.spread_to_neighbors``
-does for consecutive candidates) -> the positions of the ``k`` best, ties to
+does; where candidates are not consecutive positions, ``contiguous=False``,
+only those within +-window positions count: a selection reused from a cached
+prefix and the tokens after it) -> the positions of the ``k`` best, ties to
 the earlier candidate, in candidate order; picked padding reads
 ``PAD_POSITION`` at the end.
 
@@ -60,17 +62,19 @@ PROGRAMS = 2048  # (row, chunk) programs a call aims for: many per SM on an H100
 
 
 def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0,
-                    total: torch.Tensor | None = None,
-                    region: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    total: torch.Tensor | None = None, region: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    contiguous: bool = True) -> torch.Tensor:
     """f ``[S, Hkv, N]``, positions ``[S, 1 or Hkv, N]`` ascending among valid ones -> ``[S, Hkv, min(k, N)]``.
     ``total [S, Hkv]``: scores are ``f / total`` (the normalisation ``group_scores`` leaves to the top-k).
-    ``region``: ``(lo, hi) [S]``, only candidates at positions in ``[lo, hi)`` are ranked."""
+    ``region``: ``(lo, hi) [S]``, only candidates at positions in ``[lo, hi)`` are ranked. ``contiguous``:
+    the candidates are consecutive positions (then padding), else the spread takes only neighbours within
+    ``window`` positions (``sfi_sglang.selector.spread_to_neighbors``)."""
     if region is not None:
         positions = restrict(positions, *region)
     if total is not None:
         f = f / total.unsqueeze(-1)
     if window > 0:
-        f = spread_to_neighbors(f, positions, window, contiguous=True)
+        f = spread_to_neighbors(f, positions, window, contiguous)
     return topk_positions(f.masked_fill(positions < 0, -1.0), positions, k)
 
 
@@ -86,17 +90,30 @@ def _bounds(Lo, Hi, i, REGION: tl.constexpr):
 
 
 @triton.jit
-def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr):
+def _neighbor(F, Pos, at, ok, p, lo, hi, WINDOW: tl.constexpr, NEAR: tl.constexpr):
+    """Scores of the candidates ``at`` (-inf where not ``ok``; with ``NEAR``, also where their position, -1
+    outside ``[lo, hi)`` as for ``p``, is more than ``WINDOW`` from ``p``)."""
+    f = tl.load(F + at, mask=ok, other=float("-inf"))
+    if NEAR:
+        q = tl.load(Pos + at, mask=ok, other=-1)
+        q = tl.where((q >= lo) & (q < hi), q, -1)
+        f = tl.where(tl.abs(q - p) <= WINDOW, f, float("-inf"))
+    return f
+
+
+@triton.jit
+def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr, NEAR: tl.constexpr):
     """Order-preserving keys of candidates ``j`` at ranking precision (0: padding, out of range or outside
-    ``[lo, hi)``)."""
+    ``[lo, hi)``). ``NEAR``: candidates are not consecutive positions, so the spread checks positions."""
     inb = j < N
     p = tl.load(Pos + j, mask=inb, other=-1)
     s = tl.load(F + j, mask=inb, other=0.0)
     if WINDOW > 0:
         m = s
+        pr = tl.where((p >= lo) & (p < hi), p, -1)
         for d in tl.static_range(1, WINDOW + 1):
-            m = tl.maximum(m, tl.load(F + j - d, mask=inb & (j >= d), other=float("-inf")))
-            m = tl.maximum(m, tl.load(F + j + d, mask=(j + d) < N, other=float("-inf")))
+            m = tl.maximum(m, _neighbor(F, Pos, j - d, inb & (j >= d), pr, lo, hi, WINDOW, NEAR))
+            m = tl.maximum(m, _neighbor(F, Pos, j + d, (j + d) < N, pr, lo, hi, WINDOW, NEAR))
         if NORM:  # IEEE division, as torch's: rounding is monotone, so max-then-divide is divide-then-max
             s, m = tl.math.div_rn(s, total), tl.math.div_rn(m, total)
         s = 0.5 * (s + m)
@@ -138,7 +155,8 @@ def _row_hist(Hist, ih, C, BINS: tl.constexpr):
 
 @triton.jit
 def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
-                H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, REGION: tl.constexpr, BLOCK: tl.constexpr):
+                H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, REGION: tl.constexpr, NEAR: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Pass 1 for chunk ``c`` of row ``ih``: its keys, and the histogram of their high 7 bits."""
     ih = tl.program_id(0)
     c = tl.program_id(1)
@@ -154,7 +172,7 @@ def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, N, C, CHUNK, stride_fs, str
     hist = tl.zeros([128], dtype=tl.int32)
     for start in range(c * CHUNK, end, BLOCK):
         j = start + offs
-        key = _keys(F, Pos, j, N, total, lo, hi, WINDOW, NORM)
+        key = _keys(F, Pos, j, N, total, lo, hi, WINDOW, NORM, NEAR)
         tl.store(Keys + j, key.to(tl.int16), mask=j < end)
         hist += tl.histogram(key >> 8, 128, mask=j < end)
     tl.store(HistHi + (ih * C + c) * 128 + tl.arange(0, 128), hist)
@@ -222,7 +240,7 @@ def _chunk_take(Keys, Pos, HistHi, HistLo, Out, N, K, C, CHUNK, stride_ps, strid
 
 
 def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0, total: torch.Tensor | None = None,
-                region: tuple[torch.Tensor, torch.Tensor] | None = None,
+                region: tuple[torch.Tensor, torch.Tensor] | None = None, contiguous: bool = True,
                 chunks: int | None = None, block: int = BLOCK_N, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton version of :func:`topk_select_ref` (same arguments and result). ``chunks`` per row
     (default: about ``PROGRAMS`` programs in all, at least one block each), ``block`` (candidates
@@ -247,7 +265,8 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
     lo, hi = (t.to(torch.int32).contiguous() for t in region) if region is not None else (f, f)
     grid = (rows, chunks)
     _chunk_high[grid](f, norm, pos, lo, hi, keys, hist_hi, n, chunks, chunk, f.stride(0), f.stride(1), *pos_strides,
-                      H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None, BLOCK=block,
+                      H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None, NEAR=not contiguous,
+                      BLOCK=block,
                       num_warps=num_warps)
     _chunk_low[grid](keys, hist_hi, hist_lo, n, k, chunks, chunk, BLOCK=block, num_warps=num_warps)
     _chunk_take[grid](keys, pos, hist_hi, hist_lo, out, n, k, chunks, chunk, *pos_strides,

@@ -176,10 +176,9 @@ def select(
     candidates at ``positions`` (ascending; only those in the ``region`` ``(lo, hi)`` are ranked; divided
     by ``total [S, Hkv]`` if given) -> ``[S, Hkv, min(topk, N)]`` selected positions (see
     :func:`topk_positions`). ``fused_topk`` (``sfi_sglang.kernels.topk_select``) does the top-k, the
-    region, the division and the neighbour spread of consecutive candidates in its launches instead
-    of these torch ops."""
-    fused_window = cfg.neighbor_window if fused_topk is not None and contiguous else 0
-    if fused_topk is None or cfg.prior_lambda_max > 0 or fused_window < cfg.neighbor_window:
+    region, the division and the neighbour spread in its launches instead of these torch ops."""
+    fused_window = cfg.neighbor_window if fused_topk is not None else 0
+    if fused_topk is None or cfg.prior_lambda_max > 0:
         positions = restrict(positions, *region)  # torch ops come first: they take the region's candidates
         if total is not None:  # and the divided scores
             f, total = f / total.unsqueeze(-1), None
@@ -187,4 +186,4 @@ def select(
                     contiguous, mask=fused_topk is None)
     if fused_topk is None:
         return topk_positions(s, positions, cfg.topk)
-    return fused_topk(s, positions, cfg.topk, fused_window, total, region)
+    return fused_topk(s, positions, cfg.topk, fused_window, total, region, contiguous)

@@ -18,10 +18,10 @@ def tied_regions(n, k, window):
     return ((4 * torch.rand(3, 2, n, generator=g)).floor() / 4).masked_fill(pos < 0, 0.0), pos
 
 
-def check(f, pos, k, window=0, total=None, region=None, **launch):
-    want = topk_select_ref(f, pos, k, window, total, region)
+def check(f, pos, k, window=0, total=None, region=None, contiguous=True, **launch):
+    want = topk_select_ref(f, pos, k, window, total, region, contiguous)
     dev = lambda t: t.to(DEV) if t is not None else None  # noqa: E731
-    got = topk_select(f.to(DEV), pos.to(DEV), k, window, dev(total), region and tuple(map(dev, region)),
+    got = topk_select(f.to(DEV), pos.to(DEV), k, window, dev(total), region and tuple(map(dev, region)), contiguous,
                       **launch).cpu()
     assert torch.equal(got, want)
     return got
@@ -49,10 +49,11 @@ def test_rows_split_over_chunks(n, k, window, chunks):
     assert (got[2, :, 1:] == PAD_POSITION).all() and (got[2, :, 0] == 0).all()
 
 
-@pytest.mark.parametrize("chunks", [None, 5])
-def test_per_head_candidates_with_padding_inside(chunks):
+@pytest.mark.parametrize("chunks, window", [(None, 0), (5, 0), (5, 2)])
+def test_per_head_candidates_with_padding_inside(chunks, window):
     """A cached selection's positions, padding, then new tokens (the reuse refresh's layout),
-    a different list per KV head, and distinct scores."""
+    a different list per KV head, and distinct scores; the spread (``window``) takes only neighbours
+    within +-window positions (selected positions are often further apart than that)."""
     g = torch.Generator().manual_seed(0)
     s_rows, hkv, kept, new = 2, 3, 600, 700
     pos = torch.full((s_rows, hkv, kept + new), -1, dtype=torch.int32)
@@ -62,8 +63,11 @@ def test_per_head_candidates_with_padding_inside(chunks):
             pos[i, h, :count] = torch.randperm(5000, generator=g)[:count].sort().values.int()
     pos[..., kept:] = torch.arange(5000, 5000 + new, dtype=torch.int32)
     f = torch.rand(s_rows, hkv, kept + new, generator=g).masked_fill(pos < 0, 0.0)
-    got = check(f, pos, 512, chunks=chunks, block=128)
+    region = (torch.full((s_rows,), 3), torch.full((s_rows,), 5000 + new - 40))  # a few candidates outside
+    got = check(f, pos, 512, window, region=region, contiguous=False, chunks=chunks, block=128)
     assert (got >= 0).all() and (got != PAD_POSITION).all()
+    if window:  # positions picked by their neighbours in candidate order would differ
+        assert not torch.equal(got, topk_select_ref(f, pos, 512, window, region=region, contiguous=True))
 
 
 @pytest.mark.parametrize("window, chunks", [(0, None), (2, 3)])
