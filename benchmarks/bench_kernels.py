@@ -244,16 +244,24 @@ def decode_case(bs: int, ctx: int, kept: int | None, dev: torch.device) -> tuple
     return c, store, torch.full((bs,), kept is None, dtype=torch.bool, device=dev)
 
 
+def selector_backend(c: Case, layers: int, from_logits: bool):
+    """The backend's Selector alone (``SFIBackend.selector_only``) over ``layers`` layers that all read this
+    case's K buffer, keeping every row's slow-step logits if ``from_logits``."""
+    from sfi_sglang.backend import SFIBackend
+
+    return SFIBackend.selector_only(replace(CFG, slow_logit_rows=c.bs if from_logits else 0),
+                                    AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), lambda _: c.k,
+                                    c.req_to_token, c.q.device)
+
+
 def refresh(c: Case, layers: int, from_logits: bool = False) -> Fn:
     """The backend's own refresh after a slow step of every row (``SFIBackend._refresh_now``:
     logits over the whole context, coverage of the previous selection, the Selector over the
     region, eager), over ``layers`` layers that all read this case's K buffer; ``from_logits``:
     from the logits the slow step kept (this layer's, in every layer's rows) instead of the keys."""
-    from sfi_sglang.backend import SFIBackend, _slow_step_refresh
+    from sfi_sglang.backend import _slow_step_refresh
 
-    cfg = replace(CFG, slow_logit_rows=c.bs if from_logits else 0)
-    b = SFIBackend.selector_only(cfg, AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), lambda _: c.k,
-                                 c.req_to_token, c.q.device)
+    b = selector_backend(c, layers, from_logits)
     if from_logits:
         sfi(c, b.store, slow=True, logits=b.slow_logits[0])()
         b.slow_logits.copy_(b.slow_logits[:1].expand_as(b.slow_logits))

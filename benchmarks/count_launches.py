@@ -16,7 +16,6 @@ import argparse
 import collections
 import os
 import sys
-from dataclasses import replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,13 +56,9 @@ class _Count(TorchDispatchMode):
 def _backend(bs: int, ctx: int, layers: int, from_logits: bool):
     """A Selector-only backend on its GPU code path (kernels interpreted) over one layer's case, and the case."""
     import bench_kernels as bk
-    from sfi_sglang.backend import SFIBackend
-    from sfi_sglang.model_check import AttentionShape
 
     c = bk.Case.make(bs, ctx, torch.device("cpu"), torch.float16)
-    b = SFIBackend.selector_only(replace(bk.CFG, slow_logit_rows=bs if from_logits else 0),
-                                 AttentionShape(layers, bk.HQ, bk.HKV, bk.D, bk.D, bk.SCALE, 0.0),
-                                 lambda _: c.k, c.req_to_token, c.q.device)
+    b = bk.selector_backend(c, layers, from_logits)
     b.on_cuda = True
     return b, c
 

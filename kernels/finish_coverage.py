@@ -23,15 +23,10 @@ from sfi_sglang.memory import SelectionStore
 from sfi_sglang.metrics import SFIStats
 
 
-def _measured(prev_count: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    measured = prev_count >= 0
-    return measured if keep is None else measured & keep
-
-
 def finish_coverage_ref(store: SelectionStore, stats: SFIStats, slots: torch.Tensor, by_layer: torch.Tensor,
                         prev_count: torch.Tensor, keep: torch.Tensor | None = None) -> None:
     """``by_layer [S, layers]`` coverage of the rows in ``slots`` -> ``store`` and ``stats``."""
-    measured = _measured(prev_count, keep)
+    measured = prev_count >= 0 if keep is None else (prev_count >= 0) & keep
     mean, worst = by_layer.mean(1), by_layer.min(1).values
     store.add_coverage(slots, mean, worst, measured, by_layer)
     stats.add_coverage(mean, worst, measured)

@@ -90,13 +90,18 @@ def _bounds(Lo, Hi, i, REGION: tl.constexpr):
 
 
 @triton.jit
+def _ranked(p, lo, hi):
+    """Positions ``p`` that are ranked (in ``[lo, hi)``), -1 for the others (padding included)."""
+    return tl.where((p >= lo) & (p < hi), p, -1)
+
+
+@triton.jit
 def _neighbor(F, Pos, at, ok, p, lo, hi, WINDOW: tl.constexpr, NEAR: tl.constexpr):
     """Scores of the candidates ``at`` (-inf where not ``ok``; with ``NEAR``, also where their position, -1
     outside ``[lo, hi)`` as for ``p``, is more than ``WINDOW`` from ``p``)."""
     f = tl.load(F + at, mask=ok, other=float("-inf"))
     if NEAR:
-        q = tl.load(Pos + at, mask=ok, other=-1)
-        q = tl.where((q >= lo) & (q < hi), q, -1)
+        q = _ranked(tl.load(Pos + at, mask=ok, other=-1), lo, hi)
         f = tl.where(tl.abs(q - p) <= WINDOW, f, float("-inf"))
     return f
 
@@ -106,14 +111,13 @@ def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr,
     """Order-preserving keys of candidates ``j`` at ranking precision (0: padding, out of range or outside
     ``[lo, hi)``). ``NEAR``: candidates are not consecutive positions, so the spread checks positions."""
     inb = j < N
-    p = tl.load(Pos + j, mask=inb, other=-1)
+    p = _ranked(tl.load(Pos + j, mask=inb, other=-1), lo, hi)
     s = tl.load(F + j, mask=inb, other=0.0)
     if WINDOW > 0:
         m = s
-        pr = tl.where((p >= lo) & (p < hi), p, -1)
         for d in tl.static_range(1, WINDOW + 1):
-            m = tl.maximum(m, _neighbor(F, Pos, j - d, inb & (j >= d), pr, lo, hi, WINDOW, NEAR))
-            m = tl.maximum(m, _neighbor(F, Pos, j + d, (j + d) < N, pr, lo, hi, WINDOW, NEAR))
+            m = tl.maximum(m, _neighbor(F, Pos, j - d, inb & (j >= d), p, lo, hi, WINDOW, NEAR))
+            m = tl.maximum(m, _neighbor(F, Pos, j + d, (j + d) < N, p, lo, hi, WINDOW, NEAR))
         if NORM:  # IEEE division, as torch's: rounding is monotone, so max-then-divide is divide-then-max
             s, m = tl.math.div_rn(s, total), tl.math.div_rn(m, total)
         s = 0.5 * (s + m)
@@ -121,7 +125,7 @@ def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr,
         s = tl.math.div_rn(s, total)
     # scores are >= 0, so their float bits order as ints; the top 16 bits are the coarse score
     # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding; < 2**15
-    return tl.where((p >= lo) & (p < hi), (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
+    return tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
 
 
 @triton.jit
@@ -266,8 +270,7 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
     grid = (rows, chunks)
     _chunk_high[grid](f, norm, pos, lo, hi, keys, hist_hi, n, chunks, chunk, f.stride(0), f.stride(1), *pos_strides,
                       H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None, NEAR=not contiguous,
-                      BLOCK=block,
-                      num_warps=num_warps)
+                      BLOCK=block, num_warps=num_warps)
     _chunk_low[grid](keys, hist_hi, hist_lo, n, k, chunks, chunk, BLOCK=block, num_warps=num_warps)
     _chunk_take[grid](keys, pos, hist_hi, hist_lo, out, n, k, chunks, chunk, *pos_strides,
                       H=hkv, BLOCK=block, PAD=PAD_POSITION, num_warps=num_warps)
