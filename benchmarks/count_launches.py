@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -146,6 +149,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=36)
     p.add_argument("--from-keys", action="store_true", help="score from the keys, not the kept logits")
     p.add_argument("--reuse", action="store_true", help="a prefill's Selector from a cached selection record instead")
+    p.add_argument("--out", help="append the count to this JSON list")
     a = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1 (the kernels run interpreted on the CPU)")
@@ -159,6 +163,14 @@ def main() -> None:
     for name, n in counts.most_common():
         print(f"{n:4d}  {name}")
     print(f"{sum(counts.values())} launches: {what}")
+    if a.out:
+        rows = json.load(open(a.out)) if os.path.exists(a.out) else []
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+        rows.append({"date": datetime.date.today().isoformat(), "device": "cpu (Triton interpreter; launches counted)",
+                     "commit": commit.stdout.strip(), "what": what, "launches": sum(counts.values()),
+                     "counts": dict(counts.most_common())})
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
 
 if __name__ == "__main__":
     main()
