@@ -259,26 +259,29 @@ def test_selector_temporaries_stay_within_what_sfi_reserves(from_logits, monkeyp
     temporaries are freed before the next pass allocates, and a refresh from the slow step's kept
     logits (which allocates no logits) batches more layers per pass."""
     layers, hq, n = 6, 8, 1024
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(memory, "SELECTOR_SCRATCH", 2 * HKV * (hq // HKV) * n)  # from keys: 6 passes
     monkeypatch.setattr(backend, "kept_mask", held_mask)
     g = torch.Generator().manual_seed(0)
     cfg = SFIConfig(topk=64, sinks=2, recent=8, slow_logit_rows=2 if from_logits else 0)
     shape = AttentionShape(layers, hq, HKV, D, D, D ** -0.5, 0.0)
     lens = torch.tensor([n, n - 100], dtype=torch.int32)
-    keys = [torch.randn(2 * n, HKV, D, generator=g, dtype=torch.float16) for _ in range(layers)]
-    b = SFIBackend.selector_only(cfg, shape, keys.__getitem__, torch.randperm(2 * n, generator=g).int().view(2, n),
-                                 torch.device("cpu"))
-    b.on_cuda, b._to_device = True, lambda t: t
+    keys = [torch.randn(2 * n, HKV, D, generator=g, dtype=torch.float16).to(dev) for _ in range(layers)]
+    b = SFIBackend.selector_only(cfg, shape, keys.__getitem__, torch.randperm(2 * n, generator=g).int().view(2, n).to(dev),
+                                 dev)
+    if dev.type == "cpu":  # the Triton kernels in the interpreter (conftest sets it on CPU)
+        b.on_cuda, b._to_device = True, lambda t: t
     b.store.pos.copy_(torch.randint(0, n - 100, b.store.pos.shape, generator=g).sort(-1).values)
-    b.slow_logits.normal_(generator=g)
-    slots = torch.arange(2)
+    b.slow_logits.copy_(torch.randn(b.slow_logits.shape, generator=g))
+    slots, lens = torch.arange(2, device=dev), lens.to(dev)
     lo, hi, count = b.store.bounds(lens)
     r = _slow_step_refresh(slots, slots.view(-1, 1), lo.int(), hi.int(), lens, n, (hi.int(), count.int()), from_logits)
     passes = []
     select_pass = b._select_pass
     monkeypatch.setattr(b, "_select_pass", lambda group, *a: (passes.append(group), select_pass(group, *a)))
+    q = torch.randn(layers, 2, hq, D, generator=g, dtype=torch.float16).to(dev)
     with LiveBytes() as live:
-        b._refresh_now(r, torch.randn(layers, 2, hq, D, generator=g, dtype=torch.float16))
+        b._refresh_now(r, q)
     assert passes == ([[0, 1], [2, 3], [4, 5]] if from_logits else [[x] for x in range(layers)])
     assert 0.5 < live.peak / memory.selector_peak_bytes(cfg, shape, n) <= 1
     assert live.now == 0
