@@ -17,14 +17,15 @@ here as they are read (IEEE rounding, as torch divides), which saves
 ``group_scores`` a full pass over ``f``.
 
 Radix select at the Selector's ranking precision (scores as order-preserving
-15-bit keys: ``sfi_sglang.selector.coarse``), each (row, head) split over
-chunks of candidates, about ``PROGRAMS`` (row, chunk) programs per call, no
-atomics:
+keys of 7 + ``RANK_BITS`` bits: ``sfi_sglang.selector.coarse``), each (row,
+head) split over chunks of candidates, about ``PROGRAMS`` (row, chunk)
+programs per call:
 
 1. each chunk makes its keys (division and neighbour spread included) into an
-   int16 scratch row and stores the histogram of their high 7 bits;
+   int16 scratch row and stores the histogram of their high digit (7 bits);
 2. each chunk sums its row's high histograms, finds the k-th key's high bin,
-   and stores the histogram of the low 8 bits of its keys in that bin;
+   and stores the histogram of the low digit of its keys in that bin (by
+   atomic adds when that bin holds few of them: ``_chunk_low``);
 3. each chunk sums both, finds the k-th key, and compacts its winners in
    order at the offset the earlier chunks' histograms give (keys above the
    k-th, then the ties the earlier chunks take); the last chunk pads the end.
@@ -42,8 +43,10 @@ the passes cost more than the narrower histograms save.
 Why not FlashInfer's ``top_k`` (0.6.15, a radix top-k for long rows): it gives ties
 to the smaller index, as the Selector needs for deterministic selections, only on its
 FilteredTopK path, which takes k <= 2048, and the default ``topk`` is 3072; it would
-also need the keys (spread, divided, coarse) written out before it.
-``benchmarks/ab_flashinfer_topk.py`` times both in one run (not run yet).
+also need the keys (spread, divided, coarse) written out before it. It is faster on
+long rows: at k 2048 (same output) 192 against 472 us at 36 x 8 x 128K, 257 against
+469 at 144 x 8 x 32K, even at 128 x 8 x 8K (H200, ``benchmarks/ab_flashinfer_topk.py``,
+``results/selector_ab_h200.log``, "Session 20").
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
@@ -54,11 +57,18 @@ import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.selector import PAD_POSITION, restrict, spread_to_neighbors, topk_positions
+from sfi_sglang.selector import PAD_POSITION, RANK_BITS, restrict, spread_to_neighbors, topk_positions
 
 BLOCK_N = 2048  # with 4 warps and PROGRAMS 2048: best or near it at the Selector's shapes (H200, log above)
 NUM_WARPS = 4
 PROGRAMS = 2048  # (row, chunk) programs a call aims for: many per SM on an H100/H200
+# keys: a score's exponent and RANK_BITS - 1 stored mantissa bits, found in two digits
+SHIFT = tl.constexpr(24 - RANK_BITS)
+LOW_BITS = tl.constexpr((8 + RANK_BITS) // 2)
+HIGH_BINS = tl.constexpr(1 << (7 + RANK_BITS - (8 + RANK_BITS) // 2))
+LOW_BINS = tl.constexpr(1 << ((8 + RANK_BITS) // 2))
+# pass 2 counts by atomics unless more than 1/ATOMIC_SHARE of a chunk's keys share the k-th high bin
+ATOMIC_SHARE = tl.constexpr(8)
 
 
 def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 0,
@@ -123,9 +133,9 @@ def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr,
         s = 0.5 * (s + m)
     elif NORM:
         s = tl.math.div_rn(s, total)
-    # scores are >= 0, so their float bits order as ints; the top 16 bits are the coarse score
-    # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding; < 2**15
-    return tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> 16) + 1, 0)
+    # scores are >= 0, so their float bits order as ints; the top bits are the coarse score
+    # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding; < HIGH_BINS * LOW_BINS
+    return tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> SHIFT) + 1, 0)
 
 
 @triton.jit
@@ -158,10 +168,10 @@ def _row_hist(Hist, ih, C, BINS: tl.constexpr):
 
 
 @triton.jit
-def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
+def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, HistLo, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
                 H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, REGION: tl.constexpr, NEAR: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """Pass 1 for chunk ``c`` of row ``ih``: its keys, and the histogram of their high 7 bits."""
+    """Pass 1 for chunk ``c`` of row ``ih``: its keys, and the histogram of their high digit."""
     ih = tl.program_id(0)
     c = tl.program_id(1)
     i = ih // H
@@ -173,30 +183,43 @@ def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, N, C, CHUNK, stride_fs, str
     lo, hi = _bounds(Lo, Hi, i, REGION)
     offs = tl.arange(0, BLOCK)
     end = tl.minimum(c * CHUNK + CHUNK, N)
-    hist = tl.zeros([128], dtype=tl.int32)
+    hist = tl.zeros([HIGH_BINS], dtype=tl.int32)
     for start in range(c * CHUNK, end, BLOCK):
         j = start + offs
         key = _keys(F, Pos, j, N, total, lo, hi, WINDOW, NORM, NEAR)
         tl.store(Keys + j, key.to(tl.int16), mask=j < end)
-        hist += tl.histogram(key >> 8, 128, mask=j < end)
-    tl.store(HistHi + (ih * C + c) * 128 + tl.arange(0, 128), hist)
+        hist += tl.histogram(key >> LOW_BITS, HIGH_BINS, mask=j < end)
+    tl.store(HistHi + (ih * C + c) * HIGH_BINS + tl.arange(0, HIGH_BINS), hist)
+    tl.store(HistLo + (ih * C + c) * LOW_BINS + tl.arange(0, LOW_BINS), tl.zeros([LOW_BINS], dtype=tl.int32))
 
 
 @triton.jit
 def _chunk_low(Keys, HistHi, HistLo, N, K, C, CHUNK, BLOCK: tl.constexpr):
-    """Pass 2: the histogram of the low 8 bits of the chunk's keys in the k-th key's high bin."""
+    """Pass 2: the histogram of the low digit of the chunk's keys in the k-th key's high bin. Few of
+    its keys there (spread scores): atomic adds into the chunk's own histogram (zeroed by pass 1; no
+    other program writes it), none if it has none; many (ties): ``tl.histogram``, which costs the
+    same for every key but does not serialize on one counter."""
     ih = tl.program_id(0)
     c = tl.program_id(1)
     Keys += ih.to(tl.int64) * N
-    high, _ = _kth_bin(_row_hist(HistHi, ih, C, 128), K, 128)
+    high, _ = _kth_bin(_row_hist(HistHi, ih, C, HIGH_BINS), K, HIGH_BINS)
+    in_bin = tl.load(HistHi + (ih * C + c) * HIGH_BINS + high)
     offs = tl.arange(0, BLOCK)
     end = tl.minimum(c * CHUNK + CHUNK, N)
-    hist = tl.zeros([256], dtype=tl.int32)
-    for start in range(c * CHUNK, end, BLOCK):
-        j = start + offs
-        key = tl.load(Keys + j, mask=j < end, other=0).to(tl.int32)
-        hist += tl.histogram(key & 255, 256, mask=(j < end) & ((key >> 8) == high))
-    tl.store(HistLo + (ih * C + c) * 256 + tl.arange(0, 256), hist)
+    counts = HistLo + (ih * C + c) * LOW_BINS
+    if in_bin * ATOMIC_SHARE > end - c * CHUNK:
+        hist = tl.zeros([LOW_BINS], dtype=tl.int32)
+        for start in range(c * CHUNK, end, BLOCK):
+            j = start + offs
+            key = tl.load(Keys + j, mask=j < end, other=0).to(tl.int32)
+            hist += tl.histogram(key & (LOW_BINS - 1), LOW_BINS, mask=(j < end) & ((key >> LOW_BITS) == high))
+        tl.store(counts + tl.arange(0, LOW_BINS), hist)
+    elif in_bin > 0:
+        for start in range(c * CHUNK, end, BLOCK):
+            j = start + offs
+            key = tl.load(Keys + j, mask=j < end, other=0).to(tl.int32)
+            tl.atomic_add(counts + (key & (LOW_BINS - 1)), 1, mask=(j < end) & ((key >> LOW_BITS) == high),
+                          sem="relaxed")
 
 
 @triton.jit
@@ -210,19 +233,19 @@ def _chunk_take(Keys, Pos, HistHi, HistLo, Out, N, K, C, CHUNK, stride_ps, strid
     Pos += i * stride_ps + h * stride_ph
     Keys += ih.to(tl.int64) * N
     Out += ih.to(tl.int64) * K
-    high, want = _kth_bin(_row_hist(HistHi, ih, C, 128), K, 128)
-    low, want = _kth_bin(_row_hist(HistLo, ih, C, 256), want, 256)
-    kth = (high << 8) | low
+    high, want = _kth_bin(_row_hist(HistHi, ih, C, HIGH_BINS), K, HIGH_BINS)
+    low, want = _kth_bin(_row_hist(HistLo, ih, C, LOW_BINS), want, LOW_BINS)
+    kth = (high << LOW_BITS) | low
     real = kth > 0  # key 0 is padding: ties at 0 are never taken (picked padding goes to the end)
     # what the chunks before this one take: keys above the k-th, then ties in candidate order
-    b128, b256 = tl.arange(0, 128), tl.arange(0, 256)
+    bh, bl = tl.arange(0, HIGH_BINS), tl.arange(0, LOW_BINS)
     above = 0
     ties = 0
     for cc in range(0, c):
-        hi_c = tl.load(HistHi + (ih * C + cc) * 128 + b128)
-        lo_c = tl.load(HistLo + (ih * C + cc) * 256 + b256)
-        above += tl.sum(tl.where(b128 > high, hi_c, 0), 0) + tl.sum(tl.where(b256 > low, lo_c, 0), 0)
-        ties += tl.sum(tl.where(b256 == low, lo_c, 0), 0)
+        hi_c = tl.load(HistHi + (ih * C + cc) * HIGH_BINS + bh)
+        lo_c = tl.load(HistLo + (ih * C + cc) * LOW_BINS + bl)
+        above += tl.sum(tl.where(bh > high, hi_c, 0), 0) + tl.sum(tl.where(bl > low, lo_c, 0), 0)
+        ties += tl.sum(tl.where(bl == low, lo_c, 0), 0)
     taken = above + tl.where(real, tl.minimum(ties, want), 0)
     offs = tl.arange(0, BLOCK)
     end = tl.minimum(c * CHUNK + CHUNK, N)
@@ -263,14 +286,14 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
     pos = positions.expand(s_rows, -1, n)
     pos_strides = (pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0)
     keys = torch.empty(rows, n, dtype=torch.int16, device=f.device)
-    hist_hi = torch.empty(rows, chunks, 128, dtype=torch.int32, device=f.device)
-    hist_lo = torch.empty(rows, chunks, 256, dtype=torch.int32, device=f.device)
+    hist_hi = torch.empty(rows, chunks, HIGH_BINS.value, dtype=torch.int32, device=f.device)
+    hist_lo = torch.empty(rows, chunks, LOW_BINS.value, dtype=torch.int32, device=f.device)
     norm = total.float().contiguous() if total is not None else f
     lo, hi = (t.to(torch.int32).contiguous() for t in region) if region is not None else (f, f)
     grid = (rows, chunks)
-    _chunk_high[grid](f, norm, pos, lo, hi, keys, hist_hi, n, chunks, chunk, f.stride(0), f.stride(1), *pos_strides,
-                      H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None, NEAR=not contiguous,
-                      BLOCK=block, num_warps=num_warps)
+    _chunk_high[grid](f, norm, pos, lo, hi, keys, hist_hi, hist_lo, n, chunks, chunk, f.stride(0), f.stride(1),
+                      *pos_strides, H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None,
+                      NEAR=not contiguous, BLOCK=block, num_warps=num_warps)
     _chunk_low[grid](keys, hist_hi, hist_lo, n, k, chunks, chunk, BLOCK=block, num_warps=num_warps)
     _chunk_take[grid](keys, pos, hist_hi, hist_lo, out, n, k, chunks, chunk, *pos_strides,
                       H=hkv, BLOCK=block, PAD=PAD_POSITION, num_warps=num_warps)

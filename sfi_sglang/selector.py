@@ -121,12 +121,17 @@ def rank_scores(
     return f.masked_fill(positions < 0, -1.0) if mask else f
 
 
+RANK_BITS = 7
+"""Significant bits of a score the Selector ranks by (8 would be bfloat16's precision): 14-bit keys in
+the top-k kernel, its fastest width on an H200 (``results/selector_ab_h200.log``, "Session 20")."""
+
+
 def coarse(scores: torch.Tensor) -> torch.Tensor:
-    """Float32 scores rounded toward zero to bfloat16 precision (8 significant bits). The Selector
-    ranks these: candidates within ~0.5% of each other tie (and go to the earlier position),
-    which changes nothing that matters here and lets the top-k kernel find the k-th score with
-    two radix passes (7 and 8 bits) instead of four."""
-    return (scores.view(torch.int32) & -65536).view(torch.float32)
+    """Float32 scores rounded toward zero to ``RANK_BITS`` significant bits. The Selector ranks
+    these: candidates within 2**-(RANK_BITS - 1) of each other (0.8% at 8 bits) may tie (and go
+    to the earlier position), which changes nothing that matters here and lets the top-k kernel
+    find the k-th score with two radix passes over 8 + RANK_BITS - 1 bit keys instead of four."""
+    return (scores.view(torch.int32) & -(1 << (24 - RANK_BITS))).view(torch.float32)
 
 
 def topk_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sfi_sglang.kernels.topk_select import BLOCK_N, topk_select, topk_select_ref
-from sfi_sglang.selector import PAD_POSITION, region_positions
+from sfi_sglang.selector import PAD_POSITION, RANK_BITS, region_positions
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -88,9 +88,9 @@ def test_region_ranks_only_its_candidates(window, chunks):
 
 
 def test_scores_equal_at_ranking_precision_tie():
-    """Scores that differ only below bfloat16 precision tie, and the earlier candidate wins; one
-    bit of bfloat16 precision more decides."""
-    f = torch.tensor([[[1.0, 1.0 + 2**-10, 0.5, 1.0 + 2**-7]]])
+    """Scores that differ only below ranking precision (``RANK_BITS``) tie, and the earlier candidate
+    wins; one bit of that precision more decides."""
+    f = torch.tensor([[[1.0, 1.0 + 2.0 ** -(RANK_BITS + 2), 0.5, 1.0 + 2.0 ** -(RANK_BITS - 1)]]])
     pos = torch.arange(4, dtype=torch.int32).view(1, 1, -1)
     assert check(f, pos, 1).tolist() == [[[3]]]
     assert check(f[..., :3], pos[..., :3], 1).tolist() == [[[0]]]
@@ -108,6 +108,18 @@ def test_normalisation_in_the_kernel_equals_dividing_first(window):
     got = check(f, pos, 700, window, total)
     # rounding to ranking precision depends on the scale, so where the division happens matters
     assert not torch.equal(got, topk_select_ref(f * 3.7, pos, 700, window))
+
+
+def test_low_digit_counted_by_histogram_atomics_or_not_at_all_in_one_row():
+    """Pass 2 counts a chunk's keys in the k-th key's high bin with ``tl.histogram`` when many are
+    there (chunk 0: all tie at the k-th score), by atomic adds when few (chunk 1: 8 of 128) and not at
+    all when none (chunk 2); one row mixes the three and matches the reference."""
+    g = torch.Generator().manual_seed(5)
+    u = lambda a, b, m: a + (b - a) * torch.rand(m, generator=g)  # noqa: E731
+    chunk1 = torch.cat([u(0.8, 1.9, 8), u(1e-4, 1e-2, 120)])[torch.randperm(128, generator=g)]
+    f = torch.cat([torch.full((128,), 0.75), chunk1, u(4.0, 100.0, 128)]).view(1, 1, -1)
+    got = check(f, torch.arange(384, dtype=torch.int32).view(1, 1, -1), 128 + 8 + 64, chunks=3, block=128)
+    assert (got[0, 0, :64] == torch.arange(64)).all()  # the first 64 of the tied chunk
 
 
 def test_all_equal_scores_take_the_first_k():
