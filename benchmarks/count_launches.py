@@ -70,10 +70,6 @@ def _counted(b, host: list[torch.Tensor], body) -> collections.Counter:
     """Launches of ``body()`` on backend ``b`` (``host``: its host tensors)."""
     import triton.runtime.interpreter as interp
 
-    from sfi_sglang import backend
-    from sfi_sglang.kernels.finish_coverage import finish_coverage
-    from sfi_sglang.kernels.held_mask import held_mask
-
     counts: collections.Counter = collections.Counter()
     mode = _Count(counts, host)
 
@@ -94,17 +90,13 @@ def _counted(b, host: list[torch.Tensor], body) -> collections.Counter:
 
     b._to_device = unpaused(to_device, lambda t: "host-to-device copy")
     run = unpaused(interp.InterpretedFunction.run, lambda fn, *_: "triton " + fn.fn.__name__)
-    patches = [(interp.InterpretedFunction, "run", run), (backend, "kept_mask", held_mask),
-               (backend, "finish_coverage_ref", finish_coverage)]  # the GPU versions of the last two
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    saved = interp.InterpretedFunction.run
+    interp.InterpretedFunction.run = run
     try:
-        for obj, name, value in patches:
-            setattr(obj, name, value)
         with mode:
             body()
     finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
+        interp.InterpretedFunction.run = saved
     return counts
 
 

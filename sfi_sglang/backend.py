@@ -103,16 +103,17 @@ def _reuse_refresh(slots, q_rows, lo, hi, records: list[SelectionRecord], to_dev
 
 class _Coverage:
     """Coverage of a slow-step refresh's rows (req-pool ``slots``, their ``previous`` selection state),
-    per layer (mean over KV heads; 1 until measured: a region kept whole held everything), device only."""
+    per layer (mean over KV heads; 1 until measured: a region kept whole held everything), device only;
+    through the Triton kernels if ``kernels`` (the backend's ``on_cuda``), else their torch references."""
 
-    def __init__(self, slots: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor], layers: int):
-        self.slots, self.previous = slots, previous
+    def __init__(self, slots: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor], layers: int, kernels: bool):
+        self.slots, self.previous, self.kernels = slots, previous, kernels
         self.by_layer = torch.ones(slots.shape[0], layers, dtype=torch.float32, device=slots.device)
 
     def held(self, part: slice, pos, prev_sel, g: int, sinks: int) -> torch.Tensor:
         """What the previous selections ``[g*S', Hkv, K]`` of ``g`` layers for the rows ``part`` held."""
         prev_hi, prev_cnt = (t[part].repeat(g) for t in self.previous)
-        return (held_mask if pos.is_cuda else kept_mask)(pos, sinks, prev_hi, prev_sel, prev_cnt)
+        return (held_mask if self.kernels else kept_mask)(pos, sinks, prev_hi, prev_sel, prev_cnt)
 
     def add(self, part: slice, cov: torch.Tensor, layers: torch.Tensor) -> None:
         """Coverage ``[g*S', Hkv]`` of the ``g`` ``layers`` (index tensor) for the rows ``part``."""
@@ -121,7 +122,7 @@ class _Coverage:
     def finish(self, store: SelectionStore, stats: SFIStats, keep: torch.Tensor | None = None) -> None:
         """Per row: mean over layers (and the worst layer) -> the store, the counters and (adaptive)
         the gap. Rows that had no selection before their slow step, or are not in ``keep``, are not measured."""
-        fn = finish_coverage if self.slots.is_cuda else finish_coverage_ref
+        fn = finish_coverage if self.kernels else finish_coverage_ref
         fn(store, stats, self.slots, self.by_layer, self.previous[1], keep)
 
 
@@ -214,7 +215,7 @@ class SFIBackend(AttentionBackend):
         self.slow_logits[:, :1, :, :n].zero_()  # the kept-logits row the refresh below reads
         for from_logits in sorted({False, cfg.logit_rows > 0}):
             r = _slow_step_refresh(slot, rows[:, :1], lo, hi, length, n, (hi, count), from_logits)
-            self._select(self.sparse_layers, q, r, _Coverage(slot, (hi, count), sh.num_layers))
+            self._select(self.sparse_layers, q, r, _Coverage(slot, (hi, count), sh.num_layers, self.on_cuda))
         logger.info("SFI: Selector kernels ready (%.1f s)", time.perf_counter() - t0)
 
     @classmethod
@@ -324,7 +325,7 @@ class SFIBackend(AttentionBackend):
     def _refresh_now(self, r: _Refresh, q: torch.Tensor) -> None:
         """The refresh ``r`` after a slow step, on this stream, for every layer (queries ``q``:
         ``[layers, rows, Hq, D]``): new selections, and the coverage of those they replace."""
-        cover = _Coverage(r.slots, r.previous, self.shape.num_layers)
+        cover = _Coverage(r.slots, r.previous, self.shape.num_layers, self.on_cuda)
         with self.stats.refresh_selector.time(r.from_logits):
             self._select(self.sparse_layers, q, r, cover)
         self._finish_coverage(cover)
@@ -344,7 +345,7 @@ class SFIBackend(AttentionBackend):
             hi=new_hi, count=new_count,
             pos=torch.zeros(sh.num_layers, len(slots), sh.kv_heads, self.cfg.topk, dtype=torch.int32,
                             device=self.device),
-            cover=_Coverage(slots, r.previous, sh.num_layers), done=None,
+            cover=_Coverage(slots, r.previous, sh.num_layers, self.on_cuda), done=None,
         )
         if self.side is None:
             with self.stats.refresh_selector.time(False):
@@ -427,7 +428,7 @@ class SFIBackend(AttentionBackend):
         shorter, fitted too), so the coverage is 1."""
         self.store.pos[:, slots, :, :width] = region_positions(lo, hi, width)
         if previous is not None:
-            cover = _Coverage(slots, previous, self.shape.num_layers)
+            cover = _Coverage(slots, previous, self.shape.num_layers, self.on_cuda)
             self._finish_coverage(cover)
 
     def _take_records(self, fb, rows: list[int], hi: torch.Tensor) -> dict[int, SelectionRecord]:

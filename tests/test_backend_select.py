@@ -8,12 +8,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import sfi_sglang.backend as backend
 import sfi_sglang.selector as selector
 from sfi_sglang.backend import SFIBackend, _slow_step_refresh
 import sfi_sglang.memory as memory
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.kernels.held_mask import held_mask
 from sfi_sglang.kernels.sfi_decode import sfi_decode_ref
 from sfi_sglang.model_check import AttentionShape
 
@@ -261,7 +259,6 @@ def test_selector_temporaries_stay_within_what_sfi_reserves(from_logits, monkeyp
     layers, hq, n = 6, 8, 1024
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(memory, "SELECTOR_SCRATCH", 2 * HKV * (hq // HKV) * n)  # from keys: 6 passes
-    monkeypatch.setattr(backend, "kept_mask", held_mask)
     g = torch.Generator().manual_seed(0)
     cfg = SFIConfig(topk=64, sinks=2, recent=8, slow_logit_rows=2 if from_logits else 0)
     shape = AttentionShape(layers, hq, HKV, D, D, D ** -0.5, 0.0)
