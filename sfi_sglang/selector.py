@@ -7,7 +7,7 @@ group with a power mean (order ``alpha``) -- that part is
 ``sfi_sglang.kernels.group_scores`` --, then here: mix in a prior on key norms and
 positions with the closed-form weight of the reference code (clipped to
 ``prior_lambda_max``), optionally spread each score to its neighbouring positions
-(``neighbor_window``, so spans are kept), and keep the top-k, ranked at bfloat16
+(``neighbor_window``, so spans are kept), and keep the top-k, ranked at ``RANK_BITS`` bits of
 precision (:func:`coarse`). Ties go to the earlier position.
 
 Candidates are usually a contiguous region ``[lo, hi)``; a request that reuses a
