@@ -11,6 +11,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
+from ab_topk_select import SHAPES, pass_times  # noqa: E402
 from bench_kernels import load_file, timed  # noqa: E402
 from sfi_sglang import selector  # noqa: E402
 from sfi_sglang.kernels.topk_select import topk_select_ref  # noqa: E402
@@ -30,20 +31,13 @@ def variant(bits: int):
     return load_file(f"topk_select_rank{bits}", path).topk_select
 
 
-def kernel_times(fn) -> str:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    return " ".join(f"{e.key}={e.device_time_total / 5:.0f}" for e in prof.key_averages() if e.key.startswith("_chunk"))
-
-
 def main() -> None:
     dev, k, window = "cuda", 3072, 2
     variants = {bits: variant(bits) for bits in (8, 7, 6, 5)}
+    default = selector.RANK_BITS
     g = torch.Generator(device=dev).manual_seed(0)
     print(torch.cuda.get_device_name(), "us per call at RANK_BITS", list(variants), "(per-pass kernel us)")
-    for s, n in [(32, 131072), (36, 131072), (144, 32768), (36, 32768), (128, 8192), (36, 8192)]:
+    for s, n in SHAPES:
         z = torch.zeros(s, dtype=torch.int32, device=dev)
         hi = torch.full((s,), n, dtype=torch.int32, device=dev)
         pos = restrict(region_positions(z, hi, n), z + 4, hi - 1024)
@@ -54,8 +48,8 @@ def main() -> None:
             selector.RANK_BITS = bits  # the reference's coarse() reads it
             assert torch.equal(fn(f, pos, k, window, total), topk_select_ref(f, pos, k, window, total)), bits
             call = lambda fn=fn: fn(f, pos, k, window, total)  # noqa: E731
-            line.append(f"{bits}: {timed(call, 10, True)[0]:7.1f} ({kernel_times(call)})")
-        selector.RANK_BITS = 8
+            line.append(f"{bits}: {timed(call, 10, True)[0]:7.1f} ({pass_times(call)})")
+        selector.RANK_BITS = default
         print(f"rows {s:>3} x 8, {n:>6}: " + " | ".join(line), flush=True)
 
 
