@@ -45,7 +45,7 @@ to the smaller index, as the Selector needs for deterministic selections, only o
 FilteredTopK path, which takes k <= 2048, and the default ``topk`` is 3072; it would
 also need the keys (spread, divided, coarse) written out before it. It is faster on
 long rows: at k 2048 (same output) 192 against 472 us at 36 x 8 x 128K, 257 against
-469 at 144 x 8 x 32K, even at 128 x 8 x 8K (H200, ``benchmarks/ab_flashinfer_topk.py``,
+469 at 144 x 8 x 32K; at 8K the two are within 4% (H200, ``benchmarks/ab_flashinfer_topk.py``,
 ``results/selector_ab_h200.log``, "Session 20").
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).

@@ -128,7 +128,7 @@ the top-k kernel, its fastest width on an H200 (``results/selector_ab_h200.log``
 
 def coarse(scores: torch.Tensor) -> torch.Tensor:
     """Float32 scores rounded toward zero to ``RANK_BITS`` significant bits. The Selector ranks
-    these: candidates within 2**-(RANK_BITS - 1) of each other (0.8% at 8 bits) may tie (and go
+    these: candidates within 2**-(RANK_BITS - 1) of each other (1.6% at 7 bits) may tie (and go
     to the earlier position), which changes nothing that matters here and lets the top-k kernel
     find the k-th score with two radix passes over 8 + RANK_BITS - 1 bit keys instead of four."""
     return (scores.view(torch.int32) & -(1 << (24 - RANK_BITS))).view(torch.float32)
