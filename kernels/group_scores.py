@@ -40,6 +40,7 @@ class Scores(NamedTuple):
 
 
 BLOCK_N = 512  # 256: 1.5x slower on an H200 (benchmarks/results/tune_selector_h200.json)
+NUM_WARPS = 4
 
 
 def in_region(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -155,9 +156,9 @@ def _scores(
 
 def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  alpha: float, held: torch.Tensor | None = None,
-                 block: int = BLOCK_N) -> Scores:
-    """Triton version of :func:`group_scores_ref` (same arguments and results); ``block``:
-    candidates per program (``benchmarks/tune_selector.py``)."""
+                 block: int = BLOCK_N, num_warps: int = NUM_WARPS) -> Scores:
+    """Triton version of :func:`group_scores_ref` (same arguments and results); ``block``
+    (candidates per program) and ``num_warps`` are the launch shape (``benchmarks/tune_selector.py``)."""
     s_rows, hkv, r, n = logits.shape
     assert positions.stride(-1) == 1
     nb = triton.cdiv(n, block)
@@ -166,7 +167,7 @@ def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor
     pos = positions.expand(s_rows, -1, n)
     strides = (logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), pos.stride(0),
                pos.stride(1) if pos.shape[1] > 1 else 0)
-    meta = dict(H=hkv, R=r, BLOCK_R=triton.next_power_of_2(r), BLOCK=block, num_warps=4)
+    meta = dict(H=hkv, R=r, BLOCK_R=triton.next_power_of_2(r), BLOCK=block, num_warps=num_warps)
     grid = (s_rows * hkv, nb)
     part = torch.empty(4, shr, nb, dtype=torch.float32, device=logits.device)
     _block_stats[grid](logits, pos, lo, hi, part, n, nb, shr, *strides, **meta)
@@ -176,6 +177,6 @@ def group_scores(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor
     sums = torch.empty(1 + (held is not None), s_rows * hkv, nb, dtype=torch.float32, device=logits.device)
     held_arg = held.contiguous().view(torch.int8) if held is not None else f
     _scores[grid](logits, pos, lo, hi, lse, held_arg, f, sums, alpha, n, nb, shr, *strides,
-                  H=hkv, R=r, BLOCK=block, HELD=held is not None, num_warps=4)
+                  H=hkv, R=r, BLOCK=block, HELD=held is not None, num_warps=num_warps)
     sums = sums.sum(-1).view(-1, s_rows, hkv)  # the score totals (and the held mass): one launch
     return Scores(f, sums[0], sums[1] if held is not None else None)
