@@ -110,15 +110,18 @@ def test_normalisation_in_the_kernel_equals_dividing_first(window):
     assert not torch.equal(got, topk_select_ref(f * 3.7, pos, 700, window))
 
 
-def test_low_digit_counted_by_histogram_atomics_or_not_at_all_in_one_row():
+@pytest.mark.parametrize("total", [None, 1024.0])
+def test_low_digit_counted_by_histogram_atomics_or_not_at_all_in_one_row(total):
     """Pass 2 counts a chunk's keys in the k-th key's high bin with ``tl.histogram`` when many are
     there (chunk 0: all tie at the k-th score), by atomic adds when few (chunk 1: 8 of 128) and not at
-    all when none (chunk 2); one row mixes the three and matches the reference."""
+    all when none (chunk 2); one row mixes the three and matches the reference, on raw scores and on
+    scores divided by a total (a power of two: the same octaves, the normalized keys' digits)."""
     g = torch.Generator().manual_seed(5)
     u = lambda a, b, m: a + (b - a) * torch.rand(m, generator=g)  # noqa: E731
     chunk1 = torch.cat([u(0.76, 0.99, 8), u(1e-4, 1e-2, 120)])[torch.randperm(128, generator=g)]
     f = torch.cat([torch.full((128,), 0.75), chunk1, u(4.0, 100.0, 128)]).view(1, 1, -1)
-    got = check(f, torch.arange(384, dtype=torch.int32).view(1, 1, -1), 128 + 8 + 64, chunks=3, block=128)
+    got = check(f, torch.arange(384, dtype=torch.int32).view(1, 1, -1), 128 + 8 + 64,
+                total=total and torch.full((1, 1), total), chunks=3, block=128)
     assert (got[0, 0, :64] == torch.arange(64)).all()  # the first 64 of the tied chunk
 
 
