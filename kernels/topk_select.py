@@ -65,8 +65,8 @@ PROGRAMS = 2048  # (row, chunk) programs a call aims for: many per SM on an H100
 # keys: a score's exponent and RANK_BITS - 1 stored mantissa bits, found in two digits
 SHIFT = tl.constexpr(24 - RANK_BITS)
 LOW_BITS = tl.constexpr((8 + RANK_BITS) // 2)
-HIGH_BINS = tl.constexpr(1 << (7 + RANK_BITS - (8 + RANK_BITS) // 2))
-LOW_BINS = tl.constexpr(1 << ((8 + RANK_BITS) // 2))
+HIGH_BINS = tl.constexpr(1 << (7 + RANK_BITS - LOW_BITS.value))
+LOW_BINS = tl.constexpr(1 << LOW_BITS.value)
 # pass 2 counts by atomics unless more than 1/ATOMIC_SHARE of a chunk's keys share the k-th high bin
 ATOMIC_SHARE = tl.constexpr(8)
 
