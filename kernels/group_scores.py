@@ -5,8 +5,8 @@ For refresh row ``i``, KV head ``h`` and candidate ``j``, from the logits
 
 - ``f[i, h, j]``: the power mean (order ``alpha``) over ``r`` of each query's softmax
   restricted to the region ``[lo_i, hi_i)`` of positions (0 elsewhere), and its sum
-  ``total[i, h]`` over the region: the Selector ranks ``f / total`` (the top-k kernel
-  divides as it reads, which saves a pass over ``f``);
+  ``total[i, h]`` over the region: the Selector ranks ``f * (1 / total)`` (the top-k kernel
+  scales as it reads, which saves a pass over ``f``);
 - ``coverage[i, h]`` (when ``held`` is given): the softmax mass over all candidates
   that falls on held ones, averaged over the ``R`` queries (``sfi_sglang.coverage``).
 
@@ -32,7 +32,7 @@ from sfi_sglang.coverage import coverage
 
 
 class Scores(NamedTuple):
-    """What the Selector ranks, ``f / total``, and the coverage of the held candidates (or None)."""
+    """What the Selector ranks, ``f * (1 / total)``, and the coverage of the held candidates (or None)."""
 
     f: torch.Tensor  # [S, Hkv, N]
     total: torch.Tensor  # [S, Hkv]

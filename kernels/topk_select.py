@@ -12,8 +12,8 @@ prefix and the tokens after it) -> the positions of the ``k`` best, ties to
 the earlier candidate, in candidate order; picked padding reads
 ``PAD_POSITION`` at the end.
 
-``total`` (optional, per row and head): the scores are ``f / total``, divided
-here as they are read (IEEE rounding, as torch divides), which saves
+``total`` (optional, per row and head): the scores are ``f * (1 / total)``, scaled
+here as they are read (one multiply, no per-candidate division), which saves
 ``group_scores`` a full pass over ``f``.
 
 Radix select at the Selector's ranking precision (scores as order-preserving
@@ -75,14 +75,14 @@ def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: in
                     total: torch.Tensor | None = None, region: tuple[torch.Tensor, torch.Tensor] | None = None,
                     contiguous: bool = True) -> torch.Tensor:
     """f ``[S, Hkv, N]``, positions ``[S, 1 or Hkv, N]`` ascending among valid ones -> ``[S, Hkv, min(k, N)]``.
-    ``total [S, Hkv]``: scores are ``f / total`` (the normalisation ``group_scores`` leaves to the top-k).
+    ``total [S, Hkv]``: scores are ``f * (1 / total)`` (the normalisation ``group_scores`` leaves to the top-k).
     ``region``: ``(lo, hi) [S]``, only candidates at positions in ``[lo, hi)`` are ranked. ``contiguous``:
     the candidates are consecutive positions (then padding), else the spread takes only neighbours within
     ``window`` positions (``sfi_sglang.selector.spread_to_neighbors``)."""
     if region is not None:
         positions = restrict(positions, *region)
     if total is not None:
-        f = f / total.unsqueeze(-1)
+        f = f * total.reciprocal().unsqueeze(-1)
     if window > 0:
         f = spread_to_neighbors(f, positions, window, contiguous)
     return topk_positions(f.masked_fill(positions < 0, -1.0), positions, k)
@@ -117,7 +117,7 @@ def _neighbor(F, Pos, at, ok, p, lo, hi, WINDOW: tl.constexpr, NEAR: tl.constexp
 
 
 @triton.jit
-def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr, NEAR: tl.constexpr):
+def _keys(F, Pos, j, N, scale, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr, NEAR: tl.constexpr):
     """Order-preserving keys of candidates ``j`` at ranking precision (0: padding, out of range or outside
     ``[lo, hi)``). ``NEAR``: candidates are not consecutive positions, so the spread checks positions."""
     inb = j < N
@@ -128,11 +128,11 @@ def _keys(F, Pos, j, N, total, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr,
         for d in tl.static_range(1, WINDOW + 1):
             m = tl.maximum(m, _neighbor(F, Pos, j - d, inb & (j >= d), p, lo, hi, WINDOW, NEAR))
             m = tl.maximum(m, _neighbor(F, Pos, j + d, (j + d) < N, p, lo, hi, WINDOW, NEAR))
-        if NORM:  # IEEE division, as torch's: rounding is monotone, so max-then-divide is divide-then-max
-            s, m = tl.math.div_rn(s, total), tl.math.div_rn(m, total)
+        if NORM:  # rounding is monotone, so max-then-scale is scale-then-max
+            s, m = s * scale, m * scale
         s = 0.5 * (s + m)
     elif NORM:
-        s = tl.math.div_rn(s, total)
+        s = s * scale
     # scores are >= 0, so their float bits order as ints; the top bits are the coarse score
     # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding; < HIGH_BINS * LOW_BINS
     return tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> SHIFT) + 1, 0)
@@ -168,7 +168,7 @@ def _row_hist(Hist, ih, C, BINS: tl.constexpr):
 
 
 @triton.jit
-def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, HistLo, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
+def _chunk_high(F, Scale, Pos, Lo, Hi, Keys, HistHi, HistLo, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
                 H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, REGION: tl.constexpr, NEAR: tl.constexpr,
                 BLOCK: tl.constexpr):
     """Pass 1 for chunk ``c`` of row ``ih``: its keys, and the histogram of their high digit."""
@@ -179,14 +179,14 @@ def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, HistLo, N, C, CHUNK, stride
     F += i * stride_fs + h * stride_fh
     Pos += i * stride_ps + h * stride_ph
     Keys += ih.to(tl.int64) * N
-    total = tl.load(Total + ih) if NORM else 1.0
+    scale = tl.load(Scale + ih) if NORM else 1.0
     lo, hi = _bounds(Lo, Hi, i, REGION)
     offs = tl.arange(0, BLOCK)
     end = tl.minimum(c * CHUNK + CHUNK, N)
     hist = tl.zeros([HIGH_BINS], dtype=tl.int32)
     for start in range(c * CHUNK, end, BLOCK):
         j = start + offs
-        key = _keys(F, Pos, j, N, total, lo, hi, WINDOW, NORM, NEAR)
+        key = _keys(F, Pos, j, N, scale, lo, hi, WINDOW, NORM, NEAR)
         tl.store(Keys + j, key.to(tl.int16), mask=j < end)
         hist += tl.histogram(key >> LOW_BITS, HIGH_BINS, mask=j < end)
     tl.store(HistHi + (ih * C + c) * HIGH_BINS + tl.arange(0, HIGH_BINS), hist)
@@ -288,12 +288,13 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
     keys = torch.empty(rows, n, dtype=torch.int16, device=f.device)
     hist_hi = torch.empty(rows, chunks, HIGH_BINS.value, dtype=torch.int32, device=f.device)
     hist_lo = torch.empty(rows, chunks, LOW_BINS.value, dtype=torch.int32, device=f.device)
-    norm = total.float().contiguous() if total is not None else f
+    scale = total.float().reciprocal().contiguous() if total is not None else f
     lo, hi = (t.to(torch.int32).contiguous() for t in region) if region is not None else (f, f)
     grid = (rows, chunks)
-    _chunk_high[grid](f, norm, pos, lo, hi, keys, hist_hi, hist_lo, n, chunks, chunk, f.stride(0), f.stride(1),
+    _chunk_high[grid](f, scale, pos, lo, hi, keys, hist_hi, hist_lo, n, chunks, chunk, f.stride(0), f.stride(1),
                       *pos_strides, H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None,
-                      NEAR=not contiguous, BLOCK=block, num_warps=num_warps)
+                      NEAR=not contiguous, BLOCK=block, num_warps=num_warps,
+                      enable_fp_fusion=False)  # products rounded before the sum, as torch's ops
     _chunk_low[grid](keys, hist_hi, hist_lo, n, k, chunks, chunk, BLOCK=block, num_warps=num_warps)
     _chunk_take[grid](keys, pos, hist_hi, hist_lo, out, n, k, chunks, chunk, *pos_strides,
                       H=hkv, BLOCK=block, PAD=PAD_POSITION, num_warps=num_warps)

@@ -179,14 +179,14 @@ def select(
 ) -> torch.Tensor:
     """The Selector under ``cfg`` after ``group_scores``: group attention ``f [S, Hkv, N]`` of
     candidates at ``positions`` (ascending; only those in the ``region`` ``(lo, hi)`` are ranked; divided
-    by ``total [S, Hkv]`` if given) -> ``[S, Hkv, min(topk, N)]`` selected positions (see
+    scaled by ``1 / total [S, Hkv]`` if given) -> ``[S, Hkv, min(topk, N)]`` selected positions (see
     :func:`topk_positions`). ``fused_topk`` (``sfi_sglang.kernels.topk_select``) does the top-k, the
     region, the division and the neighbour spread in its launches instead of these torch ops."""
     fused_window = cfg.neighbor_window if fused_topk is not None else 0
     if fused_topk is None or cfg.prior_lambda_max > 0:
         positions = restrict(positions, *region)  # torch ops come first: they take the region's candidates
         if total is not None:  # and the divided scores
-            f, total = f / total.unsqueeze(-1), None
+            f, total = f * total.reciprocal().unsqueeze(-1), None
     s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window - fused_window,
                     contiguous, mask=fused_topk is None)
     if fused_topk is None:

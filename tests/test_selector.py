@@ -86,7 +86,7 @@ def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
 def aggregate(logits, pos, alpha, lam, log_norm, region, window, contiguous=False):
     """The Selector's scores from logits: group_scores_ref, then rank_scores."""
     f, total, _ = group_scores_ref(logits, pos, *region, alpha)
-    return rank_scores(f / total.unsqueeze(-1), pos, lam, log_norm, region, window, contiguous)
+    return rank_scores(f * total.reciprocal().unsqueeze(-1), pos, lam, log_norm, region, window, contiguous)
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4])

@@ -97,16 +97,17 @@ def test_scores_equal_at_ranking_precision_tie():
 
 
 @pytest.mark.parametrize("window", [0, 2])
-def test_normalisation_in_the_kernel_equals_dividing_first(window):
-    """Unnormalised scores and their row totals (``group_scores``' output) rank as the divided
-    scores do: the kernel divides with IEEE rounding, as torch does, before the neighbour spread."""
+def test_normalisation_in_the_kernel_equals_scaling_first(window):
+    """Unnormalised scores and their row totals (``group_scores``' output) rank as the scaled
+    scores do: the kernel multiplies by the totals' reciprocals (rounded products, no fused
+    multiply-add), as torch's separate ops do, before the neighbour spread."""
     g = torch.Generator().manual_seed(window)
     n = 2 * BLOCK_N + 300  # 4396: at this n and seed, scaling the scores changes their ranking
     pos = region_positions(torch.tensor([0, 4]), torch.tensor([n, n - 500]), n)
     f = torch.rand(2, 3, n, generator=g).pow(8).masked_fill(pos < 0, 0.0)  # skewed: many near-ties
     total = f.sum(-1) * (1 + torch.rand(2, 3, generator=g))
     got = check(f, pos, 700, window, total)
-    # rounding to ranking precision depends on the scale, so where the division happens matters
+    # rounding to ranking precision depends on the scale, so where the scaling happens matters
     assert not torch.equal(got, topk_select_ref(f * 3.7, pos, 700, window))
 
 
