@@ -34,7 +34,7 @@ def main() -> None:
         pos = restrict(region_positions(z, hi, n), z + 4, hi - 1024)
         f = torch.exp(2 * torch.randn(s, hkv, n, device=dev, generator=g)).masked_fill(pos < 0, 0.0)
         total = f.sum(-1)
-        spread = spread_to_neighbors(f / total.unsqueeze(-1), pos, window, contiguous=True)
+        spread = spread_to_neighbors(f * total.reciprocal().unsqueeze(-1), pos, window, contiguous=True)
         keys = coarse(spread).masked_fill(pos < 0, -1.0).to(torch.bfloat16).view(s * hkv, n)
         line = []
         for k in (2048, 3072):

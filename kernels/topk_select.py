@@ -43,10 +43,11 @@ the passes cost more than the narrower histograms save.
 Why not FlashInfer's ``top_k`` (0.6.15, a radix top-k for long rows): it gives ties
 to the smaller index, as the Selector needs for deterministic selections, only on its
 FilteredTopK path, which takes k <= 2048, and the default ``topk`` is 3072; it would
-also need the keys (spread, divided, coarse) written out before it. It is faster on
-long rows: at k 2048 (same output) 192 against 472 us at 36 x 8 x 128K, 257 against
-469 at 144 x 8 x 32K; at 8K the two are within 4% (H200, ``benchmarks/ab_flashinfer_topk.py``,
-``results/selector_ab_h200.log``, "Session 20").
+also need the keys (spread, scaled, coarse) written out before it, a pass that is most of
+this kernel's pass 1. It is faster on long rows: at k 2048 (same output, keys made
+beforehand and not timed) 192 against 472 us at 36 x 8 x 128K, 257 against 469 at 144 x 8 x
+32K, where this top-k now takes 362 and 352 us; at 8K the two are within 4% (H200,
+``benchmarks/ab_flashinfer_topk.py``, ``results/selector_ab_h200.log``, "Session 20" and "21").
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
