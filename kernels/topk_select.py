@@ -169,7 +169,7 @@ def _row_hist(Hist, ih, C, BINS: tl.constexpr):
 
 
 @triton.jit
-def _chunk_high(F, Scale, Pos, Lo, Hi, Keys, HistHi, HistLo, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
+def _chunk_high(F, Total, Pos, Lo, Hi, Keys, HistHi, HistLo, N, C, CHUNK, stride_fs, stride_fh, stride_ps, stride_ph,
                 H: tl.constexpr, WINDOW: tl.constexpr, NORM: tl.constexpr, REGION: tl.constexpr, NEAR: tl.constexpr,
                 BLOCK: tl.constexpr):
     """Pass 1 for chunk ``c`` of row ``ih``: its keys, and the histogram of their high digit."""
@@ -180,7 +180,7 @@ def _chunk_high(F, Scale, Pos, Lo, Hi, Keys, HistHi, HistLo, N, C, CHUNK, stride
     F += i * stride_fs + h * stride_fh
     Pos += i * stride_ps + h * stride_ph
     Keys += ih.to(tl.int64) * N
-    scale = tl.load(Scale + ih) if NORM else 1.0
+    scale = tl.math.div_rn(1.0, tl.load(Total + ih)) if NORM else 1.0  # as torch's reciprocal
     lo, hi = _bounds(Lo, Hi, i, REGION)
     offs = tl.arange(0, BLOCK)
     end = tl.minimum(c * CHUNK + CHUNK, N)
@@ -289,10 +289,10 @@ def topk_select(f: torch.Tensor, positions: torch.Tensor, k: int, window: int = 
     keys = torch.empty(rows, n, dtype=torch.int16, device=f.device)
     hist_hi = torch.empty(rows, chunks, HIGH_BINS.value, dtype=torch.int32, device=f.device)
     hist_lo = torch.empty(rows, chunks, LOW_BINS.value, dtype=torch.int32, device=f.device)
-    scale = total.float().reciprocal().contiguous() if total is not None else f
+    norm = total.float().contiguous() if total is not None else f
     lo, hi = (t.to(torch.int32).contiguous() for t in region) if region is not None else (f, f)
     grid = (rows, chunks)
-    _chunk_high[grid](f, scale, pos, lo, hi, keys, hist_hi, hist_lo, n, chunks, chunk, f.stride(0), f.stride(1),
+    _chunk_high[grid](f, norm, pos, lo, hi, keys, hist_hi, hist_lo, n, chunks, chunk, f.stride(0), f.stride(1),
                       *pos_strides, H=hkv, WINDOW=window, NORM=total is not None, REGION=region is not None,
                       NEAR=not contiguous, BLOCK=block, num_warps=num_warps,
                       enable_fp_fusion=False)  # products rounded before the sum, as torch's ops
