@@ -1,6 +1,6 @@
 """FlashInfer's ``top_k`` against the Selector's ``topk_select``, same run, inside CUDA graphs (eagerly
 where a call cannot be captured), at the Selector's shapes (rows x 8 KV heads x candidates, neighbour
-window 2, scores divided by their row totals, attention-like skew). FlashInfer ranks the coarse
+window 2, scores scaled by their row totals, attention-like skew). FlashInfer ranks the coarse
 (bfloat16) spread scores, made beforehand with torch and not timed; at k 2048 with ties to the smaller
 index (``tie_break=1``: its FilteredTopK path, k <= 2048 only; deterministic, indices ascending), its
 positions are checked equal to ours. At k 3072 (the default) only its multi-CTA radix path runs (ties not
@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_kernels import timed  # noqa: E402
 from sfi_sglang.kernels.topk_select import topk_select  # noqa: E402
-from sfi_sglang.selector import coarse, region_positions, restrict, spread_to_neighbors  # noqa: E402
+from sfi_sglang.selector import coarse, region_positions, restrict, scaled, spread_to_neighbors  # noqa: E402
 
 SHAPES = [(36, 131072), (32, 131072), (144, 32768), (36, 32768), (128, 8192), (36, 8192)]
 
@@ -34,7 +34,7 @@ def main() -> None:
         pos = restrict(region_positions(z, hi, n), z + 4, hi - 1024)
         f = torch.exp(2 * torch.randn(s, hkv, n, device=dev, generator=g)).masked_fill(pos < 0, 0.0)
         total = f.sum(-1)
-        spread = spread_to_neighbors(f * total.reciprocal().unsqueeze(-1), pos, window, contiguous=True)
+        spread = spread_to_neighbors(scaled(f, total), pos, window, contiguous=True)
         keys = coarse(spread).masked_fill(pos < 0, -1.0).to(torch.bfloat16).view(s * hkv, n)
         line = []
         for k in (2048, 3072):

@@ -1,7 +1,7 @@
 """A/B on one GPU, same run, inside CUDA graphs: the Selector's top-k (``topk_select``) at ranking
 precisions of ``RANK_BITS`` significant bits (8: bfloat16's; fewer bits: shorter keys, smaller
 histograms in both radix passes), at the Selector's shapes (rows x 8 KV heads x candidates, k 3072,
-neighbour window 2, scores divided by their row totals in the kernel, attention-like skew). Each
+neighbour window 2, scores scaled by their row totals in the kernel, attention-like skew). Each
 variant's output is checked against the torch reference at its own precision; per-pass kernel times
 from the profiler. ``python benchmarks/ab_rank_bits.py``"""
 import os

@@ -1,6 +1,6 @@
 """A/B on one GPU, same run, inside CUDA graphs: the Selector's top-k (``topk_select``) against a
 previous version of it (a path, default ``gpurun/topk_select_main.py``: ``git show <rev>:kernels/topk_select.py``), at
-the Selector's shapes (rows x 8 KV heads x candidates, k 3072, neighbour window 2, scores divided by
+the Selector's shapes (rows x 8 KV heads x candidates, k 3072, neighbour window 2, scores scaled by
 their row totals in the kernel, attention-like skew: lognormal, and all equal, the compaction's worst
 case). Columns: previous / this / previous again (the run-order control), each with its per-pass kernel
 times (profiler); this one's output checked equal to the torch reference, and the previous one's

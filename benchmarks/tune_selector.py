@@ -4,7 +4,7 @@
 
 ``topk_select``: candidates per loop step and warps, for as many (row, KV head) rows as a
 refresh gives it (one layer of batch 16, or 12 layers of batch 4 and more) at 8K-128K candidates,
-the default topk and neighbour window, scores divided by their totals in the kernel (rows split
+the default topk and neighbour window, scores scaled by their totals in the kernel (rows split
 over about ``topk_select.PROGRAMS`` chunk programs).
 ``group_scores``: candidates per program and warps at batch 4 and 16, four queries per KV head, on the
 logits of a refresh from the keys (fp32, query-major) and on a slow step's kept logits (fp16,
@@ -57,7 +57,7 @@ def main() -> None:
     rows = []
     for s, n in TOPK_SHAPES if "topk_select" in args.kernels else ():
         f = torch.rand(s, HKV, n, device=dev)
-        total = f.sum(-1)  # the backend passes group_scores' totals: the kernel divides
+        total = f.sum(-1)  # the backend passes group_scores' totals: the kernel scales by them
         pos = region_positions(torch.zeros(s, dtype=torch.int32, device=dev), torch.full((s,), n, device=dev), n)
         times = {}
         for block, warps in TOPK_LAUNCHES:

@@ -21,7 +21,7 @@ keys of 7 + ``RANK_BITS`` bits: ``sfi_sglang.selector.coarse``), each (row,
 head) split over chunks of candidates, about ``PROGRAMS`` (row, chunk)
 programs per call:
 
-1. each chunk makes its keys (division and neighbour spread included) into an
+1. each chunk makes its keys (scaling and neighbour spread included) into an
    int16 scratch row and stores the histogram of their high digit (7 bits);
 2. each chunk sums its row's high histograms, finds the k-th key's high bin,
    and stores the histogram of the low digit of its keys in that bin (by
@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.selector import PAD_POSITION, RANK_BITS, restrict, spread_to_neighbors, topk_positions
+from sfi_sglang.selector import PAD_POSITION, RANK_BITS, restrict, scaled, spread_to_neighbors, topk_positions
 
 BLOCK_N = 2048  # with 4 warps and PROGRAMS 2048: best or near it at the Selector's shapes (H200, log above)
 NUM_WARPS = 4
@@ -83,7 +83,7 @@ def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: in
     if region is not None:
         positions = restrict(positions, *region)
     if total is not None:
-        f = f * total.reciprocal().unsqueeze(-1)
+        f = scaled(f, total)
     if window > 0:
         f = spread_to_neighbors(f, positions, window, contiguous)
     return topk_positions(f.masked_fill(positions < 0, -1.0), positions, k)

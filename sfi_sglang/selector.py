@@ -126,6 +126,12 @@ RANK_BITS = 7
 the top-k kernel, its fastest width on an H200 (``results/selector_ab_h200.log``, "Session 20")."""
 
 
+def scaled(f: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Scores ``f [S, Hkv, N]`` times their rows' ``1 / total [S, Hkv]``: the reciprocal, then one product
+    per score, as the top-k kernel rounds them (a multiply per candidate instead of a division)."""
+    return f * total.reciprocal().unsqueeze(-1)
+
+
 def coarse(scores: torch.Tensor) -> torch.Tensor:
     """Float32 scores rounded toward zero to ``RANK_BITS`` significant bits. The Selector ranks
     these: candidates within 2**-(RANK_BITS - 1) of each other (1.6% at 7 bits) may tie (and go
@@ -178,15 +184,15 @@ def select(
     total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Selector under ``cfg`` after ``group_scores``: group attention ``f [S, Hkv, N]`` of
-    candidates at ``positions`` (ascending; only those in the ``region`` ``(lo, hi)`` are ranked; divided
-    scaled by ``1 / total [S, Hkv]`` if given) -> ``[S, Hkv, min(topk, N)]`` selected positions (see
+    candidates at ``positions`` (ascending; only those in the ``region`` ``(lo, hi)`` are ranked;
+    scaled by ``1 / total [S, Hkv]`` if given: :func:`scaled`) -> ``[S, Hkv, min(topk, N)]`` selected positions (see
     :func:`topk_positions`). ``fused_topk`` (``sfi_sglang.kernels.topk_select``) does the top-k, the
-    region, the division and the neighbour spread in its launches instead of these torch ops."""
+    region, the scaling and the neighbour spread in its launches instead of these torch ops."""
     fused_window = cfg.neighbor_window if fused_topk is not None else 0
     if fused_topk is None or cfg.prior_lambda_max > 0:
         positions = restrict(positions, *region)  # torch ops come first: they take the region's candidates
-        if total is not None:  # and the divided scores
-            f, total = f * total.reciprocal().unsqueeze(-1), None
+        if total is not None:  # and the scaled scores
+            f, total = scaled(f, total), None
     s = rank_scores(f, positions, cfg.prior_lambda_max, log_norm, region, cfg.neighbor_window - fused_window,
                     contiguous, mask=fused_topk is None)
     if fused_topk is None:

@@ -7,7 +7,7 @@ import torch
 
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref, in_region
-from sfi_sglang.selector import (PAD_POSITION, coarse, mix_prior, prior, rank_scores, region_positions,
+from sfi_sglang.selector import (PAD_POSITION, coarse, mix_prior, prior, rank_scores, region_positions, scaled,
                                  spread_to_neighbors, topk_positions)
 
 
@@ -86,7 +86,7 @@ def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
 def aggregate(logits, pos, alpha, lam, log_norm, region, window, contiguous=False):
     """The Selector's scores from logits: group_scores_ref, then rank_scores."""
     f, total, _ = group_scores_ref(logits, pos, *region, alpha)
-    return rank_scores(f * total.reciprocal().unsqueeze(-1), pos, lam, log_norm, region, window, contiguous)
+    return rank_scores(scaled(f, total), pos, lam, log_norm, region, window, contiguous)
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4])

@@ -116,7 +116,7 @@ def test_low_digit_counted_by_histogram_atomics_or_not_at_all_in_one_row(total):
     """Pass 2 counts a chunk's keys in the k-th key's high bin with ``tl.histogram`` when many are
     there (chunk 0: all tie at the k-th score), by atomic adds when few (chunk 1: 8 of 128) and not at
     all when none (chunk 2); one row mixes the three and matches the reference, on raw scores and on
-    scores divided by a total (a power of two: the same octaves, the normalized keys' digits)."""
+    scores scaled by a total (a power of two: the same octaves, the normalized keys' digits)."""
     g = torch.Generator().manual_seed(5)
     u = lambda a, b, m: a + (b - a) * torch.rand(m, generator=g)  # noqa: E731
     chunk1 = torch.cat([u(0.76, 0.99, 8), u(1e-4, 1e-2, 120)])[torch.randperm(128, generator=g)]
