@@ -8,7 +8,6 @@ position ``positions[l * S + i, h, j]``, read straight from the layer's KV pool 
 ``req_to_token`` (no gathered copy of the keys). ``positions`` may have one head row
 shared by all KV heads (a contiguous region) or one per KV head (a cached selection
 plus new tokens); ``-1`` marks a padding candidate, whose logits are ``-inf``.
-Optionally also the log key norms (the Selector's prior needs them).
 
 ``candidate_logits_ref`` is the torch reference; ``candidate_logits`` the Triton kernel,
 one launch for all layers (the layers' K pools are reached as offsets from the first
@@ -27,10 +26,10 @@ BLOCK_N = 64
 
 
 def candidate_logits_ref(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, positions, sm_scale: float,
-                         logit_cap: float = 0.0, norms: bool = False):
+                         logit_cap: float = 0.0) -> torch.Tensor:
     """q ``[L, S, W, Hq, D]`` (the queries of L layers); k_bufs: those layers' K pools ``[P, Hkv, D]``;
     positions ``[L*S, 1 or Hkv, N]`` (int, -1: padding; layer-major) -> logits ``[L*S, Hkv, W*G, N]``
-    (fp32) and, if ``norms``, log key norms ``[L*S, Hkv, N]`` (else None)."""
+    (fp32)."""
     n_layers, s_rows, w, hq, d = q.shape
     hkv = k_bufs[0].shape[1]
     g = hq // hkv
@@ -43,18 +42,16 @@ def candidate_logits_ref(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots,
     x = torch.einsum("shrd,shnd->shrn", qg, keys) * sm_scale
     if logit_cap > 0:
         x = logit_cap * torch.tanh(x / logit_cap)
-    logits = x.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    log_norm = keys.norm(dim=-1).clamp_min(1e-6).log().masked_fill(~valid, 0.0) if norms else None
-    return logits, log_norm
+    return x.masked_fill(~valid.unsqueeze(2), float("-inf"))
 
 
 @triton.jit(do_not_specialize=["S"])  # one compiled kernel for every row count
 def _candidate_logits(
-    Q, K, KOffsets, ReqToToken, Slots, Pos, Out, LogNorm, sm_scale, logit_cap, N, S,
+    Q, K, KOffsets, ReqToToken, Slots, Pos, Out, sm_scale, logit_cap, N, S,
     stride_ql, stride_qs, stride_qw, stride_qh, stride_kt, stride_kh, stride_r, stride_ps, stride_ph,
-    stride_os, stride_oh, stride_or, stride_ns, stride_nh,
+    stride_os, stride_oh, stride_or,
     G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, CAP: tl.constexpr, NORMS: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, CAP: tl.constexpr,
 ):
     li = tl.program_id(0)  # layer * S + row
     h = tl.program_id(1)
@@ -80,15 +77,11 @@ def _candidate_logits(
     s = tl.where(valid[None, :], s, float("-inf"))
     tl.store(Out + li * stride_os + h * stride_oh + offs_r[:, None] * stride_or + j[None, :], s,
              mask=r_mask[:, None] & (j < N)[None, :])
-    if NORMS:
-        kf = k.to(tl.float32)
-        ln = 0.5 * tl.log(tl.maximum(tl.sum(kf * kf, 1), 1e-12))
-        tl.store(LogNorm + li * stride_ns + h * stride_nh + j, tl.where(valid, ln, 0.0), mask=j < N)
 
 
 def candidate_logits(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, positions, sm_scale: float,
-                     logit_cap: float = 0.0, norms: bool = False):
-    """Triton version of :func:`candidate_logits_ref` (same arguments and results). The K pools must
+                     logit_cap: float = 0.0) -> torch.Tensor:
+    """Triton version of :func:`candidate_logits_ref` (same arguments and result). The K pools must
     share dtype and strides (one KV pool's layers)."""
     n_layers, s_rows, w, hq, d = q.shape
     k0 = k_bufs[0]
@@ -104,14 +97,13 @@ def candidate_logits(q, k_bufs: Sequence[torch.Tensor], req_to_token, slots, pos
     pos = positions.contiguous().expand(n_layers * s_rows, hkv, n)
     blocks = triton.cdiv(n, BLOCK_N)
     out = torch.empty(n_layers * s_rows, hkv, w * g, n, dtype=torch.float32, device=q.device)
-    log_norm = torch.empty(n_layers * s_rows, hkv, n, dtype=torch.float32, device=q.device) if norms else out
     _candidate_logits[(n_layers * s_rows, hkv, blocks)](
-        q, k0, offsets, req_to_token, slots, pos, out, log_norm, sm_scale, logit_cap if logit_cap > 0 else 1.0, n,
+        q, k0, offsets, req_to_token, slots, pos, out, sm_scale, logit_cap if logit_cap > 0 else 1.0, n,
         s_rows, q.stride(0), q.stride(1), q.stride(2), q.stride(3), k0.stride(0), k0.stride(1),
         req_to_token.stride(0), pos.stride(0), pos.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), log_norm.stride(0), log_norm.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
         G=g, R=w * g, BLOCK_R=max(16, triton.next_power_of_2(w * g)), BLOCK=BLOCK_N,
-        D=d, BLOCK_D=triton.next_power_of_2(d), CAP=logit_cap > 0, NORMS=norms,
+        D=d, BLOCK_D=triton.next_power_of_2(d), CAP=logit_cap > 0,
         num_warps=4,
     )
-    return out, (log_norm if norms else None)
+    return out

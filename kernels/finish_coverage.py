@@ -1,15 +1,14 @@
 """The end of a slow-step refresh in one launch: the measured coverage into the per-request state.
 
 For each refreshed row ``i`` (req-pool slot ``slots[i]``) with per-layer coverage ``by_layer[i]``,
-measured if it had a selection before its slow step (``prev_count[i] >= 0``) and, when given,
-``keep[i]`` (a deferred refresh whose slot started another request since is not measured): the
-request's summaries in the ``SelectionStore`` (``SelectionStore.add_coverage``), the server totals in
-``SFIStats`` (``SFIStats.add_coverage``) and, with ``adaptive_refresh``, the row's boundary gap
-(``sfi_sglang.coverage.next_gap``).
+measured if it had a selection before its slow step (``prev_count[i] >= 0``): the slot's last
+coverage (``coverage``, the mean over layers), its per-layer sums (``layer_cov``) and its summary
+(``cov_stats``: sum of the means, lowest worst-layer value, slow steps measured), and the server
+totals (``totals``, float64: sum of the means, sum of the worst layers, rows measured).
 
-``finish_coverage_ref`` composes those torch functions (CPU runs and the test oracle);
-``finish_coverage`` does the same in one Triton program instead of about 28 small kernels: at batch 1
-a refresh is host-bound (``benchmarks/count_launches.py`` counts its launches).
+``finish_coverage_ref`` is the torch reference (CPU runs and the test oracle); ``finish_coverage``
+does the same in one Triton program instead of about 20 small kernels: at batch 1 a refresh is
+bound by its launches (``benchmarks/count_launches.py`` counts them).
 """
 
 from __future__ import annotations
@@ -18,26 +17,26 @@ import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.coverage import next_gap
-from sfi_sglang.memory import SelectionStore
-from sfi_sglang.metrics import SFIStats
 
-
-def finish_coverage_ref(store: SelectionStore, stats: SFIStats, slots: torch.Tensor, by_layer: torch.Tensor,
-                        prev_count: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-    """``by_layer [S, layers]`` coverage of the rows in ``slots`` -> ``store`` and ``stats``."""
-    measured = prev_count >= 0 if keep is None else (prev_count >= 0) & keep
+def finish_coverage_ref(slots: torch.Tensor, by_layer: torch.Tensor, prev_count: torch.Tensor,
+                        coverage: torch.Tensor, layer_cov: torch.Tensor, cov_stats: torch.Tensor,
+                        totals: torch.Tensor) -> None:
+    """``by_layer [S, layers]`` coverage of the rows in ``slots`` -> the slot state (``coverage [slots]``,
+    ``layer_cov [slots, layers]``, ``cov_stats [slots, 3]``) and ``totals [3]``."""
+    measured = prev_count >= 0
+    m = measured.float()
     mean, worst = by_layer.mean(1), by_layer.min(1).values
-    store.add_coverage(slots, mean, worst, measured, by_layer)
-    stats.add_coverage(mean, worst, measured)
-    if store.cfg.adaptive_refresh:
-        store.gap[slots] = torch.where(measured, next_gap(store.gap[slots], mean, store.cfg), store.gap[slots])
+    layer_cov[slots] += by_layer * m.unsqueeze(1)
+    coverage[slots] = torch.where(measured, mean, coverage[slots])
+    st = cov_stats[slots]
+    cov_stats[slots] = torch.stack(
+        [st[:, 0] + mean * m, torch.where(measured, torch.minimum(st[:, 1], worst), st[:, 1]), st[:, 2] + m], 1)
+    md = m.double()
+    totals += torch.stack([(mean.double() * md).sum(), (worst.double() * md).sum(), md.sum()])
 
 
 @triton.jit
-def _finish_coverage(Slots, ByLayer, PrevCnt, Keep, LayerCov, Coverage, CovStats, Gap, Totals, S, L,
-                     KEEP: tl.constexpr, ADAPTIVE: tl.constexpr, TARGET: tl.constexpr, MIN_GAP: tl.constexpr,
-                     MAX_FAST: tl.constexpr, BLOCK_L: tl.constexpr):
+def _finish_coverage(Slots, ByLayer, PrevCnt, LayerCov, Coverage, CovStats, Totals, S, L, BLOCK_L: tl.constexpr):
     layers = tl.arange(0, BLOCK_L)
     lmask = layers < L
     t_mean = tl.zeros([1], tl.float64)
@@ -45,8 +44,6 @@ def _finish_coverage(Slots, ByLayer, PrevCnt, Keep, LayerCov, Coverage, CovStats
     t_count = tl.zeros([1], tl.float64)
     for i in range(0, S):
         m = tl.load(PrevCnt + i) >= 0
-        if KEEP:
-            m = m & (tl.load(Keep + i) != 0)
         slot = tl.load(Slots + i).to(tl.int64)
         c = tl.load(ByLayer + i * L + layers, mask=lmask, other=0.0)
         mean = tl.sum(c, 0) / L
@@ -58,9 +55,6 @@ def _finish_coverage(Slots, ByLayer, PrevCnt, Keep, LayerCov, Coverage, CovStats
         tl.store(st, tl.load(st) + mean, mask=m)
         tl.store(st + 1, tl.minimum(tl.load(st + 1), worst), mask=m)
         tl.store(st + 2, tl.load(st + 2) + 1.0, mask=m)
-        if ADAPTIVE:
-            gap = tl.load(Gap + slot)
-            tl.store(Gap + slot, tl.where(mean >= TARGET, tl.minimum(2 * gap, MAX_FAST), MIN_GAP), mask=m)
         w = m.to(tl.float64)
         t_mean += mean.to(tl.float64) * w
         t_worst += worst.to(tl.float64) * w
@@ -71,17 +65,13 @@ def _finish_coverage(Slots, ByLayer, PrevCnt, Keep, LayerCov, Coverage, CovStats
     tl.store(Totals + 2 + one, tl.load(Totals + 2 + one) + t_count)
 
 
-def finish_coverage(store: SelectionStore, stats: SFIStats, slots: torch.Tensor, by_layer: torch.Tensor,
-                    prev_count: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+def finish_coverage(slots: torch.Tensor, by_layer: torch.Tensor, prev_count: torch.Tensor,
+                    coverage: torch.Tensor, layer_cov: torch.Tensor, cov_stats: torch.Tensor,
+                    totals: torch.Tensor) -> None:
     """Triton version of :func:`finish_coverage_ref` (same arguments); one launch, no host sync."""
     s_rows, layers = by_layer.shape
     if s_rows == 0:
         return
-    cfg = store.cfg
-    assert by_layer.is_contiguous() and store.layer_cov.shape[1] == layers
-    _finish_coverage[(1,)](
-        slots, by_layer, prev_count, keep if keep is not None else prev_count, store.layer_cov, store.coverage,
-        store.cov_stats, store.gap, stats.cov, s_rows, layers,
-        KEEP=keep is not None, ADAPTIVE=cfg.adaptive_refresh, TARGET=cfg.coverage_target,
-        MIN_GAP=cfg.min_refresh_gap, MAX_FAST=cfg.max_fast_steps, BLOCK_L=max(16, triton.next_power_of_2(layers)),
-    )
+    assert by_layer.is_contiguous() and layer_cov.shape[1] == layers
+    _finish_coverage[(1,)](slots, by_layer, prev_count, layer_cov, coverage, cov_stats, totals, s_rows, layers,
+                           BLOCK_L=max(16, triton.next_power_of_2(layers)))

@@ -1,14 +1,14 @@
 """Selector scores: each KV head's query-group attention over its candidates, and coverage.
 
 For refresh row ``i``, KV head ``h`` and candidate ``j``, from the logits
-``s[i, h, r, j]`` of the head's ``R`` queries (``sfi_sglang.kernels.candidate_logits``):
+``s[i, h, r, j]`` of the head's ``R`` queries (``candidate_logits``):
 
 - ``f[i, h, j]``: the power mean (order ``alpha``) over ``r`` of each query's softmax
   restricted to the region ``[lo_i, hi_i)`` of positions (0 elsewhere), and its sum
   ``total[i, h]`` over the region: the Selector ranks ``f * (1 / total)`` (the top-k kernel
   scales as it reads, which saves a pass over ``f``);
 - ``coverage[i, h]`` (when ``held`` is given): the softmax mass over all candidates
-  that falls on held ones, averaged over the ``R`` queries (``sfi_sglang.coverage``).
+  that falls on held ones, averaged over the ``R`` queries (:func:`coverage`).
 
 ``group_scores_ref`` is the torch reference; ``group_scores`` does the same in two Triton
 passes over the logits (per-block softmax statistics, then the scores) instead of a dozen
@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.coverage import coverage
 
 
 class Scores(NamedTuple):
@@ -46,6 +45,13 @@ NUM_WARPS = 4
 def in_region(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """``positions [S, 1 or Hkv, N]`` (-1: padding) inside each row's ``[lo, hi)``."""
     return (positions >= lo.view(-1, 1, 1)) & (positions < hi.view(-1, 1, 1))
+
+
+def coverage(logits: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """Logits ``[S, Hkv, R, N]`` over the whole context (-inf: padding), ``held [S, Hkv, N]``
+    -> attention mass on held tokens per KV head ``[S, Hkv]``, averaged over the R queries."""
+    p = logits.float().softmax(dim=-1)
+    return (p * held.unsqueeze(2)).sum(-1).mean(-1)
 
 
 def group_scores_ref(logits: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,

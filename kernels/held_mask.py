@@ -2,7 +2,7 @@
 
 Candidates are the positions ``[0, N)`` of a slow step's refresh, candidate ``j`` at position
 ``positions[i, 0 or h, j]`` which is ``j`` or -1 (padding, never held), as
-``sfi_sglang.coverage.kept_mask`` (the torch reference) assumes. For refresh row ``i`` and KV
+:func:`held_mask_ref` (the torch reference) assumes. For refresh row ``i`` and KV
 head ``h``, candidate ``j`` is held if it is a sink (``j < sinks``), in the previous live tail
 (``j >= prev_hi[i]``), or one of the first ``prev_cnt[i]`` previous selected positions
 ``prev_sel[i, h]``. The first launch writes the sinks and the tail over every candidate, the second
@@ -48,9 +48,26 @@ def _held_selected(Pos, Sel, PrevCnt, Out, N, K, stride_ps, stride_ph, stride_ss
     tl.store(Out + ih.to(tl.int64) * N + p, tl.full([BLOCK], 1, tl.int8), mask=ok)
 
 
+def held_mask_ref(positions: torch.Tensor, sinks: int, prev_hi: torch.Tensor, prev_sel: torch.Tensor,
+                  prev_cnt: torch.Tensor) -> torch.Tensor:
+    """Which candidates the previous memory held: ``positions [S, 1, N]`` (-1: padding), previous
+    tail start ``prev_hi [S]``, selected positions ``prev_sel [S, Hkv, K]`` of which the first
+    ``prev_cnt [S]`` are valid -> bool ``[S, Hkv, N]``."""
+    s, hkv, k = prev_sel.shape
+    n = positions.shape[-1]
+    pos = positions.expand(s, hkv, n).long()
+    valid_sel = torch.arange(k, device=prev_sel.device) < prev_cnt.view(-1, 1, 1)
+    # candidates are positions [0, N): a position is its own column; invalid entries go to column N
+    col = torch.where(valid_sel & (prev_sel >= 0) & (prev_sel < n), prev_sel.long(), n)
+    member = torch.zeros(s, hkv, n + 1, dtype=torch.bool, device=prev_sel.device)
+    member.scatter_(-1, col, True)
+    held = member[..., :n] | (pos < sinks) | (pos >= prev_hi.view(-1, 1, 1))
+    return held & (pos >= 0)
+
+
 def held_mask(positions: torch.Tensor, sinks: int, prev_hi: torch.Tensor, prev_sel: torch.Tensor,
               prev_cnt: torch.Tensor) -> torch.Tensor:
-    """Triton version of ``kept_mask`` (same arguments and result)."""
+    """Triton version of :func:`held_mask_ref` (same arguments and result)."""
     s_rows, hkv, k = prev_sel.shape
     n = positions.shape[-1]
     pos = positions.expand(s_rows, -1, n)

@@ -1,54 +1,90 @@
 """Per-step decode planning in one launch: slow/fast decision, counters, state advance.
 
-For each batch row (req-pool slot ``s``): the policy of ``sfi_sglang.policy.slow_rows``
-marks it slow, the counters of ``SFIStats.add_decode`` are accumulated, and the
-selection state advances as in ``SelectionStore.advance``; rows past ``real``
-(CUDA-graph padding) are marked slow and change nothing else. Each row's slot and
-its selection state before the step go to ``StepRows`` for the next step's refresh, and
-the first ``cfg.logit_rows`` slow rows that the Selector will score (their region holds
-more than ``topk`` tokens) get a row of the kept logits (``sfi_sglang.memory.slow_logits``).
+For each batch row ``r`` (req-pool slot ``s = slots[r]``, context length ``n``): the row is slow
+when its slot has no selection yet, when ``max_fast`` fast steps ran since its last slow step,
+or when the token it feeds ends a sentence or a line (``is_boundary``) and the last slow step is
+at least ``min_gap`` steps ago (:func:`slow_rows`). Then:
 
-``plan_step_ref`` composes those torch functions (CPU runs and the test oracle);
-``plan_step`` does the same in one Triton program instead of ~40 small kernels,
-which matters because this runs before every graph replay.
+- the counters ``acc`` (int64: slow rows, fast rows, -, kept tokens, context tokens) grow;
+- ``rows`` (:class:`StepRows`) get each row's slot and its selection state before the step
+  (count -1: none), and the first ``logit_rows`` slow rows whose candidate region
+  ``[min(n, sinks), n - recent)`` holds more than ``topk`` tokens get a row of kept logits;
+- the slot state advances: a slow row starts a selection over its new region (``hi``, ``count``),
+  a fast row counts a step. Rows past ``real`` (CUDA-graph padding) are slow and change nothing else.
+
+``plan_step_ref`` is the torch reference (CPU runs and the test oracle); ``plan_step`` does the same
+in one Triton program instead of ~40 small kernels: it runs before every graph replay.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.memory import SelectionStore, StepRows
-from sfi_sglang.metrics import SFIStats
-from sfi_sglang.policy import slow_rows
+
+class StepRows(NamedTuple):
+    """Per-batch-row outputs of a decode step's plan (static buffers: captured graphs bake their
+    addresses). ``hi`` / ``count``: the row's selection state before this step (count -1: it had
+    none); ``logit_row``: where a slow row's attention logits are kept (-1: nowhere)."""
+
+    slow: torch.Tensor  # bool [rows]
+    slots: torch.Tensor  # int64 [rows]: req-pool slot of each row
+    hi: torch.Tensor  # int32 [rows]
+    count: torch.Tensor  # int32 [rows]
+    logit_row: torch.Tensor  # int32 [rows]
+
+    @classmethod
+    def zeros(cls, rows: int, device: torch.device | str) -> "StepRows":
+        z = lambda dtype: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(torch.bool), z(torch.int64), z(torch.int32), z(torch.int32), z(torch.int32) - 1)
 
 
-def plan_step_ref(store: SelectionStore, stats: SFIStats, is_boundary: torch.Tensor, input_ids: torch.Tensor,
-                  slots: torch.Tensor, seq_lens: torch.Tensor, real: int, bs: int, rows: StepRows) -> None:
-    """Writes ``rows.slow[:bs]`` and the other ``rows`` fields ``[:real]``; updates ``store`` and ``stats``."""
-    cfg = store.cfg
-    s, n = slots[:real], seq_lens[:real]
+def slow_rows(fed_tokens: torch.Tensor, ready: torch.Tensor, steps: torch.Tensor, is_boundary: torch.Tensor,
+              max_fast: int, min_gap: int) -> torch.Tensor:
+    """Per-row slow/fast decision (bool): no selection yet (``~ready``), ``steps`` (fast steps since
+    the last slow one) at ``max_fast``, or a boundary token fed at least ``min_gap`` steps after it."""
+    boundary = is_boundary[fed_tokens.clamp(0, is_boundary.numel() - 1).long()] & (steps >= min_gap)
+    return ~ready | (steps >= max_fast) | boundary
+
+
+def plan_step_ref(input_ids: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor, real: int, bs: int,
+                  is_boundary: torch.Tensor, ready: torch.Tensor, steps: torch.Tensor, hi: torch.Tensor,
+                  count: torch.Tensor, rows: StepRows, acc: torch.Tensor, *, sinks: int, recent: int, topk: int,
+                  max_fast: int, min_gap: int, logit_rows: int) -> None:
+    """Plans ``bs`` batch rows (the first ``real`` live): writes ``rows.slow[:bs]``, ``rows.logit_row[:bs]``
+    and the other ``rows`` fields ``[:real]``; advances the slot state ``ready, steps, hi, count``
+    (indexed by slot) and adds to ``acc``."""
+    s, n = slots[:real], seq_lens[:real].long()
+    was_ready, st, h, c = ready[s], steps[s], hi[s].long(), count[s].long()
+    slow = slow_rows(input_ids[:real], was_ready, st, is_boundary, max_fast, min_gap)
+    fast = ~slow
+    kept = torch.where(slow, n, h.clamp(max=sinks) + c + n - h)
+    acc[[0, 1, 3, 4]] += torch.stack([slow.sum(), fast.sum(), (kept * fast).sum(), (n * fast).sum()])
     rows.slow[:bs] = True
-    slow = rows.slow[:real]
-    slow[:] = slow_rows(input_ids[:real], store.ready[s], store.steps[s], is_boundary, store.gap[s], cfg)
-    stats.add_decode(slow, store.kept(s, n, slow), n)
+    rows.slow[:real] = slow
     rows.slots[:real] = s
-    rows.hi[:real] = store.hi[s]
-    rows.count[:real] = torch.where(store.ready[s], store.count[s], -1)
-    lo, hi, _ = store.bounds(n)
-    scored = slow & (hi - lo > cfg.topk)
-    rank = scored.int().cumsum(0).int() - 1
+    rows.hi[:real] = hi[s]
+    rows.count[:real] = torch.where(was_ready, count[s], -1)
+    lo_new = n.clamp(max=sinks)
+    hi_new = torch.maximum(lo_new, n - recent)
+    scored = slow & (hi_new - lo_new > topk)
+    rank = scored.int().cumsum(0) - 1
     rows.logit_row[:bs] = -1
-    rows.logit_row[:real] = torch.where(scored & (rank < cfg.logit_rows), rank, -1)
-    store.advance(s, n, slow)
+    rows.logit_row[:real] = torch.where(scored & (rank < logit_rows), rank, -1)
+    hi[s] = torch.where(slow, hi_new, h).int()
+    count[s] = torch.where(slow, (hi_new - lo_new).clamp(max=topk), c).int()
+    steps[s] = torch.where(slow, torch.zeros_like(st), st + 1)
+    ready[s] = True
 
 
 @triton.jit
-def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, Gap, IsBoundary, Slow, RowSlots, RowHi, RowCnt,
+def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, IsBoundary, Slow, RowSlots, RowHi, RowCnt,
                RowLogit, Acc, bs, real, vocab,
                SINKS: tl.constexpr, RECENT: tl.constexpr, TOPK: tl.constexpr, MAX_FAST: tl.constexpr,
-               LOGIT_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+               MIN_GAP: tl.constexpr, LOGIT_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.arange(0, BLOCK)
     live = r < real
     slot = tl.load(Slots + r, mask=live, other=0).to(tl.int64)
@@ -59,8 +95,7 @@ def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, Gap, IsBoundary,
     steps = tl.load(Steps + slot, mask=live, other=0)
     hi = tl.load(Hi + slot, mask=live, other=0)
     cnt = tl.load(Cnt + slot, mask=live, other=0)
-    gap = tl.load(Gap + slot, mask=live, other=0)
-    boundary = (tl.load(IsBoundary + tok, mask=live, other=0) != 0) & (steps >= gap)
+    boundary = (tl.load(IsBoundary + tok, mask=live, other=0) != 0) & (steps >= MIN_GAP)
     slow = not_ready | (steps >= MAX_FAST) | boundary
     fast = live & (slow == 0)
     kept = tl.where(slow, n, tl.minimum(hi, SINKS) + cnt + n - hi)
@@ -85,14 +120,14 @@ def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Hi, Cnt, Gap, IsBoundary,
     tl.store(RowLogit + r, tl.where(scored & (rank < LOGIT_ROWS), rank, -1), mask=r < bs)
 
 
-def plan_step(store: SelectionStore, stats: SFIStats, is_boundary: torch.Tensor, input_ids: torch.Tensor,
-              slots: torch.Tensor, seq_lens: torch.Tensor, real: int, bs: int, rows: StepRows) -> None:
+def plan_step(input_ids: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor, real: int, bs: int,
+              is_boundary: torch.Tensor, ready: torch.Tensor, steps: torch.Tensor, hi: torch.Tensor,
+              count: torch.Tensor, rows: StepRows, acc: torch.Tensor, *, sinks: int, recent: int, topk: int,
+              max_fast: int, min_gap: int, logit_rows: int) -> None:
     """Triton version of :func:`plan_step_ref` (same arguments); one launch, no host sync."""
-    cfg = store.cfg
     _plan_step[(1,)](
-        input_ids, slots, seq_lens, store.ready, store.steps, store.hi, store.count, store.gap, is_boundary,
-        rows.slow, rows.slots, rows.hi, rows.count, rows.logit_row, stats.acc, bs, real, is_boundary.numel(),
-        SINKS=cfg.sinks, RECENT=cfg.recent, TOPK=cfg.topk, MAX_FAST=cfg.max_fast_steps, LOGIT_ROWS=cfg.logit_rows,
+        input_ids, slots, seq_lens, ready, steps, hi, count, is_boundary, rows.slow, rows.slots, rows.hi,
+        rows.count, rows.logit_row, acc, bs, real, is_boundary.numel(),
+        SINKS=sinks, RECENT=recent, TOPK=topk, MAX_FAST=max_fast, MIN_GAP=min_gap, LOGIT_ROWS=logit_rows,
         BLOCK=max(16, triton.next_power_of_2(bs)),
     )
-    stats.decode_steps += 1

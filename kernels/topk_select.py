@@ -5,7 +5,7 @@ For row ``i``, KV head ``h``: scores ``f[i, h, :]`` (>= 0) of candidates at
 ``[lo, hi)`` are not ranked either: a refresh after a slow step scores the whole
 context but ranks only the region), optionally
 spread to neighbours first (``window``: each score averaged with the best
-within +-window candidates, as ``sfi_sglang.selector.spread_to_neighbors``
+within +-window candidates, as ``spread_to_neighbors``
 does; where candidates are not consecutive positions, ``contiguous=False``,
 only those within +-window positions count: a selection reused from a cached
 prefix and the tokens after it) -> the positions of the ``k`` best, ties to
@@ -17,7 +17,7 @@ here as they are read (one multiply, no per-candidate division), which saves
 ``group_scores`` a full pass over ``f``.
 
 Radix select at the Selector's ranking precision (scores as order-preserving
-keys of 7 + ``RANK_BITS`` bits: ``sfi_sglang.selector.coarse``), each (row,
+keys of 7 + ``RANK_BITS`` bits: :func:`coarse`), each (row,
 head) split over chunks of candidates, about ``PROGRAMS`` (row, chunk)
 programs per call:
 
@@ -58,7 +58,83 @@ import torch
 import triton
 import triton.language as tl
 
-from sfi_sglang.selector import PAD_POSITION, RANK_BITS, restrict, scaled, spread_to_neighbors, topk_positions
+
+RANK_BITS = 7
+"""Significant bits of a score the Selector ranks by (8 would be bfloat16's precision): 14-bit keys,
+the fastest width of this kernel on an H200 (benchmarks/RESULTS.md, "Kernels")."""
+
+PAD_POSITION = torch.iinfo(torch.int32).max  # where picked padding goes: last
+
+
+def restrict(positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Candidates ``[S, 1 or Hkv, N]`` outside each row's ``[lo, hi)`` become padding (-1): a refresh
+    that scored the whole context ranks only the region."""
+    return positions.masked_fill((positions < lo.view(-1, 1, 1)) | (positions >= hi.view(-1, 1, 1)), -1)
+
+
+def scaled(f: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Scores ``f [S, Hkv, N]`` times their rows' ``1 / total [S, Hkv]``: the reciprocal, then one product
+    per score, as the kernel rounds them (a multiply per candidate instead of a division)."""
+    return f * total.reciprocal().unsqueeze(-1)
+
+
+def spread_to_neighbors(scores: torch.Tensor, positions: torch.Tensor, window: int,
+                        contiguous: bool = False) -> torch.Tensor:
+    """Average of each score and the best score of the candidates within +-window positions
+    (candidates ascending along the last dim): a peak still ranks first, then its
+    neighbours, so top-k keeps spans around strongly attended tokens. ``contiguous``:
+    the candidates are consecutive positions (then padding), so a sliding max does it."""
+    if contiguous:
+        pooled = torch.nn.functional.max_pool1d(scores.reshape(-1, 1, scores.shape[-1]), 2 * window + 1, 1, window)
+        return 0.5 * (scores + pooled.view_as(scores))
+    pooled = scores.clone()
+    for d in range(1, window + 1):
+        for a, b in ((slice(d, None), slice(None, -d)), (slice(None, -d), slice(d, None))):
+            near = (positions[..., a] - positions[..., b]).abs() <= window
+            pooled[..., a] = torch.maximum(pooled[..., a], scores[..., b].masked_fill(~near, float("-inf")))
+    return 0.5 * (scores + pooled)
+
+
+def coarse(scores: torch.Tensor) -> torch.Tensor:
+    """Float32 scores rounded toward zero to ``RANK_BITS`` significant bits, the precision ranked at:
+    candidates within 2**-(RANK_BITS - 1) of each other (1.6% at 7 bits) may tie (and go to the earlier
+    position), which changes nothing that matters here and lets the kernel find the k-th score with two
+    radix passes over 8 + RANK_BITS - 1 bit keys instead of four."""
+    return (scores.view(torch.int32) & -(1 << (24 - RANK_BITS))).view(torch.float32)
+
+
+def topk_positions(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the top-k candidates of each row of ``scores [..., N]`` (float32; ranked at
+    :func:`coarse` precision), ascending, int32 (``min(k, N)`` per row; picked padding reads
+    ``PAD_POSITION`` and sorts last).
+
+    Ties at the k-th score go to the earlier candidates, so results are deterministic; padding
+    scores ``-1`` and loses to every real candidate. Only the k-th score is searched for
+    (``torch.topk``), not a sort of all candidates: at 32K candidates it is the cheaper part.
+    """
+    scores = coarse(scores.float())
+    k = min(k, scores.shape[-1])
+    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above, tie = scores > kth, scores == kth
+    ties_wanted = k - above.sum(-1, keepdim=True, dtype=torch.int32)
+    take = above | (tie & (_count_along(tie) <= ties_wanted))
+    # exactly k taken per row: compact them in candidate order (everything else to a dropped column)
+    col = torch.where(take, _count_along(take) - 1, k).long()
+    pos = positions.expand_as(scores).int()
+    out = torch.empty((*scores.shape[:-1], k + 1), dtype=torch.int32, device=scores.device)
+    out.scatter_(-1, col, pos.masked_fill(pos < 0, PAD_POSITION))
+    return out[..., :k].sort(dim=-1).values
+
+
+def _count_along(mask: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Inclusive running count of ``mask [..., N]`` along the last dim, int32. Scanned in blocks
+    then offset: a scan of few long rows (batch 1, 128K candidates) is slow on GPUs."""
+    n = mask.shape[-1]
+    x = torch.nn.functional.pad(mask.to(torch.int32), (0, -n % block)).unflatten(-1, (-1, block))
+    inner = x.cumsum(-1, dtype=torch.int32)
+    ends = inner[..., -1]
+    return (inner + (ends.cumsum(-1, dtype=torch.int32) - ends).unsqueeze(-1)).flatten(-2)[..., :n]
+
 
 BLOCK_N = 2048  # with 4 warps and PROGRAMS 2048: best or near it at the Selector's shapes (H200, log above)
 NUM_WARPS = 4
@@ -79,7 +155,7 @@ def topk_select_ref(f: torch.Tensor, positions: torch.Tensor, k: int, window: in
     ``total [S, Hkv]``: scores are ``f * (1 / total)`` (the normalisation ``group_scores`` leaves to the top-k).
     ``region``: ``(lo, hi) [S]``, only candidates at positions in ``[lo, hi)`` are ranked. ``contiguous``:
     the candidates are consecutive positions (then padding), else the spread takes only neighbours within
-    ``window`` positions (``sfi_sglang.selector.spread_to_neighbors``)."""
+    ``window`` positions (``spread_to_neighbors``)."""
     if region is not None:
         positions = restrict(positions, *region)
     if total is not None:
@@ -135,7 +211,7 @@ def _keys(F, Pos, j, N, scale, lo, hi, WINDOW: tl.constexpr, NORM: tl.constexpr,
     elif NORM:
         s = s * scale
     # scores are >= 0, so their float bits order as ints; the top bits are the coarse score
-    # (sfi_sglang.selector.coarse); +1 puts every real candidate above padding; < HIGH_BINS * LOW_BINS
+    # (coarse); +1 puts every real candidate above padding; < HIGH_BINS * LOW_BINS
     return tl.where(p >= 0, (s.to(tl.int32, bitcast=True) >> SHIFT) + 1, 0)
 
 

@@ -24,37 +24,19 @@ class SFIConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SFIConfig:
-    """Knobs of Slow-Fast Inference. Defaults follow the reference implementation, except where
-    measured otherwise (``topk``, ``recent``, ``prior_lambda_max``, ``neighbor_window``)."""
+    """Knobs of Slow-Fast Inference. Defaults follow the reference implementation except where
+    measured otherwise (``topk``, ``recent``, ``neighbor_window``: benchmarks/RESULTS.md)."""
 
     sinks: int = 4
     """First tokens of every request that fast steps always attend to."""
     topk: int = 3072
-    """Tokens the Selector keeps per (layer, request, KV head). With ``recent`` 1024 it is the
-    smallest measured memory that meets the fidelity target (top-1 >= 97%) on six 8K texts:
-    97.2%, mean KL 0.006; topk 2048 + recent 512: 94.9%, KL 0.019
-    (``fidelity_8k_x6_256steps*.json``). It costs 9-13% decode speed at 8K-32K on an H200
-    (``decode_memory_h200.json``); topk 2048 + recent 512 is the faster, looser setting."""
+    """Tokens the Selector keeps per (layer, request, KV head)."""
     recent: int = 1024
-    """Trailing tokens fast steps always attend to (the window grows until the next slow step).
-    The reference uses 256, which measured worse on real weights at 8K (topk 2048, three texts: top-1
-    94.5% vs 96.9% at 512 and 97.7% at 1024; ``fidelity_8k_x3.json``)."""
+    """Trailing tokens fast steps always attend to (the window grows until the next slow step)."""
     max_fast_steps: int = 96
     """A slow step is forced once this many fast steps ran since the last one."""
     min_refresh_gap: int = 24
     """Boundary tokens do not trigger a slow step within this many steps of the last one."""
-    refresh_lag: int = 1
-    """Decode steps from a slow step until the selection it makes is used. 1 (the reference): the
-    Selector runs before the next step. L > 1 (CUDA): it runs on a side stream, overlapping the
-    next L - 1 steps, whose fast rows keep the previous selection and a live tail grown from it;
-    the new one takes over at step L however long the Selector took (deterministic). Needs
-    ``refresh_lag <= min_refresh_gap`` (no second slow step before it lands) and ``prefill_queries > 0``."""
-    adaptive_refresh: bool = False
-    """Per-request boundary gap from the measured coverage (``sfi_sglang.coverage``): it doubles,
-    up to ``max_fast_steps``, after a slow step whose coverage reached ``coverage_target``, and
-    returns to ``min_refresh_gap`` otherwise."""
-    coverage_target: float = 0.9
-    """Coverage (attention mass the previous memory held) above which the adaptive gap grows."""
     boundary: bool = True
     """Trigger slow steps after boundary tokens (sentence / line ends)."""
     boundary_ids: tuple[int, ...] | None = None
@@ -65,35 +47,17 @@ class SFIConfig:
     """Last prompt queries used to build the first selection at the end of a prefill (0: first decode step is slow)."""
     alpha: float = 0.5
     """Power-mean order used to aggregate attention over a KV head's query group."""
-    prior_lambda_max: float = 0.0
-    """Largest weight of the key-norm / position prior mixed into the score (0: no prior).
-
-    Off by default: the reference uses 0.25, but on SmolLM2-135M it raised the
-    teacher-forced KL up to 2.5x (benchmarks/results/fidelity_prior_on.json vs fidelity_window0.json)."""
     neighbor_window: int = 2
     """Let a token's score be the best within +-this many positions, so selections keep
-    whole neighbourhoods (spans) of strongly attended tokens (0: off, as the reference).
-
-    On SmolLM2-135M, 2 cut KL by up to 45% at 4K contexts and retrieved 7/9 passkeys
-    instead of 3/9 at budget 128 (benchmarks/results/fidelity_window0.json vs fidelity.json)."""
+    whole neighbourhoods (spans) of strongly attended tokens (0: off, as the reference)."""
     dense_layers: int = 0
-    """The first this many layers attend to the whole context at every step (no Selector there), as
-    Quest leaves its first two layers dense. On SmolLM2 layer 0 holds half of the attention the
-    memory misses (coverage 0.90 against >= 0.989 in every other layer, three 8K texts;
-    ``fidelity_heldout_8k_x3_layers.json``); making it dense cut KL there by 6% (0.00294 -> 0.00276,
-    ``fidelity_heldout_8k_x3_dense_layer0.json``). Each costs a dense layer's attention per step."""
+    """The first this many layers attend to the whole context at every step (no Selector there),
+    as Quest leaves its first layers dense. Each costs a dense layer's attention per step."""
     slow_logit_rows: int = 4
     """Slow rows per decode step whose dense attention also keeps its logits (fp16) for the
     Selector, which then reads them instead of the keys: the slow step reads K once, not twice.
-    Further slow rows of the same step are scored from the keys, as is every row with
-    ``refresh_lag`` > 1 or the prior on. Takes layers x rows x query heads x context length x 2
-    bytes of GPU memory (360 MiB for Qwen3-4B at 4 rows and 40K context; 0: off). On an H200 the
-    slow step reading K once is 1.33-1.41x a dense step at batch 8-32, 8K-128K, against 1.69-1.87x
-    from the keys (by kernel time; ``kernels.json``); the decode kernel compiled with the store runs
-    fast rows 2-3% slower, which every step pays. Through the Engine, R=32, a row for every slow
-    row, it still gains: 5.19 against 5.34 ms per step at 8 x 32K, 4.91 against 5.22 at 4 x 128K,
-    6.12 against 6.15 at 16 x 8K (``decode_engine_rows_*_h200.json``); ranking from the fp16 logits
-    left top-1 and KL unchanged (98.7% / 0.00293 against 0.00294, three held-out 8K texts, CPU)."""
+    Further slow rows of the same step are scored from the keys. Takes layers x rows x query heads
+    x context length x 2 bytes of GPU memory (360 MiB for Qwen3-4B at 4 rows and 40K context; 0: off)."""
     reuse_records: int = 64
     """Selections kept on radix-tree prefix nodes, so requests re-sending a cached prefix start
     from its selection and score only their new tokens (0: off). Each record takes up to
@@ -103,7 +67,7 @@ class SFIConfig:
     log_interval: int = 1000
     """Log counters every this many decode steps (0: never)."""
 
-    _positive = ("topk", "max_fast_steps", "refresh_lag")
+    _positive = ("topk", "max_fast_steps")
     _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval",
                      "reuse_records", "slow_logit_rows", "dense_layers")
 
@@ -123,19 +87,8 @@ class SFIConfig:
                 f"SFI config field 'min_refresh_gap' ({self.min_refresh_gap}) must be <= "
                 f"'max_fast_steps' ({self.max_fast_steps})"
             )
-        if self.refresh_lag > 1 and (self.refresh_lag > self.min_refresh_gap or self.prefill_queries == 0):
-            raise SFIConfigError(
-                f"SFI config field 'refresh_lag' ({self.refresh_lag}) above 1 needs 'min_refresh_gap' >= it "
-                f"(got {self.min_refresh_gap}) and 'prefill_queries' > 0 (got {self.prefill_queries})"
-            )
         if not 0.0 < self.alpha <= 1.0:
             raise SFIConfigError(f"SFI config field 'alpha' must be in (0, 1], got {self.alpha}")
-        if not 0.0 <= self.prior_lambda_max < 1.0:
-            raise SFIConfigError(
-                f"SFI config field 'prior_lambda_max' must be in [0, 1), got {self.prior_lambda_max}"
-            )
-        if not 0.0 < self.coverage_target <= 1.0:
-            raise SFIConfigError(f"SFI config field 'coverage_target' must be in (0, 1], got {self.coverage_target}")
         if self.dense_backend not in DENSE_BACKENDS:
             raise SFIConfigError(
                 f"SFI config field 'dense_backend' must be one of {DENSE_BACKENDS}, got {self.dense_backend!r}"
@@ -148,12 +101,7 @@ class SFIConfig:
     @property
     def max_kept(self) -> int:
         """Upper bound of tokens a fast step attends to per (request, KV head)."""
-        return self.sinks + self.topk + self.recent + self.max_fast_steps + self.refresh_lag - 1
-
-    @property
-    def logit_rows(self) -> int:
-        """Slow rows per step whose logits are kept: ``slow_logit_rows`` where the refresh can use them."""
-        return self.slow_logit_rows if self.refresh_lag == 1 and self.prior_lambda_max == 0 else 0
+        return self.sinks + self.topk + self.recent + self.max_fast_steps
 
     def resolve_dense_backend(self, device: str) -> str:
         if self.dense_backend != "auto":

@@ -8,24 +8,21 @@ slot resets it at its prefill.
 Per slot: ``hi`` is where the live tail starts (every token from ``hi`` on is
 attended to by fast steps), ``count`` how many positions of ``[min(sinks, hi), hi)``
 are selected (the same for every layer and KV head), ``steps`` the decode steps since
-the last slow step, ``ready`` whether a selection exists, ``gap`` the row's boundary
-gap (see ``sfi_sglang.coverage``), ``coverage`` the last measured coverage (-1: none
-yet), ``cov_stats`` the request's coverage so far (sum of the per-step means, lowest
-worst-layer value, slow steps measured), ``layer_cov`` its per-layer sums over those steps,
-``generation`` how many requests the slot has started (a deferred refresh made for an
-earlier one is dropped). ``pos[layer, slot, head]``
-holds the selected positions (ascending; entries past ``count`` are unused).
+the last slow step, ``ready`` whether a selection exists, ``coverage`` the last measured
+coverage (-1: none yet; the share of a slow step's attention the previous memory held),
+``cov_stats`` the request's coverage so far (sum of the per-step means, lowest
+worst-layer value, slow steps measured), ``layer_cov`` its per-layer sums over those steps.
+``pos[layer, slot, head]`` holds the selected positions (ascending; entries past ``count``
+are unused).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from sfi_sglang.config import SFIConfig
+from sfi_sglang.kernels.plan_step import StepRows
 from sfi_sglang.model_check import AttentionShape
-from sfi_sglang.selector import aligned
 
 
 # Elements of the Selector's fp32 candidate logits per pass ([layers x rows, Hkv, queries, candidates]) of a
@@ -38,9 +35,15 @@ SELECTOR_SCRATCH = 64 * 2**20
 # under 1 byte of its chunks' histograms), a held flag and positions, rounded up.
 CANDIDATE_BYTES = 12
 
-# Most requests whose refresh runs on the side stream at once (refresh_lag > 1); more are refreshed
-# in line. Each holds its new selections until they take over (3.4 MiB for Qwen3-4B at topk 3072).
-DEFERRED_ROWS = 64
+# Candidate lists are padded to a multiple of this: the Selector's Triton kernels then always see
+# 16-divisible widths and strides, so one compiled specialization serves every context length
+# (instead of a second one, compiled mid-serving, for the other lengths) and rows stay aligned.
+WIDTH_ALIGN = 16
+
+
+def aligned(width: int) -> int:
+    """``width`` rounded up to a multiple of ``WIDTH_ALIGN``."""
+    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
 
 
 class SelectionStore:
@@ -52,29 +55,21 @@ class SelectionStore:
         self.count = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.steps = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.ready = torch.zeros(num_slots, dtype=torch.bool, device=device)
-        self.gap = torch.full((num_slots,), cfg.min_refresh_gap, dtype=torch.int32, device=device)
         self.coverage = torch.full((num_slots,), -1.0, dtype=torch.float32, device=device)
         self.cov_stats = torch.zeros(num_slots, 3, dtype=torch.float32, device=device)
         self.layer_cov = torch.zeros(num_slots, num_layers, dtype=torch.float32, device=device)
-        self.generation = torch.zeros(num_slots, dtype=torch.int32, device=device)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.pos, self.hi, self.count, self.steps, self.ready, self.gap, self.coverage,
-                             self.cov_stats, self.layer_cov, self.generation))
+                   for t in (self.pos, self.hi, self.count, self.steps, self.ready, self.coverage,
+                             self.cov_stats, self.layer_cov))
 
     def bounds(self, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidate region ``[lo, hi)`` and selected count for a selection made at these lengths."""
         lo = seq_lens.clamp(max=self.cfg.sinks)
         hi = torch.maximum(lo, seq_lens - self.cfg.recent)
         return lo, hi, (hi - lo).clamp(max=self.cfg.topk)
-
-    def kept(self, slots: torch.Tensor, seq_lens: torch.Tensor, slow: torch.Tensor) -> torch.Tensor:
-        """Tokens each row attends to per KV head this step (before ``advance``)."""
-        hi, cnt = self.hi[slots].long(), self.count[slots].long()
-        n = seq_lens.long()
-        return torch.where(slow, n, hi.clamp(max=self.cfg.sinks) + cnt + n - hi)
 
     def start(self, slots: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mark new selections for ``slots`` at these lengths (positions are written per layer);
@@ -91,58 +86,20 @@ class SelectionStore:
         self._reset(slots)
 
     def _reset(self, slots: torch.Tensor) -> None:
-        """A new request in these slots: no steps, the base gap, no coverage yet."""
+        """A new request in these slots: no steps, no coverage yet."""
         self.steps[slots] = 0
-        self.gap[slots] = self.cfg.min_refresh_gap
         self.coverage[slots] = -1.0
         self.cov_stats[slots] = torch.tensor([0.0, 1.0, 0.0], device=self.cov_stats.device)
         self.layer_cov[slots] = 0.0
-        self.generation[slots] += 1
-
-    def add_coverage(self, slots: torch.Tensor, mean: torch.Tensor, worst: torch.Tensor, measured: torch.Tensor,
-                     by_layer: torch.Tensor) -> None:
-        """A slow step's coverage of the rows in ``slots`` (where ``measured``): last value, the request's
-        summary and its per-layer sums (``by_layer [S, layers]``)."""
-        self.layer_cov[slots] += by_layer * measured.float().unsqueeze(1)
-        self.coverage[slots] = torch.where(measured, mean, self.coverage[slots])
-        st, m = self.cov_stats[slots], measured.float()
-        self.cov_stats[slots] = torch.stack(
-            [st[:, 0] + mean * m, torch.where(measured, torch.minimum(st[:, 1], worst), st[:, 1]), st[:, 2] + m], 1)
-
-    def advance(self, slots: torch.Tensor, seq_lens: torch.Tensor, slow: torch.Tensor) -> None:
-        """After a decode step is planned: slow rows start a new selection, fast rows count a step."""
-        _, hi, count = self.bounds(seq_lens)
-        self.hi[slots] = torch.where(slow, hi.to(torch.int32), self.hi[slots])
-        self.count[slots] = torch.where(slow, count.to(torch.int32), self.count[slots])
-        self.steps[slots] = torch.where(slow, torch.zeros_like(self.steps[slots]), self.steps[slots] + 1)
-        self.ready[slots] = True
-
-
-@dataclass
-class StepRows:
-    """Per-batch-row buffers of a decode step, written by the step plan (static: captured
-    graphs bake their addresses). ``hi`` / ``count`` are the row's selection state before
-    this step (count -1: it had none), which the refresh after a slow row measures;
-    ``logit_row`` where a slow row's attention logits go (see :func:`slow_logits`; -1: nowhere)."""
-
-    slow: torch.Tensor  # bool [rows]
-    slots: torch.Tensor  # int64 [rows]: req-pool slot of each row
-    hi: torch.Tensor  # int32 [rows]
-    count: torch.Tensor  # int32 [rows]
-    logit_row: torch.Tensor  # int32 [rows]
-
-    @classmethod
-    def zeros(cls, rows: int, device: torch.device | str) -> "StepRows":
-        z = lambda dtype: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(torch.bool), z(torch.int64), z(torch.int32), z(torch.int32), z(torch.int32) - 1)
 
 
 def slow_logits(cfg: SFIConfig, shape: AttentionShape, context: int, device: torch.device | str) -> torch.Tensor:
-    """Attention logits of up to ``cfg.logit_rows`` slow rows of a decode step over their whole
+    """Attention logits of up to ``cfg.slow_logit_rows`` slow rows of a decode step over their whole
     context ``[layers, rows, Hkv, width, G]`` (fp16; token-major, the layout the decode kernel
     stores cheaply), written by the decode kernel and read by the refresh after the step instead of
     the keys."""
-    return torch.empty(shape.num_layers, cfg.logit_rows, shape.kv_heads, aligned(context) if cfg.logit_rows else 0,
+    rows = cfg.slow_logit_rows
+    return torch.empty(shape.num_layers, rows, shape.kv_heads, aligned(context) if rows else 0,
                        shape.q_heads // shape.kv_heads, dtype=torch.float16, device=device)
 
 
@@ -176,12 +133,11 @@ def selector_peak_bytes(cfg: SFIConfig, shape: AttentionShape, context: int) -> 
 def static_bytes(cfg: SFIConfig, shape: AttentionShape, rows: int, act_dtype: torch.dtype, context: int) -> int:
     """GPU bytes the sfi backend holds for ``rows`` req-pool rows of up to ``context`` tokens
     (selection state, saved slow-step queries, kept slow-step logits, step buffers) plus the most
-    its selection records and deferred refreshes may hold and the Selector's temporaries may take:
+    its selection records may hold and the Selector's temporaries may take:
     what sfi takes out of sglang's KV-cache budget. Sized from the same buffers, built on the meta device."""
     store = SelectionStore(cfg, shape.num_layers, rows, shape.kv_heads, "meta")
     step = StepRows.zeros(rows, "meta")
-    deferred = min(rows, DEFERRED_ROWS) if cfg.refresh_lag > 1 else 0
-    held = (cfg.reuse_records + deferred) * store.pos[:, 0].nbytes
+    held = cfg.reuse_records * store.pos[:, 0].nbytes
     return (store.nbytes + saved_queries(shape, rows, act_dtype, "meta").nbytes
-            + slow_logits(cfg, shape, context, "meta").nbytes + sum(t.nbytes for t in vars(step).values()) + held
+            + slow_logits(cfg, shape, context, "meta").nbytes + sum(t.nbytes for t in step) + held
             + selector_peak_bytes(cfg, shape, context))

@@ -1,10 +1,9 @@
-"""When is a decode step slow? Boundary tokens from the tokenizer, and the gap limits.
+"""Boundary tokens: the ids whose text ends a sentence or a line, as a GPU lookup table.
 
-A row is slow when it has no selection yet, when the fast-step limit is reached,
-or when the token it feeds (the previously generated one) ends a sentence or a
-line and the last slow step is at least the row's gap ago (``min_refresh_gap``, or
-the adaptive gap of ``sfi_sglang.coverage``). Decisions
-are made on the GPU from the fed token ids: no host sync.
+A decode row is slow when it has no selection yet, when ``max_fast_steps`` fast steps ran,
+or when the token it feeds (the previously generated one) is a boundary token and the last
+slow step is at least ``min_refresh_gap`` steps ago. The decision is made on the GPU from the
+fed token ids, with no host sync (``sfi_sglang.kernels.plan_step``).
 """
 
 from __future__ import annotations
@@ -47,21 +46,3 @@ def boundary_table(cfg: SFIConfig, vocab_size: int, derived: Iterable[int], devi
         if ids:
             table[torch.tensor(ids, dtype=torch.long)] = True
     return table.to(device)
-
-
-def slow_rows(
-    fed_tokens: torch.Tensor,
-    has_selection: torch.Tensor,
-    steps_since_slow: torch.Tensor,
-    is_boundary: torch.Tensor,
-    gap: torch.Tensor,
-    cfg: SFIConfig,
-) -> torch.Tensor:
-    """Per-row slow/fast decision for one decode step (bool tensor, same device, no sync).
-
-    ``steps_since_slow`` counts decode steps since the last slow step (or since the
-    selection was built at prefill), before this step; ``gap`` is each row's boundary gap.
-    """
-    boundary = is_boundary[fed_tokens.clamp(0, is_boundary.numel() - 1).long()]
-    boundary &= steps_since_slow >= gap
-    return (~has_selection) | (steps_since_slow >= cfg.max_fast_steps) | boundary

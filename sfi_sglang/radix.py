@@ -9,7 +9,7 @@ can serve any request that shares the first ``hi`` tokens: it is attached to the
 shallowest node of the inserted path that contains token ``hi - 1`` (when that
 node is split, it moves to the upper half if it still fits there). A new request
 takes the deepest record on its matched path; the backend then scores only that
-record's positions plus the tokens after ``hi`` (``SFIBackend._plan_extend``).
+record's positions plus the tokens after ``hi`` (``Refresher.plan_prefill``).
 
 Lifecycle: a node holds at most one record (the one reaching furthest); an
 evicted node's record is dropped with it, ``reset`` (cache flush) drops them all,
@@ -234,11 +234,9 @@ def create_radix_cache(ctx):
     default is the plain ``RadixCache`` and the attention backend is sfi's."""
     from sglang.srt.mem_cache.registry import default_radix_cache_factory
 
-    from sfi_sglang.backend import SFIBackend
-
     cache = default_radix_cache_factory(ctx)
     backend = getattr(ctx.tp_worker.model_runner, "attn_backend", None)
-    if not isinstance(backend, SFIBackend) or backend.reuse is None:
+    if not isinstance(getattr(backend, "reuse", None), SelectionReuse):  # not sfi's backend, or reuse off
         return cache
     if type(cache) is not RadixCache or cache.disable:
         logger.info("SFI: selection reuse is off with %s", type(cache).__name__ + (" (disabled)" if cache.disable else ""))

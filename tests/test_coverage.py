@@ -1,11 +1,11 @@
-"""Coverage of a previous selection, and the adaptive gap, against explicit loops."""
+"""Coverage of a previous selection against explicit loops, and its end-of-refresh kernel."""
 
 import pytest
 import torch
 
-from sfi_sglang.config import SFIConfig
-from sfi_sglang.coverage import coverage, kept_mask, next_gap
-from sfi_sglang.selector import region_positions
+from sfi_sglang.kernels.group_scores import coverage
+from sfi_sglang.kernels.held_mask import held_mask_ref
+from sfi_sglang.refresher import region_positions
 
 
 def case(seed: int, s: int = 3, hkv: int = 2, r: int = 4, k: int = 6):
@@ -21,10 +21,10 @@ def case(seed: int, s: int = 3, hkv: int = 2, r: int = 4, k: int = 6):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_kept_mask_and_coverage_match_loops(seed):
+def test_held_mask_ref_and_coverage_match_loops(seed):
     sinks = 2
     pos, prev_hi, prev_sel, prev_cnt, logits, n = case(seed)
-    held = kept_mask(pos, sinks, prev_hi, prev_sel, prev_cnt)
+    held = held_mask_ref(pos, sinks, prev_hi, prev_sel, prev_cnt)
     cov = coverage(logits, held)
     s, hkv, r, width = logits.shape
     for i in range(s):
@@ -38,7 +38,7 @@ def test_kept_mask_and_coverage_match_loops(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_triton_held_mask_matches_kept_mask(seed):
+def test_triton_held_mask_matches_held_mask_ref(seed):
     """The kernels (interpreted on CPU) against the torch reference: ascending selections (as the
     Selector writes them) and shuffled ones, counts -1..k, selected positions past a row's end,
     padding, lengths off the block size."""
@@ -57,50 +57,42 @@ def test_triton_held_mask_matches_kept_mask(seed):
         prev_sel = prev_sel[..., torch.randperm(k, generator=g)].contiguous()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args = (pos.to(dev), 3, prev_hi.to(dev), prev_sel.to(dev), prev_cnt.to(dev))
-    assert torch.equal(held_mask(*args).cpu(), kept_mask(*args).cpu())
+    assert torch.equal(held_mask(*args).cpu(), held_mask_ref(*args).cpu())
 
 
 def test_everything_held_is_full_coverage_and_nothing_is_zero():
     pos, prev_hi, prev_sel, prev_cnt, logits, n = case(7)
-    everything = kept_mask(pos, 0, torch.zeros_like(prev_hi), prev_sel, prev_cnt)
+    everything = held_mask_ref(pos, 0, torch.zeros_like(prev_hi), prev_sel, prev_cnt)
     assert torch.allclose(coverage(logits, everything), torch.ones(3, 2))
-    nothing = kept_mask(pos, 0, n, prev_sel, torch.zeros_like(prev_cnt))
+    nothing = held_mask_ref(pos, 0, n, prev_sel, torch.zeros_like(prev_cnt))
     assert coverage(logits, nothing).abs().max() == 0
 
 
-def test_adaptive_gap_doubles_on_high_coverage_and_resets_on_low():
-    cfg = SFIConfig(min_refresh_gap=8, max_fast_steps=40, coverage_target=0.9)
-    gap = torch.tensor([8, 16, 32, 40, 32], dtype=torch.int32)
-    cov = torch.tensor([0.95, 0.9, 0.99, 0.99, 0.5])
-    assert next_gap(gap, cov, cfg).tolist() == [16, 32, 40, 40, 8]
-
-
-@pytest.mark.parametrize("adaptive, with_keep", [(False, False), (True, True), (True, False)])
-def test_triton_finish_coverage_matches_reference(adaptive, with_keep):
+def test_triton_finish_coverage_matches_reference():
     """The one-launch end of a refresh (interpreted on CPU) against its torch composition: rows not
-    measured (no selection before, or not kept) leave their slot's state and the totals alone."""
+    measured (no selection before the slow step) leave their slot's state and the totals alone."""
     from sfi_sglang.kernels.finish_coverage import finish_coverage, finish_coverage_ref
-    from sfi_sglang.memory import SelectionStore
-    from sfi_sglang.metrics import SFIStats
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = SFIConfig(adaptive_refresh=adaptive, min_refresh_gap=4, max_fast_steps=20, coverage_target=0.9)
-    g = torch.Generator().manual_seed(int(adaptive) * 2 + int(with_keep))
+    g = torch.Generator().manual_seed(0)
     slots_total, layers, s = 10, 5, 6
     slots = torch.randperm(slots_total, generator=g)[:s]
     by_layer = 0.8 + 0.2 * torch.rand(s, layers, generator=g)
-    prev_count = torch.tensor([3, -1, 0, 7, 2, 5], dtype=torch.int32)
-    keep = torch.tensor([True, True, False, True, True, False]) if with_keep else None
+    prev_count = torch.tensor([3, -1, 0, 7, -1, 5], dtype=torch.int32)
     outs = []
     for fn in (finish_coverage_ref, finish_coverage):
-        store, stats = SelectionStore(cfg, layers, slots_total, 2, dev), SFIStats(dev)
-        store.gap.copy_(torch.randint(4, 20, (slots_total,), generator=torch.Generator().manual_seed(1)))
-        store.cov_stats[:, 1] = 1.0
+        coverage_ = torch.full((slots_total,), -1.0, device=dev)
+        layer_cov = torch.zeros(slots_total, layers, device=dev)
+        cov_stats = torch.zeros(slots_total, 3, device=dev)
+        cov_stats[:, 1] = 1.0
+        totals = torch.zeros(3, dtype=torch.float64, device=dev)
         for _ in range(2):  # twice: sums and minima build on the state
-            fn(store, stats, slots.to(dev), by_layer.to(dev), prev_count.to(dev), keep.to(dev) if with_keep else None)
-        outs.append([t.cpu() for t in (store.layer_cov, store.coverage, store.cov_stats, store.gap, stats.cov)])
+            fn(slots.to(dev), by_layer.to(dev), prev_count.to(dev), coverage_, layer_cov, cov_stats, totals)
+        outs.append([t.cpu() for t in (layer_cov, coverage_, cov_stats, totals)])
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
-    measured = (prev_count >= 0) & (keep if with_keep else True)
-    assert outs[0][4][2] == 2 * measured.sum()
-    assert (outs[0][2][slots[~measured], 2] == 0).all()
+    measured = prev_count >= 0
+    assert outs[0][3][2] == 2 * measured.sum()
+    assert (outs[0][2][slots[~measured], 2] == 0).all() and (outs[0][1][slots[~measured]] == -1).all()
+    torch.testing.assert_close(outs[0][2][slots[measured], 0], 2 * by_layer[measured].mean(1))
+    torch.testing.assert_close(outs[0][2][slots[measured], 1], by_layer[measured].min(1).values)

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
-from sfi_sglang.memory import SelectionStore, StepRows
-from sfi_sglang.metrics import SFIStats
+from sfi_sglang.kernels.plan_step import StepRows, plan_step, plan_step_ref
+from sfi_sglang.memory import SelectionStore
 
 CFG = SFIConfig(sinks=3, topk=20, recent=5, max_fast_steps=6, min_refresh_gap=2, slow_logit_rows=2)
 SLOTS, VOCAB = 12, 50
@@ -20,9 +19,8 @@ def state(seed: int, dev: str):
     hi = torch.randint(0, 30, (SLOTS,), generator=g)
     store.hi.copy_(hi)
     store.count.copy_(torch.minimum(hi, torch.randint(0, 20, (SLOTS,), generator=g)))
-    store.gap.copy_(torch.randint(0, 8, (SLOTS,), generator=g))  # per-row boundary gaps (adaptive policy)
     table = (torch.rand(VOCAB, generator=g) < 0.3).to(dev)
-    return store, SFIStats(dev), table
+    return store, torch.zeros(5, dtype=torch.int64, device=dev), table
 
 
 @pytest.mark.parametrize("bs, real", [(1, 1), (7, 7), (8, 5), (16, 0)])
@@ -34,12 +32,13 @@ def test_triton_plan_matches_reference(bs, real):
     ids = torch.randint(0, VOCAB + 5, (bs,), generator=g)  # ids past the table are clamped
     outs = []
     for fn in (plan_step_ref, plan_step):
-        store, stats, table = state(bs, dev)
+        store, acc, table = state(bs, dev)
         rows = StepRows.zeros(bs + 3, dev)  # longer than the batch: rows past bs stay untouched
-        fn(store, stats, table, ids.to(dev), slots.to(dev), seq_lens.to(dev), real, bs, rows)
+        fn(ids.to(dev), slots.to(dev), seq_lens.to(dev), real, bs, table, store.ready, store.steps, store.hi,
+           store.count, rows, acc, sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk, max_fast=CFG.max_fast_steps,
+           min_gap=CFG.min_refresh_gap, logit_rows=CFG.slow_logit_rows)
         outs.append([rows.slow, rows.slots[:real], rows.hi[:real], rows.count[:real], store.hi, store.count,
-                     store.steps, store.ready, stats.acc, rows.logit_row])
-        assert stats.decode_steps == 1
+                     store.steps, store.ready, acc, rows.logit_row])
     for a, b in zip(*outs):
         assert torch.equal(a.cpu(), b.cpu())
     assert outs[0][0][real:bs].all() and not outs[0][0][bs:].any()  # padding rows are slow

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.policy import (
-    SENTENCE_END_CHARS,
-    boundary_ids_from_vocab,
-    boundary_table,
-    is_boundary_text,
-    slow_rows,
-)
+from sfi_sglang.kernels.plan_step import slow_rows
+from sfi_sglang.policy import SENTENCE_END_CHARS, boundary_ids_from_vocab, boundary_table, is_boundary_text
 
 
 @pytest.mark.parametrize("text", [".", " end.", "x\n", "!", "?", ";", ":", "\r", "…", "ok. \t ", "。", "中文！", "？", "；"])
@@ -74,7 +69,7 @@ def test_single_request_simulation(max_fast, gap):
     ready, steps = torch.tensor([True]), torch.tensor([0], dtype=torch.int32)
     got = set()
     for t, tok in enumerate(stream):
-        slow = slow_rows(torch.tensor([tok]), ready, steps, table, torch.tensor([gap]), cfg)
+        slow = slow_rows(torch.tensor([tok]), ready, steps, table, max_fast, gap)
         assert slow.dtype == torch.bool and slow.shape == (1,)
         if slow[0]:
             got.add(t)
@@ -96,7 +91,7 @@ def test_single_request_simulation(max_fast, gap):
 def test_not_ready_is_slow_and_no_prefill_selection():
     cfg = SFIConfig(max_fast_steps=4, min_refresh_gap=2)
     table = boundary_table(cfg, 8, [], "cpu")
-    slow = slow_rows(torch.tensor([1]), torch.tensor([False]), torch.tensor([0]), table, torch.tensor([2]), cfg)
+    slow = slow_rows(torch.tensor([1]), torch.tensor([False]), torch.tensor([0]), table, 4, 2)
     assert slow.tolist() == [True]
 
 
@@ -118,18 +113,8 @@ def test_batched_rows_decide_per_row():
     fed = torch.tensor([r[0] for r in rows])
     ready = torch.tensor([r[1] for r in rows])
     steps = torch.tensor([r[2] for r in rows], dtype=torch.int32)
-    got = slow_rows(fed, ready, steps, table, torch.full_like(steps, cfg.min_refresh_gap), cfg).tolist()
+    got = slow_rows(fed, ready, steps, table, cfg.max_fast_steps, cfg.min_refresh_gap).tolist()
     want = [expected_slow(cfg, r, s, min(t, 7), boundaries) for t, r, s in rows]
     assert got == want == [False, True, False, True, False, True, True, False, False]
     # the lookup table is not modified by the in-place masking
     assert table_ids(table) == [2, 5]
-
-
-def test_boundary_gap_is_per_row():
-    """The adaptive policy gives rows their own boundary gap; the fast-step limit stays global."""
-    cfg = SFIConfig(max_fast_steps=10, min_refresh_gap=2)
-    table = boundary_table(cfg, 8, [2], "cpu")
-    steps = torch.tensor([3, 3, 3, 10], dtype=torch.int32)
-    gap = torch.tensor([2, 3, 4, 16], dtype=torch.int32)
-    got = slow_rows(torch.tensor([2, 2, 2, 1]), torch.ones(4, dtype=torch.bool), steps, table, gap, cfg)
-    assert got.tolist() == [True, True, False, True]

@@ -1,4 +1,4 @@
-"""The Selector (scores, priors, top-k) and its logits kernel, against explicit-loop references."""
+"""The Selector (scores, neighbour spread, top-k) and its logits kernel, against explicit-loop references."""
 
 import math
 
@@ -7,8 +7,9 @@ import torch
 
 from sfi_sglang.kernels.candidate_logits import candidate_logits, candidate_logits_ref
 from sfi_sglang.kernels.group_scores import group_scores, group_scores_ref, in_region
-from sfi_sglang.selector import (PAD_POSITION, coarse, mix_prior, prior, rank_scores, region_positions, scaled,
-                                 spread_to_neighbors, topk_positions)
+from sfi_sglang.kernels.topk_select import (PAD_POSITION, coarse, restrict, scaled, spread_to_neighbors,
+                                            topk_positions, topk_select_ref)
+from sfi_sglang.refresher import region_positions
 
 
 def gen(seed: int) -> torch.Generator:
@@ -73,20 +74,23 @@ def loop_group_mean(q, keys, scale):
     return out
 
 
-def scores_of(q, keys, scale, alpha, lam=0.0, window=0):
+def scores_of(q, keys, scale, alpha, window=0):
     """Selector scores [Hkv, n] of one request whose candidates are ``keys [n, Hkv, D]``."""
     n, hkv, d = keys.shape
     req_to_token = torch.arange(n, dtype=torch.int32).view(1, n)
     lo, hi = torch.zeros(1, dtype=torch.int32), torch.full((1,), n, dtype=torch.int32)
     pos = region_positions(lo, hi, n)
-    logits, log_norm = candidate_logits_ref(q[None, None], [keys], req_to_token, lo, pos, scale, norms=lam > 0)
-    return aggregate(logits, pos, alpha, lam, log_norm, (lo, hi), window)[0]
+    logits = candidate_logits_ref(q[None, None], [keys], req_to_token, lo, pos, scale)
+    return aggregate(logits, pos, alpha, (lo, hi), window)[0]
 
 
-def aggregate(logits, pos, alpha, lam, log_norm, region, window, contiguous=False):
-    """The Selector's scores from logits: group_scores_ref, then rank_scores."""
+def aggregate(logits, pos, alpha, region, window, contiguous=False):
+    """The Selector's scores from logits: group_scores_ref, scaled by the totals, spread; -1 on padding."""
     f, total, _ = group_scores_ref(logits, pos, *region, alpha)
-    return rank_scores(scaled(f, total), pos, lam, log_norm, region, window, contiguous)
+    f = scaled(f, total)
+    if window:
+        f = spread_to_neighbors(f, pos, window, contiguous)
+    return f.masked_fill(pos < 0, -1.0)
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4])
@@ -102,11 +106,11 @@ def test_scores_alpha1_are_group_mean_softmax(ratio, w):
     torch.testing.assert_close(f.sum(-1), torch.ones(hkv), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("alpha, lam", [(0.5, 0.0), (0.5, 0.25), (1.0, 0.9), (0.2, 0.5)])
-def test_scores_rows_sum_to_one(alpha, lam):
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 0.2])
+def test_scores_rows_sum_to_one(alpha):
     q = torch.randn(2, 8, 16, generator=gen(3))
     keys = torch.randn(40, 2, 16, generator=gen(4))
-    f = scores_of(q, keys, 0.25, alpha=alpha, lam=lam)
+    f = scores_of(q, keys, 0.25, alpha=alpha)
     assert f.shape == (2, 40)
     assert (f >= 0).all()
     torch.testing.assert_close(f.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
@@ -121,11 +125,11 @@ def test_batched_scores_equal_one_request_at_a_time():
     slots, lo = torch.tensor([2, 0, 3, 1]), torch.tensor([3, 0, 2, 4])
     hi = lo + torch.tensor(lens)
     pos = region_positions(lo, hi, max(lens))
-    logits, log_norm = candidate_logits_ref(q[None], [pool], req_to_token, slots, pos, 0.3, norms=True)
-    f = aggregate(logits, pos, 0.5, 0.25, log_norm, (lo, hi), 2)
+    logits = candidate_logits_ref(q[None], [pool], req_to_token, slots, pos, 0.3)
+    f = aggregate(logits, pos, 0.5, (lo, hi), 2)
     for i, n in enumerate(lens):
         keys = pool[req_to_token[slots[i], lo[i]:hi[i]].long()]
-        torch.testing.assert_close(f[i, :, :n], scores_of(q[i], keys, 0.3, 0.5, 0.25, 2))
+        torch.testing.assert_close(f[i, :, :n], scores_of(q[i], keys, 0.3, 0.5, 2))
         assert (f[i, :, n:] == -1).all()
 
 
@@ -147,44 +151,9 @@ def test_triton_logits_match_reference(ratio, w, cap):
     tol = 1e-5 if dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
     for pos in (region.repeat(2, 1, 1).to(dev), per_head.expand(6, -1, -1).to(dev)):
         args = (q, pool, req_to_token, slots, pos, 0.2, cap)
-        want, want_norm = candidate_logits_ref(*args, norms=True)
-        got, got_norm = candidate_logits(*args, norms=True)
+        want, got = candidate_logits_ref(*args), candidate_logits(*args)
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
         assert (got[(pos < 0).unsqueeze(2).expand_as(got)] == float("-inf")).all()
-        torch.testing.assert_close(got_norm, want_norm, atol=1e-5, rtol=1e-5)
-
-
-def test_prior_rows_sum_to_one():
-    for n in (1, 2, 17):
-        lo, hi = torch.tensor([5]), torch.tensor([5 + n])
-        r = prior(torch.randn(1, 3, 20, generator=gen(n)), region_positions(lo, hi, 20), lo, hi)
-        assert r.shape == (1, 3, 20)
-        assert torch.isfinite(r).all() and (r >= 0).all() and (r[..., n:] == 0).all()
-        torch.testing.assert_close(r.sum(-1), torch.ones(1, 3), atol=1e-5, rtol=0)
-
-
-def implied_lambda(f, r, mix):
-    """Recover lam from mix = (1 - lam) f + lam r (least squares per row)."""
-    d = r - f
-    return ((mix - f) * d).sum(-1) / (d * d).sum(-1)
-
-
-@pytest.mark.parametrize("lambda_max", [0.0, 0.1, 0.25, 0.99])
-def test_mix_prior_lambda_in_range(lambda_max):
-    g = gen(int(lambda_max * 100))
-    f = torch.rand(64, 20, generator=g, dtype=torch.float64) ** 4
-    r = torch.rand(64, 20, generator=g, dtype=torch.float64)
-    f, r = f / f.sum(-1, keepdim=True), r / r.sum(-1, keepdim=True)
-    mix = mix_prior(f, r, lambda_max)
-    lam = implied_lambda(f, r, mix)
-    assert (lam >= -1e-9).all() and (lam <= lambda_max + 1e-9).all()
-    torch.testing.assert_close(mix.sum(-1), torch.ones(64, dtype=torch.float64))
-    # lam is the clipped minimiser of sum(mix^2)
-    d = r - f
-    best = ((f * f).sum(-1) - (f * r).sum(-1)) / (d * d).sum(-1)
-    torch.testing.assert_close(lam, best.clamp(0, lambda_max))
-    # identical f and r: mix is f
-    torch.testing.assert_close(mix_prior(f, f, lambda_max), f)
 
 
 def test_neighbor_window_keeps_spans():
@@ -213,23 +182,19 @@ def test_neighbor_window_follows_positions_not_list_order():
 def test_whole_context_restricted_to_the_region_selects_as_the_region(seed):
     """A refresh after a slow step scores [0, n) (for coverage) and ranks only [lo, hi):
     the same selection as scoring [lo, hi) alone."""
-    from sfi_sglang.config import SFIConfig
-    from sfi_sglang.selector import restrict, select
-
     g = gen(seed)
-    cfg = SFIConfig(topk=7, neighbor_window=2)
     n = torch.tensor([40, 33, 57])
     lo, hi = torch.full((3,), 4), n - 16
     full = region_positions(torch.zeros(3, dtype=torch.long), n, 57)
     logits = torch.randn(3, 2, 4, 57, generator=g).masked_fill(full.unsqueeze(2) < 0, float("-inf"))
-    f, total, _ = group_scores_ref(logits, full, lo, hi, cfg.alpha)
-    got = select(f, full, cfg, (lo, hi), contiguous=True, total=total)  # ranks the region only
-    assert torch.equal(got, select(f, restrict(full, lo, hi), cfg, (lo, hi), contiguous=True, total=total))
+    f, total, _ = group_scores_ref(logits, full, lo, hi, 0.5)
+    got = topk_select_ref(f, full, 7, 2, total, (lo, hi))  # ranks the region only
+    assert torch.equal(got, topk_select_ref(f, restrict(full, lo, hi), 7, 2, total, (lo, hi)))
     region = region_positions(lo, hi, int((hi - lo).max()))
     cols = (region.clamp_min(0).long()).expand(3, 2, -1).unsqueeze(2).expand(-1, -1, 4, -1)
     logits = logits.gather(-1, cols).masked_fill(region.unsqueeze(2) < 0, float("-inf"))
-    f, total, _ = group_scores_ref(logits, region, lo, hi, cfg.alpha)
-    want = select(f, region, cfg, (lo, hi), contiguous=True, total=total)
+    f, total, _ = group_scores_ref(logits, region, lo, hi, 0.5)
+    want = topk_select_ref(f, region, 7, 2, total, (lo, hi))
     assert torch.equal(got, want)
 
 

@@ -82,7 +82,8 @@ def decode(fn, store, req_to_token, slots, seq_lens, slow, k, v, q, scale, layer
 @pytest.mark.parametrize("hkv", [1, 2, 3])
 def test_token_lists_are_the_requests_own_tokens_without_duplicates(hkv):
     store, req_to_token, slots, seq_lens, slow = make_state(hkv=hkv, seed=hkv)
-    kept = store.kept(slots, seq_lens, slow)
+    hi, cnt, n = store.hi[slots].long(), store.count[slots].long(), seq_lens.long()
+    kept = torch.where(slow, n, hi.clamp(max=CFG.sinks) + cnt + n - hi)  # what the step plan counts
     for layer in range(LAYERS):
         for b, (slot, _, n, is_slow) in enumerate(REQUESTS):
             for h in range(hkv):
@@ -179,11 +180,20 @@ def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, slow_chun
             assert (kept[0][row, :, n:] == 7.0).all()
 
 
-def test_advance_moves_slow_rows_to_a_new_selection():
+def test_plan_moves_slow_rows_to_a_new_selection():
+    from sfi_sglang.kernels.plan_step import StepRows, plan_step_ref
+
     store, _, slots, seq_lens, _ = make_state()
     slow = torch.tensor([i % 2 == 0 for i in range(len(slots))])
+    store.ready[slots] = True
+    store.steps[slots] = torch.where(slow, CFG.max_fast_steps, 1).int()  # even rows reach the fast-step limit
     before = {name: getattr(store, name)[slots].clone() for name in ("hi", "count", "steps")}
-    store.advance(slots, seq_lens, slow)
+    rows = StepRows.zeros(len(slots), "cpu")
+    plan_step_ref(torch.zeros(len(slots), dtype=torch.long), slots, seq_lens, len(slots), len(slots),
+                  torch.zeros(4, dtype=torch.bool), store.ready, store.steps, store.hi, store.count, rows,
+                  torch.zeros(5, dtype=torch.int64), sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk,
+                  max_fast=CFG.max_fast_steps, min_gap=CFG.min_refresh_gap, logit_rows=0)
+    assert torch.equal(rows.slow, slow)
     _, hi, count = store.bounds(seq_lens)
     for i in range(len(slots)):
         s = slots[i]
@@ -200,9 +210,7 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
     and the decode kernel (Triton, compiled on a GPU or interpreted on CPU, against the torch
     references), with a Selector stand-in picking random region positions for slow rows: every
     token list stays inside its request (no index outside [0, n), no duplicates)."""
-    from sfi_sglang.kernels.plan_step import plan_step, plan_step_ref
-    from sfi_sglang.memory import StepRows
-    from sfi_sglang.metrics import SFIStats
+    from sfi_sglang.kernels.plan_step import StepRows, plan_step, plan_step_ref
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rng = random.Random(seed)
@@ -221,13 +229,16 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
     for name, where in (("ref", "cpu"), ("triton", dev)):
         store = SelectionStore(cfg, 1, slots_n, hkv, where)
         store.pos.copy_(stale)
-        states[name] = (store, SFIStats(where), StepRows.zeros(bs, where))
+        states[name] = (store, torch.zeros(5, dtype=torch.int64, device=where), StepRows.zeros(bs, where))
     to = lambda *ts: [t.to(dev) for t in ts]  # noqa: E731
     tol = 1e-5 if dev == "cpu" else 5e-3  # GPU dots on fp32 use TF32
     for step in range(8):
         ids = torch.randint(0, vocab, (bs,), generator=g)
-        plan_step_ref(*states["ref"][:2], is_boundary, ids, slots, seq_lens, bs, bs, states["ref"][2])
-        plan_step(*states["triton"][:2], *to(is_boundary, ids, slots, seq_lens), bs, bs, states["triton"][2])
+        limits = dict(sinks=cfg.sinks, recent=cfg.recent, topk=cfg.topk, max_fast=cfg.max_fast_steps,
+                      min_gap=cfg.min_refresh_gap, logit_rows=0)
+        for fn, (st, acc, rows), args in ((plan_step_ref, states["ref"], (ids, slots, seq_lens, is_boundary)),
+                                          (plan_step, states["triton"], to(ids, slots, seq_lens, is_boundary))):
+            fn(*args[:3], bs, bs, args[3], st.ready, st.steps, st.hi, st.count, rows, acc, **limits)
         (store, _, rows), (store_t, _, rows_t) = states["ref"], states["triton"]
         for a, b in ((rows.slow, rows_t.slow), (store.hi, store_t.hi), (store.count, store_t.count)):
             assert torch.equal(a, b.cpu())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sfi_sglang.kernels.topk_select import BLOCK_N, topk_select, topk_select_ref
-from sfi_sglang.selector import PAD_POSITION, RANK_BITS, region_positions
+from sfi_sglang.kernels.topk_select import BLOCK_N, PAD_POSITION, RANK_BITS, topk_select, topk_select_ref
+from sfi_sglang.refresher import region_positions
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -74,7 +74,7 @@ def test_per_head_candidates_with_padding_inside(chunks, window):
 def test_region_ranks_only_its_candidates(window, chunks):
     """Candidates over the whole context and a region per row (a refresh after a slow step): the
     same selection as candidates restricted to the region, though sinks and the tail score highest."""
-    from sfi_sglang.selector import restrict
+    from sfi_sglang.kernels.topk_select import restrict
 
     g = torch.Generator().manual_seed(window)
     n = torch.tensor([700, 450, 300])
@@ -132,25 +132,20 @@ def test_all_equal_scores_take_the_first_k():
     assert torch.equal(got[0, 0], torch.arange(2048, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("contiguous, lam", [(True, 0.0), (True, 0.5), (False, 0.0)])
-def test_selector_with_fused_topk_equals_torch_ops(contiguous, lam):
-    """``select`` gives the same positions through the kernel as through its torch ops, with the
-    prior and the neighbour spread (fused for consecutive candidates, torch otherwise)."""
-    from sfi_sglang.config import SFIConfig
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_group_scores_then_topk_equal_the_reference(contiguous):
+    """The Selector's path (group scores, then the top-k over the whole context ranking the region,
+    scaled by the totals, with the neighbour spread) gives the reference's positions through the kernel,
+    for consecutive candidates and for sparse ones (a record's positions)."""
     from sfi_sglang.kernels.group_scores import group_scores_ref
-    from sfi_sglang.selector import select
 
-    g = torch.Generator().manual_seed(int(contiguous) + int(10 * lam))
-    cfg = SFIConfig(topk=100, neighbor_window=2, prior_lambda_max=lam)
+    g = torch.Generator().manual_seed(int(contiguous))
     n = torch.tensor([1500, 900])
     lo, hi = torch.tensor([4, 4]), n - 64
     pos = region_positions(torch.zeros(2, dtype=torch.long), n, 1500)  # the whole context: the region is ranked
     if not contiguous:
         pos = torch.where(torch.arange(1500) % 3 == 1, -1, pos)  # sparse candidates, still ascending
     logits = torch.randn(2, 2, 4, 1500, generator=g).masked_fill(pos.unsqueeze(2) < 0, float("-inf"))
-    f, total, _ = group_scores_ref(logits, pos, lo, hi, cfg.alpha)
-    log_norm = torch.randn(2, 2, 1500, generator=g)
-    want = select(f, pos, cfg, (lo, hi), log_norm, contiguous, total=total)
-    got = select(f.to(DEV), pos.to(DEV), cfg, (lo.to(DEV), hi.to(DEV)), log_norm.to(DEV), contiguous, topk_select,
-                 total.to(DEV))
-    assert torch.equal(got.cpu(), want)
+    f, total, _ = group_scores_ref(logits, pos, lo, hi, 0.5)
+    got = check(f, pos, 100, 2, total, (lo, hi), contiguous)
+    assert ((got >= lo.view(-1, 1, 1)) & (got < hi.view(-1, 1, 1))).all()
