@@ -14,10 +14,8 @@ For refresh row ``i``, KV head ``h`` and candidate ``j``, from the logits
 passes over the logits (per-block softmax statistics, then the scores) instead of a dozen
 full-size torch passes (two softmaxes, masking, powers, means), with a small launch between
 them that combines the blocks' statistics. It reads the logits through their strides: the
-candidate logits are query-major, the slow step's kept ones token-major (a transposed view;
-7% slower to read here, H200: 193 -> 207 us for 16 x 8 x 128K fp16, against 324 us for
-[candidates, queries] tiles, whose reductions went through layout conversions;
-``results/selector_ab_h200.log``).
+candidate logits are query-major, the slow step's kept ones token-major (a transposed view,
+read one query row at a time: [candidates, queries] tiles would reduce through layout conversions).
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ class Scores(NamedTuple):
     coverage: torch.Tensor | None  # [S, Hkv]
 
 
-BLOCK_N = 512  # 256: 1.5x slower on an H200 (benchmarks/results/tune_selector_h200.json)
+BLOCK_N = 512  # launch shape from benchmarks/tune_selector.py
 NUM_WARPS = 4
 
 

@@ -7,9 +7,7 @@ head ``h``, candidate ``j`` is held if it is a sink (``j < sinks``), in the prev
 (``j >= prev_hi[i]``), or one of the first ``prev_cnt[i]`` previous selected positions
 ``prev_sel[i, h]``. The first launch writes the sinks and the tail over every candidate, the second
 marks the selected positions, each a store into its own column: the work follows the selection's
-size, not the candidates'. At 16 x 128K on an H200 that takes 18 us per layer (21 + 15 us per pass of
-two layers: ``benchmarks/results/kernels_refresh_h200.log``) where a binary search per candidate in
-the selection took 126 us (``benchmarks/results/kernels_h200_2026-11-30.log``).
+size, not the candidates' (a binary search per candidate in the selection was several times slower).
 """
 
 from __future__ import annotations

@@ -5,32 +5,25 @@ Row ``b`` (req-pool slot ``s``, ``n`` tokens) attends, for KV head ``h``, to
 - slow rows: positions ``[0, n)`` (dense);
 - fast rows: ``[0, lo) + pos[s, h, :cnt] + [hi, n)`` with ``hi = hi_s[b]``,
   ``cnt = cnt_s[b]`` (the row's selection state, given per batch row: read through the
-  slot it cost one more dependent load, 0-4% of a fast-row call on an H200), ``lo =
-  min(sinks, hi)``: sinks, the Selector's positions (ascending) and the live tail.
+  slot it would cost one more dependent load), ``lo = min(sinks, hi)``: sinks, the
+  Selector's positions (ascending) and the live tail.
 Positions map to KV-pool rows through ``req_to_token[s]``. Slow rows given a row ``r`` of
 ``logits`` (``logit_row[b] >= 0``) also leave there their attention logits (scaled and capped,
 fp16) over the whole context, ``logits[r, h, :n, :]`` (token-major: the KV head's query group
 contiguous): the Selector ranks tokens from them, through a transposed view, after the step instead
-of reading the keys again (``SFIBackend._select``). Stored as the [group, tokens] tile is laid out,
-the logits cost every row of the kernel (storing or not) 6-14%: 209 registers instead of 135, two
-programs per SM instead of three. Token-major: 168 registers, three programs; dense rows that store
-nothing run at the plain kernel's speed, fast rows 2-3% slower (H200, same-run A/B in
-``results/selector_ab_h200.log``).
+of reading the keys again (``Refresher.select``). Token-major because the [group, tokens] layout
+of the tile would cost every row of the kernel registers and occupancy, storing or not
+(benchmarks/RESULTS.md, "Kernels").
 
 Why not FlashInfer over materialised index lists: its decode plan needs every
 list length on the host, and in a CUDA-graph replay sglang gives the backend
 no host-side request ids, so the lengths (which depend on per-request
 selection state) could only be had with a host sync per step. Here lengths are
 read on the device, the grid is static (graph-safe), no per-layer index list
-is written, and slow and fast rows share one launch. Kernel against kernel, over
-the same per-(request, KV head) lists in one run (H200, ``bench_kernels.py``,
-``results/kernels_fi_sparse_h200.json``): this kernel is 6-33% faster at batch 1
-and 0-20% at batch 8 with 256-2048 kept tokens (batch 16 with 256: 7-8%); FlashInfer is
-2-16% faster at batch 16-32 with 2048-4096 kept, 1-9% at batch 8 with 4096 and 1.5x at
-batch 32 with 256. At the default memory (about 4100 kept) that is 0.05 ms per step at 16 x 8K (36
-layers) and up to 0.8 ms at 32 x 128K, before the host sync, the per-step rebuild of
-36 layers' lists and the second launch per layer that FlashInfer would add: this
-kernel stays; a FlashInfer path for fast rows at large batches is not built.
+is written, and slow and fast rows share one launch. Kernel against kernel over the
+same lists (``benchmarks/bench_kernels.py``), this one is faster at small batches and
+FlashInfer somewhat faster at batch 16-32 with 2048+ kept tokens, before the host sync and
+per-step list rebuild it would need (benchmarks/RESULTS.md, "Kernels").
 
 Given ``q_out``, the kernel also saves each row's query there (the first split program of each
 (row, KV head) stores the tile it loaded): the Selector scores a slow row's candidates with it at
@@ -66,14 +59,9 @@ class Launch:
 
 
 def launch_for(batch: int) -> Launch:
-    """Launch shape for a batch of ``batch`` rows, from ``benchmarks/tune_sfi_decode.py`` on an H200
-    (``results/tune_sfi_decode.json``): 128-token steps, and longer splits as the batch alone fills
-    the GPU. Against 64/64 it cut fast rows' time 20-33% (batch 16 x 2048 kept: 62 -> 47 us; batch
-    32 x 4096 kept: 225 -> 152 us, 83% of copy bandwidth) and dense rows' 14-24%. At batch 1 slow rows
-    split into chunks of >= 512 tokens and the loop runs 3 stages deep: dense rows 155 -> 135 us at
-    1 x 128K (keeping logits 167 -> 144), 28.5 -> 27.1 us at 1 x 16K, fast rows unchanged (same-run
-    A/B, ``benchmarks/ab_sfi_decode.py``, ``results/selector_ab_h200.log``); in the sweep 1 x 32K
-    dense rows lost 4% (45.3 -> 47.1 us). Stages 3 at batch 2 gained nothing (2 x 64K)."""
+    """Launch shape for a batch of ``batch`` rows, tuned with ``benchmarks/tune_sfi_decode.py``:
+    128-token steps, and longer splits as the batch alone fills the GPU; at batch 1 slow rows split
+    into chunks of >= 512 tokens with a 3-stage loop (a long dense row is most of such a step)."""
     if batch == 1:
         return Launch(block=128, min_chunk=128, min_chunk_slow=512, num_stages=3)
     return Launch(block=128, min_chunk=128 if batch < 4 else 256 if batch < 16 else 512)

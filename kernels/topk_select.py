@@ -30,24 +30,15 @@ programs per call:
    order at the offset the earlier chunks' histograms give (keys above the
    k-th, then the ties the earlier chunks take); the last chunk pads the end.
 
-One program per (row, head) ran the same passes in one launch; with rows
-split over chunks the GPU stays evenly busy whatever the row count: on an
-H200, inside CUDA graphs, attention-like scores, 600 -> 538 us at 32 rows x 8
-heads x 128K candidates (16 x 128K, two layers per call), 968 -> 603 us at
-36 x 8 x 128K (batch 1, 36 layers), 644 -> 587 us at 144 x 8 x 32K, 141 ->
-136 us at 128 x 8 x 8K
-(``benchmarks/results/selector_ab_h200.log``, "chunked top-k"). Histograms
-of 4-bit digits (four passes over the keys instead of two) measured slower:
-the passes cost more than the narrower histograms save.
+Rows split over chunks keep the GPU evenly busy whatever the row count (batch 1 x 36 layers
+or 16 requests x 2 layers). Two 7-bit-ish digits, not four 4-bit ones: the passes over the keys
+cost more than narrower histograms save.
 
 Why not FlashInfer's ``top_k`` (0.6.15, a radix top-k for long rows): it gives ties
 to the smaller index, as the Selector needs for deterministic selections, only on its
 FilteredTopK path, which takes k <= 2048, and the default ``topk`` is 3072; it would
 also need the keys (spread, scaled, coarse) written out before it, a pass that is most of
-this kernel's pass 1. It is faster on long rows: at k 2048 (same output, keys made
-beforehand and not timed) 192 against 472 us at 36 x 8 x 128K, 257 against 469 at 144 x 8 x
-32K, where this top-k now takes 362 and 352 us; at 8K the two are within 4% (H200,
-``benchmarks/ab_flashinfer_topk.py``, ``results/selector_ab_h200.log``, "Session 20" and "21").
+this kernel's pass 1. It is faster on long rows at k <= 2048 (benchmarks/RESULTS.md, "Kernels").
 
 ``topk_select_ref`` is the torch reference (the Selector's own ops).
 """
@@ -136,7 +127,7 @@ def _count_along(mask: torch.Tensor, block: int = 1024) -> torch.Tensor:
     return (inner + (ends.cumsum(-1, dtype=torch.int32) - ends).unsqueeze(-1)).flatten(-2)[..., :n]
 
 
-BLOCK_N = 2048  # with 4 warps and PROGRAMS 2048: best or near it at the Selector's shapes (H200, log above)
+BLOCK_N = 2048  # with 4 warps and PROGRAMS 2048: best or near it at the Selector's shapes (tune_selector.py)
 NUM_WARPS = 4
 PROGRAMS = 2048  # (row, chunk) programs a call aims for: many per SM on an H100/H200
 # keys: a score's exponent and RANK_BITS - 1 stored mantissa bits, found in two digits
@@ -226,9 +217,8 @@ def _kth_bin(hist, want, BINS: tl.constexpr):
 
 @triton.jit
 def _count(mask, BLOCK: tl.constexpr):
-    """Inclusive running count of ``mask [BLOCK]``: scans of 128-long rows plus their offsets. For the
-    winners it made the whole kernel 4-7% faster on an H200 than one scan of the block; for the ties
-    (rarely more than a few) it did not pay."""
+    """Inclusive running count of ``mask [BLOCK]``: scans of 128-long rows plus their offsets, faster
+    than one scan of the whole block."""
     x = tl.reshape(mask.to(tl.int32), [BLOCK // 128, 128])
     rows = tl.sum(x, 1)
     return tl.reshape(tl.cumsum(x, 1) + (tl.cumsum(rows, 0) - rows)[:, None], [BLOCK])
