@@ -63,8 +63,8 @@ def prepare_model(out: str) -> str:
 
 
 # Standard-library modules whose docstrings make the corpus (~75K SmolLM2 tokens on Python 3.11).
-# The first ten made the whole corpus (25K tokens) until 2026-11-30; the rest only extend it, so
-# earlier windows keep their text.
+# The first ten come first and the rest only extend the corpus, so a window's text does not change
+# when modules are appended.
 CORPUS_MODULES = (
     "email", "http.client", "json", "logging", "pathlib", "string", "textwrap", "typing", "unittest", "urllib.request",
     "argparse", "asyncio", "collections", "concurrent.futures", "dataclasses", "decimal", "functools", "itertools",
