@@ -155,19 +155,23 @@ def main() -> None:
                 sampling = {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True,
                             "stream_interval": STREAM_INTERVAL}
 
-                async def one(i: int) -> tuple[list[tuple[float, int]], dict]:
-                    await asyncio.sleep(i * gap_s)
-                    chunks, meta = [], {}
-                    stream = await engine.async_generate(input_ids=prompts[i], sampling_params=sampling, stream=True)
+                async def streamed(ids: list[list[int]], delay: float = 0.0) -> list[tuple[list, dict]]:
+                    """``(chunks, last meta_info)`` per prompt of one request (a batch request when
+                    several: they enter the scheduler together)."""
+                    await asyncio.sleep(delay)
+                    chunks, metas = [[] for _ in ids], [{} for _ in ids]
+                    stream = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True)
                     async for out in stream:
-                        meta = out["meta_info"]
-                        chunks.append((time.perf_counter(), meta["completion_tokens"]))
-                    return chunks, meta
+                        i, meta = out.get("index", 0), out["meta_info"]
+                        chunks[i].append((time.perf_counter(), meta["completion_tokens"]))
+                        metas[i] = meta
+                    return list(zip(chunks, metas))
 
-                async def batch() -> list[tuple[list[tuple[float, int]], dict]]:
-                    return await asyncio.gather(*(one(i) for i in range(bs)))
+                async def staggered() -> list[tuple[list, dict]]:
+                    parts = await asyncio.gather(*(streamed([prompts[i]], i * gap_s) for i in range(bs)))
+                    return [part[0] for part in parts]
 
-                outs = engine.loop.run_until_complete(batch())
+                outs = engine.loop.run_until_complete(staggered() if gap_s else streamed(prompts))
                 assert all(meta["completion_tokens"] == new_tokens for _, meta in outs)
                 uncached += sum(max(0, args.input_len - 1 - meta["cached_tokens"]) for _, meta in outs)
                 return statistics.median(decode_step_time(chunks) for chunks, _ in outs) if timed else None
