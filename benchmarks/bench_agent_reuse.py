@@ -1,7 +1,7 @@
 """Agent turns over a long shared prefix: sfi with selection reuse vs sfi without it vs dense.
 
     python benchmarks/bench_agent_reuse.py [--prefix 16384,65536] [--turns 6] [--user 256] [--output 128]
-        [--dense flashinfer] [--variants sfi_reuse,sfi_no_reuse] [--config SFI_JSON] [--profile-turn 3] [--out benchmarks/results/agent_reuse.json]
+        [--dense flashinfer] [--variants sfi_reuse,sfi_no_reuse] [--config SFI_JSON] [--profile-turn 3] [--out PATH]
     python benchmarks/bench_agent_reuse.py --device cpu --model DIR --dense torch_native ...  # CPU smoke run
 
 Each variant runs in its own process (an sglang Engine on one GPU, dummy Qwen3-4B
@@ -16,7 +16,8 @@ reuse scores only the selection record plus the new tokens, sfi without reuse re
 the whole cached prefix at every prefill: over two or more ``--prefix`` lengths, the
 former's Selector time should stay flat and the latter's grow. ``--profile-turn N`` records turn
 N's prefill and first decode step with sglang's profiler (``trace_summary.py``; the summary goes
-in that turn's row): where a later turn's time to first token goes.
+in that turn's row): where a later turn's time to first token goes. Results go to ``--out``
+(default: a new file in the temporary folder; the path is printed).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from out_path import default_out  # noqa: E402
 from sfi_sglang.dummy_model import write_dummy_model  # noqa: E402
 from trace_summary import profiled  # noqa: E402
 
@@ -109,7 +111,7 @@ def main() -> None:
                     help="record this turn's prefill and first decode step with sglang's profiler "
                          "(trace_summary.py; the summary goes in that turn's row)")
     ap.add_argument("--timeout", type=int, default=400)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "agent_reuse.json"))
+    ap.add_argument("--out", default=None, help="result JSON (default: a new file in the temporary folder, printed)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -121,6 +123,9 @@ def main() -> None:
 
     if args.device == "cpu" and not args.model:
         ap.error("--device cpu needs --model")
+    if args.out is None:
+        args.out = default_out("agent-reuse")
+    print("results go to", args.out, flush=True)
     model = args.model or write_dummy_model(tempfile.mkdtemp(prefix="sfi-agent-"), "qwen3-4b")
     extra = json.loads(args.config)
     chosen = set(filter(None, args.variants.split(",")))
@@ -137,7 +142,7 @@ def main() -> None:
         results = {k: v for k, v in results.items() if v is not None}
         table(results, args.turns)
         runs.append({"prefix": prefix, "variants": results})
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"date": datetime.date.today().isoformat(),
                        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "config": extra,

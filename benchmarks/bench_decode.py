@@ -1,9 +1,9 @@
 """Decode throughput on one GPU: sfi vs SGLang's dense backends, same run, CUDA graphs on.
 
     python benchmarks/bench_decode.py [--model qwen3-4b] [--shapes 1x8192,16x8192,4x32768]
-        [--output-len 512] [--refresh 16,32] [--lags 1,8] [--memories 2048/512,3072/1024]
+        [--output-len 512] [--refresh 16,32] [--memories 2048/512,3072/1024]
         [--logit-rows 0,4] [--variants '{};{"dense_layers": 1}'] [--tp 1]
-        [--runner engine [--stagger 2] [--profile-steps 64]] [--out benchmarks/results/decode_throughput.json]
+        [--runner engine [--stagger 2] [--profile-steps 64]] [--out PATH]
 
 Every backend runs sglang's one-batch benchmark (``sfi_sglang.bench_one_batch``; or, with
 ``--runner engine``, an Engine with the overlap scheduler: ``engine_decode.py``), one
@@ -29,6 +29,12 @@ host calls, sfi's Selector ranges). sfi rows also
 carry ``refreshes``: calls and mean device milliseconds of the Selector refreshes after slow steps
 (from kept logits, from keys) and the mean host time to issue one, over the process's run, read from
 sfi's counter line (device time close to host time: the refresh is launch-bound).
+
+Every row's step times are checked (``engine_decode.check_step_times``): a step faster than the
+bytes it must move at the copy bandwidth measured in the run, or (engine runner) a timed send
+further than 10% from its measurement's median, is listed in the row's ``timing_warnings`` and
+marked ``!`` in the table; the engine runner refuses a non-positive step time. Results go to
+``--out`` (default: a new file in the system's temporary folder; the path is printed).
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from engine_decode import pool_tokens  # noqa: E402
+from engine_decode import TimingError, check_step_times, pool_tokens  # noqa: E402
+from out_path import default_out  # noqa: E402
 from sfi_sglang.config import SFIConfig  # noqa: E402
 from sfi_sglang.dummy_model import PRESETS, write_dummy_model  # noqa: E402
 
@@ -161,10 +168,8 @@ def main() -> None:
     ap.add_argument("--output-len", default=512, type=int)
     ap.add_argument("--refresh", default="16,32", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="sfi refresh periods R (empty: dense backends only)")
-    ap.add_argument("--lags", default="1", type=lambda s: [int(x) for x in s.split(",")],
-                    help="sfi refresh_lag values (each R runs once per lag; > 1: Selector on a side stream)")
     ap.add_argument("--memories", default="", type=lambda s: [tuple(map(int, x.split("/"))) for x in s.split(",") if x],
-                    help="sfi TOPK/RECENT pairs, e.g. 2048/512,3072/1024 (each runs per R and lag; empty: the default)")
+                    help="sfi TOPK/RECENT pairs, e.g. 2048/512,3072/1024 (each runs per R; empty: the default)")
     ap.add_argument("--logit-rows", default="", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="sfi slow_logit_rows values, e.g. 0,4 (0: the Selector re-reads K; empty: the default)")
     ap.add_argument("--variants", default="{}", type=lambda s: [json.loads(x) for x in s.split(";")],
@@ -180,10 +185,14 @@ def main() -> None:
     ap.add_argument("--profile-steps", default=0, type=int,
                     help="engine runner: profile this many steps of each process's largest batch (trace_summary.py)")
     ap.add_argument("--timeout", default=900, type=int)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_throughput.json"))
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default: a new file in the temporary folder, printed)")
     args = ap.parse_args()
     if (args.stagger or args.profile_steps) and args.runner != "engine":
         ap.error("--stagger and --profile-steps need --runner engine")
+    if args.out is None:
+        args.out = default_out("decode")
+    print("results go to", args.out, flush=True)
 
     model = write_dummy_model(tempfile.mkdtemp(prefix="sfi-bench-"), args.model)
     gpu = torch.cuda.get_device_name()
@@ -200,16 +209,14 @@ def main() -> None:
         runs.append((dense, dense, None, None))
     base = SFIConfig()
     for r in args.refresh:
-        for lag in args.lags:
-            for memory in args.memories or [(base.topk, base.recent)]:
-                for x, extra in itertools.product(args.logit_rows or [base.slow_logit_rows], args.variants):
-                    cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1),
-                           "boundary": False, "log_interval": 64, "refresh_lag": lag, "topk": memory[0],
-                           "recent": memory[1], "slow_logit_rows": x, **extra}
-                    name = f"sfi_R{r}" + (f"_lag{lag}" if lag > 1 else "") + (
-                        f"_k{memory[0]}r{memory[1]}" if args.memories else "") + (
-                        f"_x{x}" if args.logit_rows else "") + "".join(f"_{k}{v}" for k, v in extra.items())
-                    runs.append((name, "sfi", cfg, r))
+        for memory in args.memories or [(base.topk, base.recent)]:
+            for x, extra in itertools.product(args.logit_rows or [base.slow_logit_rows], args.variants):
+                cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1),
+                       "boundary": False, "log_interval": 64, "topk": memory[0],
+                       "recent": memory[1], "slow_logit_rows": x, **extra}
+                name = f"sfi_R{r}" + (f"_k{memory[0]}r{memory[1]}" if args.memories else "") + (
+                    f"_x{x}" if args.logit_rows else "") + "".join(f"_{k}{v}" for k, v in extra.items())
+                runs.append((name, "sfi", cfg, r))
     runs.sort(key=lambda run: run[0] in args.dense.split(",")[1:])  # first dense, sfi, then the other dense
 
     groups: dict[int, list[int]] = {}
@@ -233,16 +240,25 @@ def main() -> None:
             else:
                 read = ctx
             moved = w_bytes + bs * kv_tok * (read + steps / 2)
+            floor_s = moved / args.tp / bw  # no step can move its bytes faster than the copy bandwidth
+            warnings = list(res.get("timing_warnings", []))  # engine runner: sends far from their median
+            try:
+                for key in ("step_s", "staggered_step_s"):
+                    if key in res:
+                        warnings += [f"{key} {w}" for w in
+                                     check_step_times(res.get(key + "_runs", [res[key]]), floor_s, spread=None)]
+            except TimingError as e:
+                print(f"[{name}] bs {bs} ctx {ctx}: timing refused, row left out: {e}", file=sys.stderr, flush=True)
+                continue
             rows.append({
                 "gpu": gpu, "model": args.model, "tp": args.tp, "runner": args.runner, "backend": name, "batch": bs,
                 "context": ctx,
-                "output_len": res["output_len"], "refresh_every": r,
-                "refresh_lag": cfg["refresh_lag"] if cfg else None, "topk": cfg["topk"] if cfg else None,
+                "output_len": res["output_len"], "refresh_every": r, "topk": cfg["topk"] if cfg else None,
                 "recent": cfg["recent"] if cfg else None,
                 "slow_logit_rows": cfg["slow_logit_rows"] if cfg else None,
                 "dense_layers": dense_layers, "decode_tok_s": bs / step_s,
                 "step_ms": 1e3 * step_s, "slow_step_frac": frac, "hbm_frac": moved / args.tp / step_s / bw,
-                "bytes_moved": moved,
+                "bytes_moved": moved, "timing_warnings": warnings,
             })
             for key in ("step_s_runs", "staggered_step_s", "staggered_step_s_runs"):  # engine runner: seconds -> ms
                 if key in res:
@@ -263,9 +279,10 @@ def main() -> None:
                      if res.get("uncached_prompt_tokens") else "")
                   + "".join(f"; refresh {k} {refreshes[k][0]} x {refreshes[k][1]:.2f} ms"
                             for k in ("from_logits", "from_keys") if refreshes.get(k, [0])[0])
-                  + (f" (host {refreshes['host_ms']:.2f} ms per call)" if refreshes else ""),
+                  + (f" (host {refreshes['host_ms']:.2f} ms per call)" if refreshes else "")
+                  + "".join(f"\n    timing warning: {w}" for w in warnings),
                   flush=True)
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"date": datetime.date.today().isoformat(), "copy_bandwidth_bytes_s": bw,
                        "weight_bytes": w_bytes, "kv_bytes_per_token": kv_tok, "rows": rows}, f, indent=1)
@@ -278,9 +295,11 @@ FLOOR_CONTEXT = 1024  # shapes up to this context measure the step outside atten
 
 def table(rows: list[dict]) -> None:
     """Per (batch, context): best dense backend vs each sfi setting, measured and ideal ratio, and
-    (where a short-context shape ran at that batch) the ratio of the steps' attention parts."""
+    (where a short-context shape ran at that batch) the cap (the dense step over the step outside
+    attention: what no attention backend can beat) and the ratio of the steps' attention parts. ``!``:
+    a row of the pair has timing warnings."""
     print(f"\n{'batch':>5} {'ctx':>6} {'best dense':>16} {'sfi':>13} {'tok/s':>9} {'ratio':>6} {'ideal':>6} "
-          f"{'slow':>6} {'%HBM':>5} {'attn':>5} {'stag':>5}")
+          f"{'cap':>5} {'slow':>6} {'%HBM':>5} {'attn':>5} {'stag':>5}")
     for bs, ctx in sorted({(r["batch"], r["context"]) for r in rows}):
         short = [r["step_ms"] for r in rows if r["batch"] == bs and r["context"] <= FLOOR_CONTEXT]
         floor = min(short) if short and ctx > FLOOR_CONTEXT else None
@@ -292,11 +311,13 @@ def table(rows: list[dict]) -> None:
         for r in (r for r in at if r["refresh_every"] is not None):
             print(f"{bs:>5} {ctx:>6} {best['backend']:>9} {best['decode_tok_s']:6.0f} {r['backend']:>13} "
                   f"{r['decode_tok_s']:9.1f} {r['decode_tok_s'] / best['decode_tok_s']:6.2f} "
-                  f"{best['bytes_moved'] / r['bytes_moved']:6.2f} {r['slow_step_frac']:6.3f} "
-                  f"{100 * r['hbm_frac']:5.1f} "
+                  f"{best['bytes_moved'] / r['bytes_moved']:6.2f} "
+                  + (f"{best['step_ms'] / floor:5.2f} " if floor else f"{'-':>5} ")
+                  + f"{r['slow_step_frac']:6.3f} {100 * r['hbm_frac']:5.1f} "
                   + (f"{(best['step_ms'] - floor) / (r['step_ms'] - floor):5.2f}" if floor else f"{'-':>5}")
                   + (f" {best['staggered_step_ms'] / r['staggered_step_ms']:5.2f}" if "staggered_step_ms" in r
-                     and "staggered_step_ms" in best else f" {'-':>5}"))
+                     and "staggered_step_ms" in best else f" {'-':>5}")
+                  + (" !" if best.get("timing_warnings") or r.get("timing_warnings") else ""))
 
 
 if __name__ == "__main__":

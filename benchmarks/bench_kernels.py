@@ -1,7 +1,7 @@
 """Kernel micro-benchmark on one GPU: SFI's kernels vs FlashInfer dense decode, one Qwen3-4B layer.
 
     python benchmarks/bench_kernels.py [--contexts 8192,16384,32768,131072] [--batches 1,8,16,32]
-        [--kept 256,512,1024,2048,4096] [--iters 20] [--out benchmarks/results/kernels.json] [--quick]
+        [--kept 256,512,1024,2048,4096] [--iters 20] [--out PATH] [--quick]
 
 32 query / 8 KV heads, head_dim 128, bf16, one layer's KV pool (page size 1, each request's tokens
 contiguous). Each kernel runs ``--iters`` times in one CUDA graph; the time is per call, best of a
@@ -40,6 +40,7 @@ the device copy bandwidth (read + write) measured in the same run; ``speedup_vs_
 time at the same (batch, context) over the row's; ``peak_frac`` (Selector rows): the GPU memory a call
 allocates at its peak over what sfi reserves for the Selector's temporaries (``selector_peak_bytes``).
 ``TRITON_INTERPRET=1 ... --quick --device cpu`` is a CPU smoke run: each kernel once, eagerly, in fp16 (the interpreter's bf16 dot is wrong), no times.
+Results go to ``--out`` (default: a new file in the temporary folder; the path is printed).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from bench_decode import copy_bandwidth  # noqa: E402
+from out_path import default_out  # noqa: E402
 from sfi_sglang.config import SFIConfig  # noqa: E402
 from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
@@ -465,8 +467,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--profile", action="store_true", help="also print the kernels of selector and refresh_all_layers by CUDA time")
     ap.add_argument("--layers", default=36, type=int, help="layers of the refresh_all_layers row (0: none)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"))
+    ap.add_argument("--out", default=None, help="result JSON (default: a new file in the temporary folder, printed)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = default_out("kernels")
+    print("results go to", args.out, flush=True)
     if args.quick:
         args.contexts, args.batches, args.kept = [1024], [2], [256, 512]
     dev = torch.device(args.device)

@@ -6,9 +6,8 @@ Runs ``SFIBackend._refresh_previous_slow_rows`` (what the backend does before th
 bounds to the device, the Selector over every layer, the coverage) on its GPU code path, with the Triton
 kernels interpreted, and counts what would be launches on a GPU: Triton kernels, host-to-device
 copies and torch ops that run a kernel (views, allocations and the profiler's ranges excluded). At
-batch 1 the refresh is host-bound on an H200 (about 15 us of host time per launch, RESULTS.md), so
-this count is its cost there; it does not depend on the context, only on the passes the Selector
-makes (``memory.selector_pass_bytes``)."""
+batch 1 the refresh is host-bound on a GPU, so this count is its cost there; it does not depend on the
+context, only on the passes the Selector makes (``memory.selector_pass_bytes``)."""
 
 from __future__ import annotations
 

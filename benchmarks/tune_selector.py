@@ -1,6 +1,6 @@
 """Launch-shape sweep of the Selector's kernels on one GPU (inside CUDA graphs).
 
-    python benchmarks/tune_selector.py [--out benchmarks/results/tune_selector.json]
+    python benchmarks/tune_selector.py [--out PATH]
 
 ``topk_select``: candidates per loop step and warps, for as many (row, KV head) rows as a
 refresh gives it (one layer of batch 16, or 12 layers of batch 4 and more) at 8K-128K candidates,
@@ -27,6 +27,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
+from out_path import default_out  # noqa: E402
 from bench_kernels import CFG, HKV, timed  # noqa: E402
 from sfi_sglang.kernels.group_scores import BLOCK_N as SCORE_BLOCK, NUM_WARPS as SCORE_WARPS, group_scores  # noqa: E402
 from sfi_sglang.kernels.topk_select import BLOCK_N, NUM_WARPS, topk_select  # noqa: E402
@@ -51,8 +52,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", default=10, type=int)
     ap.add_argument("--kernels", default="topk_select,group_scores", type=lambda x: x.split(","))
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "tune_selector.json"))
+    ap.add_argument("--out", default=None, help="result JSON (default: a new file in the temporary folder, printed)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = default_out("tune-selector")
+    print("results go to", args.out, flush=True)
     dev = torch.device("cuda")
     rows = []
     for s, n in TOPK_SHAPES if "topk_select" in args.kernels else ():

@@ -1,6 +1,6 @@
 """Launch-shape sweep of ``sfi_decode`` on one GPU (inside CUDA graphs, one Qwen3-4B layer).
 
-    python benchmarks/tune_sfi_decode.py [--out tune_sfi_decode.json]
+    python benchmarks/tune_sfi_decode.py [--out PATH]
 
 Times every :class:`Launch` (tokens per loop step, tokens per split, warps, pipeline stages) on
 fast rows (sparse lists of ``kept`` tokens) and slow rows (dense) at the shapes the decode
@@ -23,6 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
+from out_path import default_out  # noqa: E402
 from bench_kernels import CFG, SCALE, Case, decode_case, kv_bytes, timed  # noqa: E402
 from bench_decode import copy_bandwidth  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import Launch, launch_for, sfi_decode  # noqa: E402
@@ -43,8 +44,11 @@ def decode_call(c: Case, store: SelectionStore, slow: torch.Tensor, launch: Laun
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", default=20, type=int)
-    ap.add_argument("--out", default="tune_sfi_decode.json")
+    ap.add_argument("--out", default=None, help="result JSON (default: a new file in the temporary folder, printed)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = default_out("tune-sfi-decode")
+    print("results go to", args.out, flush=True)
     torch.manual_seed(0)
     dev = torch.device("cuda")
     bw = copy_bandwidth()

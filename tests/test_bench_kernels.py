@@ -29,7 +29,7 @@ def test_slow_step_rows_by_wall_and_kernel_time():
 def test_batch1_refresh_launches_stay_within_budget():
     """The refresh before the step after a slow step, at batch 1 from kept logits, counted on the CPU
     (``benchmarks/count_launches.py``, kernels interpreted): at batch 1 its host time follows its launches
-    (70 before session 19's cuts, 35 after)."""
+    (70 before the launch cuts, 35 after)."""
     count_launches = pytest.importorskip("count_launches")
     counts = count_launches.count(1, 4608, 2, from_logits=True)
     assert sum(counts.values()) <= 35, counts

@@ -20,16 +20,15 @@ def test_tiny_sweep(tmp_path):
     out = tmp_path / "fidelity.json"
     cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "fidelity.py"), "--contexts", "200", "320",
            "--steps", "12", "--budgets", "4096", "16", "--refresh", "6", "--recent", "16", "--gaps", "2",
-           "--adaptive-targets", "0.9", "--corpus-offset", "100",
+           "--corpus-offset", "100",
            "--passkey-lengths", "200", "--passkey-depths", "0.5", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["corpus_offset"] == 100
-    rows = {(r["budget"], r["context"]): r for r in res["rows"] if r["policy"] == "fixed"}
-    assert set(rows) == {(4096, 200), (4096, 320), (16, 200), (16, 320)}
-    adaptive = [r for r in res["rows"] if r["policy"] == "adaptive"]
-    assert len(adaptive) == 4 and all(r["coverage_target"] == 0.9 for r in adaptive)
+    rows = {(r["budget"], r["context"]): r for r in res["rows"]}
+    assert len(res["rows"]) == 4 and set(rows) == {(4096, 200), (4096, 320), (16, 200), (16, 320)}
+    assert all(r["min_refresh_gap"] == 2 for r in res["rows"])
     for r in res["rows"]:  # slow steps every few steps (refresh 6, gap 2), each measured at the next step
         assert 0 < r["slow_step_frac"] < 1 and r["mean_coverage"] is not None
         assert r["mean_coverage"] == 1.0 if r["budget"] == 4096 else 0 < r["mean_coverage"] < 1
@@ -39,9 +38,9 @@ def test_tiny_sweep(tmp_path):
         assert rows[4096, ctx]["top1_agreement"] == 1.0 and rows[4096, ctx]["mean_kl"] < 1e-3
         assert rows[16, ctx]["mean_kl"] > rows[4096, ctx]["mean_kl"]  # a tiny budget really drops tokens
     assert rows[4096, 200]["passkey_sfi"] == rows[4096, 200]["passkey_dense"]
-    summary = {(p["budget"], p["policy"]): p for p in res["summary"]}  # per sweep point, over both contexts
-    assert len(summary) == 4 and summary[4096, "fixed"]["contexts"] == [200, 320]
-    tiny = summary[16, "fixed"]
+    summary = {p["budget"]: p for p in res["summary"]}  # per sweep point, over both contexts
+    assert len(summary) == 2 and summary[4096]["contexts"] == [200, 320]
+    tiny = summary[16]
     assert tiny["worst_kl"] == max(rows[16, 200]["mean_kl"], rows[16, 320]["mean_kl"])
     assert tiny["mean_kl"] == round((rows[16, 200]["mean_kl"] + rows[16, 320]["mean_kl"]) / 2, 5)
 
