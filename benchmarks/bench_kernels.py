@@ -19,7 +19,7 @@ few replays (a kernel that fails to capture is timed eagerly and marked "graph":
   ``vs_flashinfer_sparse``, FlashInfer's time over ours (the kernel-level half of the choice that
   ``sfi_decode``'s docstring explains);
 - ``selector``: one layer's refresh after a decode slow step, every row refreshed from one query
-  row, by the backend itself (``SFIBackend._refresh_now``: candidate_logits over the whole
+  row, by the backend itself (``Refresher.refresh_now``: candidate_logits over the whole
   context -> group_scores and the coverage of the previous selection -> the Selector over the
   region -> the position buffer), eager as the backend runs it (host time included; it decides
   on the host how to batch, so it is not graph-captured); ``--profile`` prints its kernels by
@@ -65,11 +65,13 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_decode import copy_bandwidth  # noqa: E402
 from out_path import default_out  # noqa: E402
 from sfi_sglang.config import SFIConfig  # noqa: E402
-from sfi_sglang.kernels.plan_step import plan_step  # noqa: E402
+from sfi_sglang.kernels import kernel_set  # noqa: E402
+from sfi_sglang.kernels.plan_step import StepRows, plan_step  # noqa: E402
 from sfi_sglang.kernels.sfi_decode import sfi_decode  # noqa: E402
-from sfi_sglang.memory import SelectionStore, StepRows, selector_peak_bytes  # noqa: E402
+from sfi_sglang.memory import SelectionStore, selector_peak_bytes  # noqa: E402
 from sfi_sglang.metrics import SFIStats  # noqa: E402
 from sfi_sglang.model_check import AttentionShape  # noqa: E402
+from sfi_sglang.refresher import Refresher, slow_step_refresh  # noqa: E402
 
 HQ, HKV, D, VOCAB = 32, 8, 128, 151936
 SCALE = D ** -0.5
@@ -246,31 +248,27 @@ def decode_case(bs: int, ctx: int, kept: int | None, dev: torch.device) -> tuple
     return c, store, torch.full((bs,), kept is None, dtype=torch.bool, device=dev)
 
 
-def selector_backend(c: Case, layers: int, from_logits: bool):
-    """The backend's Selector alone (``SFIBackend.selector_only``) over ``layers`` layers that all read this
-    case's K buffer, keeping every row's slow-step logits if ``from_logits``."""
-    from sfi_sglang.backend import SFIBackend
-
-    return SFIBackend.selector_only(replace(CFG, slow_logit_rows=c.bs if from_logits else 0),
-                                    AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), lambda _: c.k,
-                                    c.req_to_token, c.q.device)
+def selector_backend(c: Case, layers: int, from_logits: bool) -> Refresher:
+    """The backend's Selector runs (its ``Refresher``, Triton kernels) over ``layers`` layers that all read
+    this case's K buffer, keeping every row's slow-step logits if ``from_logits``."""
+    return Refresher(replace(CFG, slow_logit_rows=c.bs if from_logits else 0),
+                     AttentionShape(layers, HQ, HKV, D, D, SCALE, 0.0), kernel_set(True), lambda _: c.k,
+                     c.req_to_token, c.q.device, SFIStats(c.q.device), rows=c.bs)
 
 
 def refresh(c: Case, layers: int, from_logits: bool = False) -> Fn:
-    """The backend's own refresh after a slow step of every row (``SFIBackend._refresh_now``:
+    """The backend's own refresh after a slow step of every row (``Refresher.refresh_now``:
     logits over the whole context, coverage of the previous selection, the Selector over the
     region, eager), over ``layers`` layers that all read this case's K buffer; ``from_logits``:
     from the logits the slow step kept (this layer's, in every layer's rows) instead of the keys."""
-    from sfi_sglang.backend import _slow_step_refresh
-
     b = selector_backend(c, layers, from_logits)
     if from_logits:
         sfi(c, b.store, slow=True, logits=b.slow_logits[0])()
         b.slow_logits.copy_(b.slow_logits[:1].expand_as(b.slow_logits))
     lo, hi, count = b.store.bounds(c.seq_lens)
-    r = _slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
-                           (hi.int(), count.int()), from_logits)
-    return lambda: b._refresh_now(r, c.q.expand(layers, -1, -1, -1))
+    r = slow_step_refresh(c.slots, c.slots.view(-1, 1), lo.int(), hi.int(), c.seq_lens, c.ctx,
+                          (hi.int(), count.int()), from_logits)
+    return lambda: b.refresh_now(r, c.q.expand(layers, -1, -1, -1))
 
 
 def temporaries(fn: Fn) -> int:
@@ -310,7 +308,9 @@ def planner(bs: int, dev: torch.device) -> Fn:
     ids, slots = torch.randint(0, VOCAB, (bs,), device=dev), torch.arange(bs, device=dev)
     seq_lens = torch.full((bs,), 32768, dtype=torch.int32, device=dev)
     rows = StepRows.zeros(bs, dev)
-    return lambda: plan_step(store, stats, is_boundary, ids, slots, seq_lens, bs, bs, rows)
+    return lambda: plan_step(ids, slots, seq_lens, bs, bs, is_boundary, store.ready, store.steps, store.hi,
+                             store.count, rows, stats.acc, sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk,
+                             max_fast=CFG.max_fast_steps, min_gap=CFG.min_refresh_gap, logit_rows=CFG.slow_logit_rows)
 
 
 def sweep(args: argparse.Namespace, dev: torch.device, dtype: torch.dtype) -> list[dict]:

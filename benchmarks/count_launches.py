@@ -2,7 +2,7 @@
 
     TRITON_INTERPRET=1 python benchmarks/count_launches.py [--batch 1] [--context 2048] [--layers 36] [--from-keys]
 
-Runs ``SFIBackend._refresh_previous_slow_rows`` (what the backend does before the next step: rows and
+Runs ``Refresher.refresh_slow_rows`` (what the backend does before the next step: rows and
 bounds to the device, the Selector over every layer, the coverage) on its GPU code path, with the Triton
 kernels interpreted, and counts what would be launches on a GPU: Triton kernels, host-to-device
 copies and torch ops that run a kernel (views, allocations and the profiler's ranges excluded). At
@@ -56,17 +56,16 @@ class _Count(TorchDispatchMode):
 
 
 def _backend(bs: int, ctx: int, layers: int, from_logits: bool):
-    """A Selector-only backend on its GPU code path (kernels interpreted) over one layer's case, and the case."""
+    """The backend's Selector runs (``Refresher``) with the Triton kernels (interpreted) over one layer's
+    case, and the case."""
     import bench_kernels as bk
 
     c = bk.Case.make(bs, ctx, torch.device("cpu"), torch.float16)
-    b = bk.selector_backend(c, layers, from_logits)
-    b.on_cuda = True
-    return b, c
+    return bk.selector_backend(c, layers, from_logits), c
 
 
 def _counted(b, host: list[torch.Tensor], body) -> collections.Counter:
-    """Launches of ``body()`` on backend ``b`` (``host``: its host tensors)."""
+    """Launches of ``body()`` on refresher ``b`` (``host``: its host tensors)."""
     import triton.runtime.interpreter as interp
 
     counts: collections.Counter = collections.Counter()
@@ -101,26 +100,25 @@ def _counted(b, host: list[torch.Tensor], body) -> collections.Counter:
 
 def count(bs: int, ctx: int, layers: int, from_logits: bool) -> collections.Counter:
     """Launches of the refresh after a decode step of ``bs`` slow rows of ``ctx`` tokens, ``layers`` layers."""
-    from sfi_sglang.memory import StepRows
+    from sfi_sglang.kernels.plan_step import StepRows
 
     b, c = _backend(bs, ctx, layers, from_logits)
     # the state after a decode step in which every row was slow (what the step plan leaves)
     b.q_hist = c.q.expand(layers, -1, -1, -1)
-    b.rows, b.slow_host, b.slow_ready = StepRows.zeros(bs, "cpu"), torch.ones(bs, dtype=torch.bool), None
-    b.step, b.deferred, b.side = 0, [], None
+    rows = StepRows.zeros(bs, "cpu")
     _, hi, cnt = b.store.bounds(c.seq_lens)
-    b.rows.slow[:], b.rows.slots[:], b.rows.hi[:], b.rows.count[:] = True, c.slots, hi, cnt
-    b.rows.logit_row[:] = torch.arange(bs) if from_logits else -1
-    b.pending = (bs, c.seq_lens.clone())
-    return _counted(b, [b.slow_host, b.pending[1]], b._refresh_previous_slow_rows)
+    rows.slow[:], rows.slots[:], rows.hi[:], rows.count[:] = True, c.slots, hi, cnt
+    rows.logit_row[:] = torch.arange(bs) if from_logits else -1
+    b.note_step(rows, bs, c.seq_lens)
+    return _counted(b, [b.slow_host, b.pending[1]], b.refresh_slow_rows)
 
 
 def count_reuse(ctx: int, layers: int, new: int = 256) -> collections.Counter:
     """Launches of a prefill's Selector from a cached prefix's selection record (one request of ``ctx``
     tokens, the last ``new`` of them new): the record's positions and the tokens after it are scored."""
     import bench_kernels as bk
-    from sfi_sglang.backend import _reuse_refresh
     from sfi_sglang.radix import SelectionRecord
+    from sfi_sglang.refresher import reuse_refresh
 
     b, c = _backend(1, ctx, layers, False)
     lo, hi, _ = b.store.bounds(c.seq_lens)
@@ -129,7 +127,7 @@ def count_reuse(ctx: int, layers: int, new: int = 256) -> collections.Counter:
     record = SelectionRecord(start, kept.numel(), kept.expand(layers, bk.HKV, -1).contiguous())
     q = c.q.expand(layers, 2, -1, -1)  # two prompt query rows (prefill_queries)
     rows = torch.arange(2).view(1, -1)
-    return _counted(b, [lo, hi, rows], lambda: b._select(range(layers), q, _reuse_refresh(
+    return _counted(b, [lo, hi, rows], lambda: b.select(range(layers), q, reuse_refresh(
         c.slots, rows, lo.int(), hi.int(), [record], b._to_device)))
 
 
