@@ -1,6 +1,7 @@
 """A local sglang server with ``--attention-backend sfi`` for examples, benchmarks and tests:
 started in its own process group on 127.0.0.1, ready once it lists its model, and stopped
-with the whole group (sglang spawns scheduler and detokenizer processes)."""
+through its launcher (which shuts down the scheduler and detokenizer processes it spawned),
+then the whole group."""
 
 from __future__ import annotations
 
@@ -70,11 +71,18 @@ class LocalServer:
                 time.sleep(2)
 
     def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        if self.proc.poll() is None:
+            # the launcher alone: on SIGTERM it drains requests, stops its child watchdog and shuts the
+            # scheduler down (a SIGTERM to its children too would read as their crash)
+            self.proc.send_signal(signal.SIGTERM)
+            try:  # it polls for the signal every 5 s, then waits up to 15 s for its schedulers
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever outlived the launcher, or the launcher itself if it did not stop
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc.wait()

@@ -1,11 +1,11 @@
 """SFI counters: slow steps, fast steps, refreshes, kept tokens and coverage, accumulated on the device.
 
 Accumulating on the device costs no host sync per step; ``snapshot`` syncs once.
-Every ``log_interval`` decode steps the counters are logged and, when the server runs
-with ``--enable-metrics``, added to Prometheus counters ``sglang:sfi_<field>_total``
-(selection-reuse counts also at every prefill that consults them),
-which sglang's ``/metrics`` endpoint exports (it collects scheduler processes'
-metrics in multiprocess mode).
+When the server runs with ``--enable-metrics`` the counters are added to Prometheus counters
+``sglang:sfi_<field>_total`` as decode steps run (``publish``, from asynchronous host copies),
+selection-reuse counts at every prefill that consults them, and all of them again with the log
+line every ``log_interval`` decode steps. sglang's ``/metrics`` endpoint exports them (it
+collects scheduler processes' metrics in multiprocess mode).
 """
 
 from __future__ import annotations
@@ -116,6 +116,10 @@ class SFIStats:
             self._gauges = {f: gauge_cls(f"sglang:sfi_{f}", HELP[f], multiprocess_mode="livesum") for f in GAUGES}
         self.decode_steps = 0
         self._decode_fields = torch.tensor([0, 1, 3, 4], device=device)
+        if self._counters is not None and self.acc.is_cuda:  # publish's copies: pinned, one in flight
+            self._acc_host = torch.zeros_like(self.acc, device="cpu", pin_memory=True)
+            self._cov_host = torch.zeros_like(self.cov, device="cpu", pin_memory=True)
+            self._copied: torch.cuda.Event | None = None
 
     def add_decode(self, slow: torch.Tensor, kept: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """One decode step: per-row slow flags, tokens kept per KV head, context lengths."""
@@ -134,8 +138,31 @@ class SFIStats:
         m = measured.double()
         self.cov += torch.stack([(mean.double() * m).sum(), (worst_layer.double() * m).sum(), m.sum()])
 
+    def publish(self) -> None:
+        """Export the device counters to Prometheus without waiting for the device: on CUDA, the
+        totals of the previous copy to the host once it has completed, then a new copy of the
+        current ones (so a step's counts reach ``/metrics`` a step or so later); on CPU the current
+        totals. Called once per decode step, outside CUDA graphs; nothing without ``--enable-metrics``."""
+        if self._counters is None:
+            return
+        if not self.acc.is_cuda:
+            self.export(self._totals(self.acc, self.cov))
+            return
+        if self._copied is not None:
+            if not self._copied.query():
+                return
+            self.export(self._totals(self._acc_host, self._cov_host))
+        self._acc_host.copy_(self.acc, non_blocking=True)
+        self._cov_host.copy_(self.cov, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    @staticmethod
+    def _totals(acc: torch.Tensor, cov: torch.Tensor) -> dict[str, float]:
+        return dict(zip(FIELDS, acc.tolist())) | dict(zip(COVERAGE_FIELDS, cov.tolist()))
+
     def snapshot(self) -> dict[str, float]:
-        vals = dict(zip(FIELDS, self.acc.tolist())) | dict(zip(COVERAGE_FIELDS, self.cov.tolist()))
+        vals = self._totals(self.acc, self.cov)
         rows = vals["slow_steps"] + vals["fast_steps"]
         vals["slow_step_frac"] = vals["slow_steps"] / rows if rows else 0.0
         fast = vals["fast_steps"]
@@ -166,10 +193,11 @@ class SFIStats:
 
     def export(self, totals: dict[str, float]) -> None:
         """Prometheus (with ``--enable-metrics``): add to each counter what its total in ``totals``
-        grew by since the last export, set the gauges. Host values only: no device sync."""
+        grew by since the last export, set the gauges. Host values only: no device sync. A total
+        below the exported one is an older copy (``publish``'s, after ``log``'s): left out."""
         if self._counters is None:
             return
-        for f in (f for f in self._counters if f in totals):
+        for f in (f for f in self._counters if f in totals and totals[f] > self._exported[f]):
             self._counters[f].inc(totals[f] - self._exported[f])
             self._exported[f] = totals[f]
         for f in (f for f in self._gauges if f in totals):

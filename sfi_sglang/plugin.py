@@ -4,7 +4,8 @@ and ``--radix-cache-backend sfi`` (selection reuse, on by default under the sfi 
 sglang calls ``register()`` in the launching process (before it parses arguments)
 and again in every scheduler process. It must stay cheap and free of CUDA work.
 sglang logs and swallows plugin exceptions, so a failure here is also printed to
-stderr, plainly.
+stderr, plainly. A bad SFI config or server flag found while the launcher parses its command
+line ends it with one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -57,12 +58,27 @@ def _register() -> None:
         _check_server_args,
         HookType.AFTER,
     )
+    HookRegistry.register("sglang.srt.server_args.prepare_server_args", _exit_on_refusal, HookType.AROUND)
     HookRegistry.register("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND)
     HookRegistry.register(
         "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
         _reserve_state_bytes,
         HookType.AFTER,
     )
+
+
+def _exit_on_refusal(original, *args, **kwargs):
+    """sglang's command-line launchers (``sglang serve``, ``python -m sglang.launch_server``) parse
+    their arguments here, and ``_check_server_args`` runs inside: a refusal ends the launcher with
+    its message, not under a traceback. Engines built in-process (``sglang.Engine``) still raise it."""
+    from sfi_sglang.config import SFIConfigError
+    from sfi_sglang.model_check import SFIUnsupportedError
+
+    try:
+        return original(*args, **kwargs)
+    except (SFIConfigError, SFIUnsupportedError) as e:
+        print(f"sfi-sglang: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _support_triton(original, backend: str) -> bool:

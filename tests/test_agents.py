@@ -64,6 +64,7 @@ def server():
     yield lambda script: servers.append(FakeServer(script)) or servers[-1]
     for s in servers:
         s.httpd.shutdown()
+        s.httpd.server_close()
 
 
 def test_tool_call_runs_locally_and_its_result_goes_back(server):

@@ -1,13 +1,19 @@
+import pytest
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sfi_sglang.metrics import SFIStats
 
 
-def test_counters_accumulate_and_export_deltas():
+def exporting_stats(device: str) -> tuple[SFIStats, CollectorRegistry]:
     registry = CollectorRegistry()
-    stats = SFIStats("cpu", export=True, counter_cls=lambda name, doc: Counter(name, doc, registry=registry),
+    stats = SFIStats(device, export=True, counter_cls=lambda name, doc: Counter(name, doc, registry=registry),
                      gauge_cls=lambda name, doc, **kw: Gauge(name, doc, registry=registry, **kw))
+    return stats, registry
+
+
+def test_counters_accumulate_and_export_deltas():
+    stats, registry = exporting_stats("cpu")
     slow = torch.tensor([True, False, False])
     stats.add_decode(slow, kept=torch.tensor([100, 40, 50]), seq_lens=torch.tensor([100, 400, 500]))
     stats.add_refreshes(2)
@@ -28,6 +34,63 @@ def test_counters_accumulate_and_export_deltas():
     assert (get("reuse_hits"), get("reuse_misses")) == (5, 1)
     assert registry.get_sample_value("sglang:sfi_reuse_records") == 1
     assert registry.get_sample_value("sglang:sfi_reuse_bytes") == 2048
+
+
+def decode_step(stats: SFIStats, slow: list[bool]) -> None:
+    n = len(slow)
+    stats.add_decode(torch.tensor(slow, device=stats.acc.device), kept=torch.full((n,), 10, device=stats.acc.device),
+                     seq_lens=torch.full((n,), 100, device=stats.acc.device))
+
+
+def test_publish_exports_each_step_on_cpu():
+    """Counters reach Prometheus at every decode step, not only with the log line; a later
+    ``log`` adds nothing twice, and an older total never decrements a counter."""
+    stats, registry = exporting_stats("cpu")
+    get = lambda f: registry.get_sample_value(f"sglang:sfi_{f}_total")  # noqa: E731
+    decode_step(stats, [True, False])
+    stats.publish()
+    assert (get("slow_steps"), get("fast_steps"), get("kept_tokens")) == (1, 1, 10)
+    decode_step(stats, [False, False])
+    stats.publish()
+    assert (get("slow_steps"), get("fast_steps"), get("kept_tokens")) == (1, 3, 30)
+    stats.log()
+    assert (get("slow_steps"), get("fast_steps")) == (1, 3)
+    stats.export({"slow_steps": 0, "fast_steps": 2})  # as from a copy made before the log
+    assert (get("slow_steps"), get("fast_steps")) == (1, 3)
+
+
+def test_publish_without_metrics_is_a_no_op():
+    stats = SFIStats("cpu")
+    decode_step(stats, [False])
+    stats.publish()
+    assert stats.decode_steps == 1
+
+
+@pytest.mark.gpu
+def test_publish_on_cuda_exports_completed_copies_without_waiting():
+    """On CUDA, ``publish`` exports the totals of the copy it started at an earlier call once that copy
+    has completed, and never waits for it."""
+    stats, registry = exporting_stats("cuda")
+    get = lambda f: registry.get_sample_value(f"sglang:sfi_{f}_total")  # noqa: E731
+    decode_step(stats, [False, False, True])
+    stats.publish()  # starts the first copy: nothing to export yet
+    assert get("fast_steps") == 0
+    torch.cuda.synchronize()
+    decode_step(stats, [False])
+    stats.publish()  # exports the first copy, starts the next
+    assert (get("slow_steps"), get("fast_steps")) == (1, 2)
+    torch.cuda.synchronize()
+    stats.publish()
+    assert (get("slow_steps"), get("fast_steps")) == (1, 3)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(10**9)  # keeps the stream busy: the copy started now cannot complete at once
+    decode_step(stats, [False])
+    stats.publish()
+    stats.publish()  # the pending copy has not completed: skipped, not waited for
+    assert get("fast_steps") == 3
+    torch.cuda.synchronize()
+    stats.publish()
+    assert get("fast_steps") == 4
 
 
 def test_selector_timings_reach_the_log_and_the_decode_benchmark(caplog):

@@ -35,6 +35,8 @@ def test_launch_server_and_openai_call(tiny_model, tmp_path):
             pytest.fail(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}")
     text = (tmp_path / "server.log").read_text()
     assert "SFI backend: dense=TorchNativeAttnBackend" in text and "SFI: slow rows" in text
+    # a normal stop: the launcher drains and shuts its children down, none reported as crashed
+    assert "Gracefully exiting" in text and "crashed" not in text and "SIGQUIT" not in text
     # the KV-cache budget was cut by at least what the backend then allocated
     reserved = float(re.search(r"SFI: ([0-9.]+) MiB of the KV-cache budget reserved", text).group(1))
     held = float(re.search(r"GPU state ([0-9.]+) MiB", text).group(1))

@@ -15,13 +15,14 @@ from sfi_sglang.server_checks import check_server_args
 PARSE = (
     "from sglang.srt.plugins import load_plugins; load_plugins(); "
     "from sglang.srt.server_args import prepare_server_args; "
-    "a = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', 'sfi', '--device', 'cpu']); "
+    "a = prepare_server_args(['--model-path', sys.argv[1], '--attention-backend', 'sfi', '--device', 'cpu', "
+    "*sys.argv[2:]]); "
     "print('PARSED', a.cuda_graph_config.decode.backend, a.max_running_requests)"
 )
 
 
-def parse_server_args(model: str, sfi_config: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; " + PARSE, model], env=engine_env(sfi_config),
+def parse_server_args(model: str, sfi_config: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; " + PARSE, model, *flags], env=engine_env(sfi_config),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -30,10 +31,16 @@ def test_launch_parses_sfi_keeping_decode_graphs(tiny_model):
     assert "PARSED full 256" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_launch_rejects_bad_config_naming_the_field(tiny_model):
-    proc = parse_server_args(tiny_model, '{"topk": -3}')
-    assert proc.returncode != 0
-    assert "SFI config field 'topk' must be > 0, got -3" in proc.stderr
+@pytest.mark.parametrize("sfi_config, flags, message", [
+    ('{"topk": -3}', (), "SFI config field 'topk' must be > 0, got -3"),
+    ("", ("--speculative-algorithm", "EAGLE"), "sfi does not support speculative decoding (--speculative-algorithm)"),
+])
+def test_launch_refusal_is_one_line_and_exit_code_1(tiny_model, sfi_config, flags, message):
+    """The launcher's argument parsing ends with the refusal's message as its last stderr line, no traceback."""
+    proc = parse_server_args(tiny_model, sfi_config, *flags)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"sfi-sglang: {message}", proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.count(message) == 1
 
 
 def server_args(**kw):
