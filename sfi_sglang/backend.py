@@ -106,6 +106,7 @@ class SFIBackend(AttentionBackend):
         if not in_capture and real > 0:
             host_lens = fb.seq_lens_cpu[:real] if fb.seq_lens_cpu is not None else fb.seq_lens[:real].cpu()
             self.refresher.note_step(self.rows, real, host_lens)
+            self.stats.publish()  # to Prometheus, from a completed copy: no sync
         if cfg.log_interval and self.stats.decode_steps % cfg.log_interval == 0:
             reuse = self.reuse
             self.stats.log(reuse.summary() if reuse else "", reuse.metrics() if reuse else None)

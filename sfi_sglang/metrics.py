@@ -115,28 +115,14 @@ class SFIStats:
             # sglang collects scheduler metrics in multiprocess mode: sum the live schedulers' gauges
             self._gauges = {f: gauge_cls(f"sglang:sfi_{f}", HELP[f], multiprocess_mode="livesum") for f in GAUGES}
         self.decode_steps = 0
-        self._decode_fields = torch.tensor([0, 1, 3, 4], device=device)
         if self._counters is not None and self.acc.is_cuda:  # publish's copies: pinned, one in flight
             self._acc_host = torch.zeros_like(self.acc, device="cpu", pin_memory=True)
             self._cov_host = torch.zeros_like(self.cov, device="cpu", pin_memory=True)
             self._copied: torch.cuda.Event | None = None
 
-    def add_decode(self, slow: torch.Tensor, kept: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """One decode step: per-row slow flags, tokens kept per KV head, context lengths."""
-        fast = ~slow
-        vals = torch.stack([slow.sum(), fast.sum(), (kept.long() * fast).sum(), (seq_lens.long() * fast).sum()])
-        self.acc.index_add_(0, self._decode_fields, vals)
-        self.decode_steps += 1
-
     def add_refreshes(self, n: int) -> None:
         """Selections built (after a slow step, or at the end of a prefill)."""
         self.acc[2:3].add_(n)  # in place: `acc[2] += n` adds, then copies back
-
-    def add_coverage(self, mean: torch.Tensor, worst_layer: torch.Tensor, measured: torch.Tensor) -> None:
-        """Coverage of slow rows (those where ``measured``): mean over layers and KV heads, and
-        of the worst layer. Masked sums, so no host sync."""
-        m = measured.double()
-        self.cov += torch.stack([(mean.double() * m).sum(), (worst_layer.double() * m).sum(), m.sum()])
 
     def publish(self) -> None:
         """Export the device counters to Prometheus without waiting for the device: on CUDA, the

@@ -5,6 +5,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sfi_sglang.metrics import SFIStats
 
 
+def add_decode(stats: SFIStats, slow: torch.Tensor, kept: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """What a decode step's plan adds to the counters (``kernels.plan_step``): slow and fast rows, and
+    the kept tokens and context lengths of the fast ones."""
+    fast = ~slow
+    stats.acc[[0, 1, 3, 4]] += torch.stack([slow.sum(), fast.sum(), (kept * fast).sum(), (seq_lens * fast).sum()])
+    stats.decode_steps += 1
+
+
+def add_coverage(stats: SFIStats, mean: torch.Tensor, worst: torch.Tensor, measured: torch.Tensor) -> None:
+    """What a refresh's end adds to the coverage totals (``kernels.finish_coverage``)."""
+    m = measured.double()
+    stats.cov += torch.stack([(mean.double() * m).sum(), (worst.double() * m).sum(), m.sum()])
+
+
 def exporting_stats(device: str) -> tuple[SFIStats, CollectorRegistry]:
     registry = CollectorRegistry()
     stats = SFIStats(device, export=True, counter_cls=lambda name, doc: Counter(name, doc, registry=registry),
@@ -15,12 +29,12 @@ def exporting_stats(device: str) -> tuple[SFIStats, CollectorRegistry]:
 def test_counters_accumulate_and_export_deltas():
     stats, registry = exporting_stats("cpu")
     slow = torch.tensor([True, False, False])
-    stats.add_decode(slow, kept=torch.tensor([100, 40, 50]), seq_lens=torch.tensor([100, 400, 500]))
+    add_decode(stats, slow, kept=torch.tensor([100, 40, 50]), seq_lens=torch.tensor([100, 400, 500]))
     stats.add_refreshes(2)
-    stats.add_coverage(torch.tensor([0.9, 0.7, 0.1]), torch.tensor([0.5, 0.3, 0.0]), torch.tensor([True, True, False]))
+    add_coverage(stats, torch.tensor([0.9, 0.7, 0.1]), torch.tensor([0.5, 0.3, 0.0]), torch.tensor([True, True, False]))
     stats.log(host={"reuse_hits": 3, "reuse_misses": 1, "reuse_records": 2, "reuse_bytes": 4096})
-    stats.add_decode(~slow, kept=torch.tensor([30, 400, 500]), seq_lens=torch.tensor([101, 400, 500]))
-    stats.add_coverage(torch.tensor([0.5]), torch.tensor([0.2]), torch.tensor([True]))
+    add_decode(stats, ~slow, kept=torch.tensor([30, 400, 500]), seq_lens=torch.tensor([101, 400, 500]))
+    add_coverage(stats, torch.tensor([0.5]), torch.tensor([0.2]), torch.tensor([True]))
     stats.log(host={"reuse_hits": 5, "reuse_misses": 1, "reuse_records": 1, "reuse_bytes": 2048})
 
     s = stats.snapshot()
@@ -38,7 +52,7 @@ def test_counters_accumulate_and_export_deltas():
 
 def decode_step(stats: SFIStats, slow: list[bool]) -> None:
     n = len(slow)
-    stats.add_decode(torch.tensor(slow, device=stats.acc.device), kept=torch.full((n,), 10, device=stats.acc.device),
+    add_decode(stats, torch.tensor(slow, device=stats.acc.device), kept=torch.full((n,), 10, device=stats.acc.device),
                      seq_lens=torch.full((n,), 100, device=stats.acc.device))
 
 
