@@ -118,7 +118,7 @@ class SFIStats:
         if self._counters is not None and self.acc.is_cuda:  # publish's copies: pinned, one in flight
             self._acc_host = torch.zeros_like(self.acc, device="cpu", pin_memory=True)
             self._cov_host = torch.zeros_like(self.cov, device="cpu", pin_memory=True)
-            self._copied: torch.cuda.Event | None = None
+            self._copied, self._in_flight = torch.cuda.Event(), False
 
     def add_refreshes(self, n: int) -> None:
         """Selections built (after a slow step, or at the end of a prefill)."""
@@ -134,14 +134,14 @@ class SFIStats:
         if not self.acc.is_cuda:
             self.export(self._totals(self.acc, self.cov))
             return
-        if self._copied is not None:
+        if self._in_flight:
             if not self._copied.query():
                 return
             self.export(self._totals(self._acc_host, self._cov_host))
         self._acc_host.copy_(self.acc, non_blocking=True)
         self._cov_host.copy_(self.cov, non_blocking=True)
-        self._copied = torch.cuda.Event()
         self._copied.record()
+        self._in_flight = True
 
     @staticmethod
     def _totals(acc: torch.Tensor, cov: torch.Tensor) -> dict[str, float]:

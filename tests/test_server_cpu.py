@@ -1,6 +1,7 @@
-"""The README's run: `sglang.launch_server --attention-backend sfi`, then one OpenAI client call
-(CPU, tiny random-weight model, localhost only)."""
+"""The README's run: `sglang.launch_server --attention-backend sfi`, then OpenAI client calls, plain
+and structured (CPU, tiny random-weight model, localhost only)."""
 
+import json
 import re
 
 import pytest
@@ -17,7 +18,7 @@ def test_launch_server_and_openai_call(tiny_model, tmp_path):
 
     env = engine_env('{"topk": 64, "recent": 16, "log_interval": 0}')  # no log line: counters reach /metrics anyway
     extra = ["--cuda-graph-backend-prefill", "disabled", "--device", "cpu", "--max-total-tokens", "4096",
-             "--enable-metrics"]
+             "--enable-metrics", "--grammar-backend", "outlines"]  # sglang's default, xgrammar, needs CUDA
     with open(tmp_path / "server.log", "w") as log:
         try:
             with LocalServer(tiny_model, extra, env=env, log=log, ready_timeout=400) as srv:
@@ -31,6 +32,17 @@ def test_launch_server_and_openai_call(tiny_model, tmp_path):
                 client.completions.create(model=srv.model, prompt=prompt + reply.choices[0].text + " And?",
                                           max_tokens=4, temperature=0)
                 after = metric_totals(srv.url)
+                # structured output: the constraint holds over sfi's decode steps
+                phone = r"\(\d{3}\) \d{3}-\d{4}"
+                reply = client.completions.create(model=srv.model, prompt=prompt + " Call ", max_tokens=24,
+                                                  temperature=0, extra_body={"regex": phone})
+                assert re.fullmatch(phone, reply.choices[0].text), reply.choices[0].text
+                schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                          "required": ["n"], "additionalProperties": False}
+                reply = client.completions.create(
+                    model=srv.model, prompt=prompt + " As JSON: ", max_tokens=48, temperature=0,
+                    extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+                assert set(json.loads(reply.choices[0].text)) == {"n"}, reply.choices[0].text
         except RuntimeError as e:
             pytest.fail(f"{e}\n{(tmp_path / 'server.log').read_text()[-3000:]}")
     text = (tmp_path / "server.log").read_text()
