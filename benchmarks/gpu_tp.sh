@@ -10,7 +10,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 
 python -m sfi_sglang.dummy_model /tmp/sfi-small --preset small --random-weights > /dev/null 2>&1
-SFI_CONFIG='{"topk": 1024, "log_interval": 20}' timeout 420 python "$HERE/tests/engine_compare.py" /tmp/sfi-small \
+SFI_CONFIG='{"topk": 1024, "log_interval": 20}' timeout 420 python "$HERE/tests/serving/engine_compare.py" /tmp/sfi-small \
   flashinfer --load-format auto --prompts 4 --prompt-len 6000 --new-tokens 64 --across-tp 2 > "$OUT/across_tp.log" 2>&1
 echo "across_tp rc=$?"; grep -h "^RESULT" "$OUT/across_tp.log" | tail -1 | cut -c8- > "$OUT/across_tp.json"; cat "$OUT/across_tp.json"
 

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = os.path.join(os.path.dirname(HERE), "benchmarks")  # the benchmark scripts, importable in tests
 
 # Triton kernels run in the interpreter without a GPU; it is chosen when a kernel is
 # defined, so this must precede any import of sfi_sglang.kernels.
@@ -42,4 +43,4 @@ def engine_env(sfi_config: str) -> dict:
     return {**cpu_engine_env(), "SFI_CONFIG": sfi_config}
 
 
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, BENCHMARKS]

@@ -1,12 +1,8 @@
 """``benchmarks/bench_kernels.py``'s slow-step rows: a refresh plus the layers' dense decodes, over
 FlashInfer's, by the refresh's eager wall time and (when profiled) by its kernel time."""
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 bench_kernels = pytest.importorskip("bench_kernels")
 
 

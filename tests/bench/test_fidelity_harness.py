@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import HERE
+from conftest import BENCHMARKS
 
 pytestmark = [
     pytest.mark.e2e,
@@ -18,7 +18,7 @@ pytestmark = [
 
 def test_tiny_sweep(tmp_path):
     out = tmp_path / "fidelity.json"
-    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "fidelity.py"), "--contexts", "200", "320",
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "fidelity.py"), "--contexts", "200", "320",
            "--steps", "12", "--budgets", "4096", "16", "--refresh", "6", "--recent", "16", "--gaps", "2",
            "--corpus-offset", "100",
            "--passkey-lengths", "200", "--passkey-depths", "0.5", "--out", str(out)]
@@ -49,7 +49,7 @@ def test_dense_layers_on_real_weights(tmp_path):
     """``dense_layers`` covering all of SmolLM2's 30 layers: the tiny budget that loses tokens above
     (KL over the full budget's) now decodes exactly as dense."""
     out = tmp_path / "fidelity.json"
-    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "fidelity.py"), "--contexts", "320", "--steps", "12",
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "fidelity.py"), "--contexts", "320", "--steps", "12",
            "--budgets", "16", "--refresh", "6", "--recent", "16", "--gaps", "2", "--corpus-offset", "100",
            "--passkey-lengths", "--config", '{"dense_layers": 30}', "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)

@@ -111,10 +111,7 @@ def test_selector_timings_reach_the_log_and_the_decode_benchmark(caplog):
     """Refreshes after slow steps are timed apart by source (kept logits or keys), logged on the
     counter line, and read back by ``bench_decode.py`` from the engine's log."""
     import logging
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from bench_decode import refreshes_from_log
 
     stats = SFIStats("cpu")
@@ -130,10 +127,6 @@ def test_selector_timings_reach_the_log_and_the_decode_benchmark(caplog):
 
 def test_trace_summary_splits_a_step():
     """``trace_summary.summarize``: busy/idle over overlapping kernels, categories, host calls, sfi's ranges."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from trace_summary import summarize
 
     def ev(cat, name, ts, dur):

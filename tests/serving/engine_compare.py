@@ -1,11 +1,11 @@
 """Greedy generation with a dense backend and with sfi on the same model, one process.
 
-Run by tests/test_e2e_cpu.py in a subprocess (sglang spawns its own workers) and on
+Run by tests/serving/test_e2e_cpu.py in a subprocess (sglang spawns its own workers) and on
 the GPU machine. Prints one JSON line: the greedy tokens per backend, where they diverge, and the largest
 logprob difference of the sampled tokens over the common prefix. ``--across-tp N`` instead
 compares each backend with itself at tp 1 and tp N (the dense backend's gap is the tolerance).
 
-usage: python tests/engine_compare.py MODEL_DIR DENSE_BACKEND [--device cpu] [--load-format dummy] [--prompts N] ...
+usage: python tests/serving/engine_compare.py MODEL_DIR DENSE_BACKEND [--device cpu] [--load-format dummy] [--prompts N] ...
 """
 
 from __future__ import annotations

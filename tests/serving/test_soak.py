@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from conftest import HERE
+from conftest import BENCHMARKS
 
 pytestmark = pytest.mark.e2e
 
 
 def test_short_soak_on_cpu(tmp_path):
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "soak.py"), "--tiny", "--minutes", "0.5",
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "soak.py"), "--tiny", "--minutes", "0.5",
            "--sessions", "4", "--abort-frac", "0.3", "--max-new", "16", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import HERE, engine_env
+from conftest import BENCHMARKS, engine_env
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 def test_engine_decode_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "rows.jsonl"
     env = engine_env('{"topk": 32, "recent": 8, "max_fast_steps": 7, "min_refresh_gap": 2, "boundary": false, "log_interval": 8}')
-    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "engine_decode.py"), tiny_model, "sfi",
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "engine_decode.py"), tiny_model, "sfi",
            "--input-len", "200", "--batch-size", "1", "3", "--output-len", "16", "--device", "cpu",
            "--load-format", "auto", "--stagger", "2", "--profile-steps", "10", "--profile-dir", str(tmp_path),
            "--result-filename", str(out)]
@@ -42,7 +42,7 @@ def test_engine_decode_on_cpu(tiny_model, tmp_path):
 
 def test_agent_reuse_bench_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "agent.json"
-    cmd = [sys.executable, os.path.join(HERE, "..", "benchmarks", "bench_agent_reuse.py"), "--device", "cpu",
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "bench_agent_reuse.py"), "--device", "cpu",
            "--model", tiny_model, "--dense", "torch_native", "--prefix", "300", "--turns", "2", "--user", "24",
            "--output", "16", "--config", '{"topk": 64, "recent": 16, "log_interval": 4}', "--profile-turn", "2",
            "--out", str(out)]

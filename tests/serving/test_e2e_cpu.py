@@ -5,13 +5,14 @@ sglang has no CPU build of sgl_kernel on PyPI; tests/stubs/sgl_kernel stands in 
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import HERE, engine_env
+from conftest import engine_env
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +24,7 @@ COVERAGE = re.compile(r"coverage ([\d.]+) \(worst layer ([\d.]+)\) over (\d+) sl
 
 
 def run_compare(model: str, sfi_config: str, *extra: str) -> tuple[dict, list[tuple[int, int, int, float]], str]:
-    cmd = [sys.executable, f"{HERE}/engine_compare.py", model, "torch_native", "--device", "cpu",
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_compare.py"), model, "torch_native", "--device", "cpu",
            "--max-total-tokens", "4096", "--log-level", "info", *extra]
     proc = subprocess.run(cmd, env=engine_env(sfi_config), capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
