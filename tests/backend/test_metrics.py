@@ -8,8 +8,9 @@ from sfi_sglang.metrics import SFIStats
 def add_decode(stats: SFIStats, slow: torch.Tensor, kept: torch.Tensor, seq_lens: torch.Tensor) -> None:
     """What a decode step's plan adds to the counters (``kernels.plan_step``): slow and fast rows, and
     the kept tokens and context lengths of the fast ones."""
-    fast = ~slow
-    stats.acc[[0, 1, 3, 4]] += torch.stack([slow.sum(), fast.sum(), (kept * fast).sum(), (seq_lens * fast).sum()])
+    fast = ~slow  # slices, not an index list: nothing is copied from the host (no stream sync)
+    stats.acc[0:2] += torch.stack([slow.sum(), fast.sum()])
+    stats.acc[3:5] += torch.stack([(kept * fast).sum(), (seq_lens * fast).sum()])
     stats.decode_steps += 1
 
 
@@ -50,10 +51,14 @@ def test_counters_accumulate_and_export_deltas():
     assert registry.get_sample_value("sglang:sfi_reuse_bytes") == 2048
 
 
+def step_inputs(stats: SFIStats, slow: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's slow flags, kept tokens (10) and context lengths (100), on the counters' device."""
+    dev, n = stats.acc.device, len(slow)
+    return torch.tensor(slow, device=dev), torch.full((n,), 10, device=dev), torch.full((n,), 100, device=dev)
+
+
 def decode_step(stats: SFIStats, slow: list[bool]) -> None:
-    n = len(slow)
-    add_decode(stats, torch.tensor(slow, device=stats.acc.device), kept=torch.full((n,), 10, device=stats.acc.device),
-                     seq_lens=torch.full((n,), 100, device=stats.acc.device))
+    add_decode(stats, *step_inputs(stats, slow))
 
 
 def test_publish_exports_each_step_on_cpu():
@@ -96,9 +101,10 @@ def test_publish_on_cuda_exports_completed_copies_without_waiting():
     torch.cuda.synchronize()
     stats.publish()
     assert (get("slow_steps"), get("fast_steps")) == (1, 3)
+    step = step_inputs(stats, [False])  # made first: a copy from the host would wait for the stream
     torch.cuda.synchronize()
     torch.cuda._sleep(10**9)  # keeps the stream busy: the copy started now cannot complete at once
-    decode_step(stats, [False])
+    add_decode(stats, *step)
     stats.publish()
     stats.publish()  # the pending copy has not completed: skipped, not waited for
     assert get("fast_steps") == 3
