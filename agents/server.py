@@ -1,4 +1,4 @@
-"""A local sglang server with ``--attention-backend sfi`` for examples, benchmarks and tests:
+"""A local sglang server (``--attention-backend sfi`` unless told otherwise) for examples, benchmarks and tests:
 started in its own process group on 127.0.0.1, ready once it lists its model, and stopped
 through its launcher (which shuts down the scheduler and detokenizer processes it spawned),
 then the whole group."""
@@ -41,14 +41,15 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """``with LocalServer(model_path, extra_args) as srv: OpenAI(base_url=srv.url, ...)``."""
+    """``with LocalServer(model_path, extra_args) as srv: OpenAI(base_url=srv.url, ...)``; ``backend``: the
+    ``--attention-backend`` (a dense one such as ``flashinfer`` or ``torch_native`` for baselines)."""
 
     def __init__(self, model_path: str, extra: Sequence[str] = (), port: int | None = None,
-                 env: dict | None = None, log: IO | None = None, ready_timeout: float = 900):
+                 env: dict | None = None, log: IO | None = None, ready_timeout: float = 900, backend: str = "sfi"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
-                    "--attention-backend", "sfi", "--host", "127.0.0.1", "--port", str(self.port), *extra]
+                    "--attention-backend", backend, "--host", "127.0.0.1", "--port", str(self.port), *extra]
         self.env, self.log, self.ready_timeout = env, log, ready_timeout
         self.proc: subprocess.Popen | None = None
         self.model = ""
