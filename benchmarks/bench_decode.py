@@ -12,7 +12,7 @@ dummy-weight model config, with decode CUDA graphs on. Results are written after
 every process, so a shape that fails (e.g. out of memory in the one-shot prefill)
 loses only its own process; each process's static memory fraction is sized to its
 largest batch (weights + KV), leaving the rest to the one-shot prefill. Dummy weights write no sentences, so sfi's slow steps are
-forced every R steps (``max_fast_steps = R - 1``, boundary trigger off): R=16 is the
+forced every R steps (``max_fast_steps = R - 1``, boundary and digit triggers off): R=16 is the
 worst case the issue asks for, R=32 the usual one. Decode step time is the mean over
 all decode steps (slow steps and Selector refreshes included), not the median.
 Prints a table with the ratio sfi / best dense backend, the ideal ratio from bytes
@@ -212,7 +212,7 @@ def main() -> None:
         for memory in args.memories or [(base.topk, base.recent)]:
             for x, extra in itertools.product(args.logit_rows or [base.slow_logit_rows], args.variants):
                 cfg = {"max_fast_steps": r - 1, "min_refresh_gap": min(base.min_refresh_gap, r - 1),
-                       "boundary": False, "log_interval": 64, "topk": memory[0],
+                       "boundary": False, "value_refresh": False, "log_interval": 64, "topk": memory[0],
                        "recent": memory[1], "slow_logit_rows": x, **extra}
                 name = f"sfi_R{r}" + (f"_k{memory[0]}r{memory[1]}" if args.memories else "") + (
                     f"_x{x}" if args.logit_rows else "") + "".join(f"_{k}{v}" for k, v in extra.items())

@@ -304,12 +304,12 @@ def planner(bs: int, dev: torch.device) -> Fn:
     """plan_step over ``bs`` requests holding selections (rows turn slow as their steps add up)."""
     store, stats = SelectionStore(CFG, 1, bs, HKV, dev), SFIStats(dev)
     store.ready.fill_(True)
-    is_boundary = torch.rand(VOCAB, device=dev) < 0.05
+    token_class = ((torch.rand(VOCAB, device=dev) < 0.05) | (torch.rand(VOCAB, device=dev) < 0.6) * 2).to(torch.uint8)
     ids, slots = torch.randint(0, VOCAB, (bs,), device=dev), torch.arange(bs, device=dev)
     seq_lens = torch.full((bs,), 32768, dtype=torch.int32, device=dev)
     rows = StepRows.zeros(bs, dev)
-    return lambda: plan_step(ids, slots, seq_lens, bs, bs, is_boundary, store.ready, store.steps, store.hi,
-                             store.count, rows, stats.acc, sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk,
+    return lambda: plan_step(ids, slots, seq_lens, bs, bs, token_class, store.ready, store.steps, store.run,
+                             store.hi, store.count, rows, stats.acc, sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk,
                              max_fast=CFG.max_fast_steps, min_gap=CFG.min_refresh_gap, logit_rows=CFG.slow_logit_rows)
 
 

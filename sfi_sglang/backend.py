@@ -5,8 +5,9 @@ queries, from which the Selector builds the first selection after the last layer
 (``sfi_sglang.refresher``), so decoding starts on fast steps.
 
 Decode, outside the CUDA graph (``init_forward_metadata_out_graph``, before every replay): the
-Selector rebuilds the selections of the previous step's slow rows, then one launch plans this
-step (which rows are slow, the counters, the selection state: ``kernels.plan_step``). Inside
+Selector rebuilds the selections of the previous step's slow rows, the fed tokens' run starts are
+recorded (``sfi_sglang.spans``), then one launch plans this step (which rows are slow, the
+counters, the selection state: ``kernels.plan_step``). Inside
 the graph, per layer: write this step's K/V and attend with ``kernels.sfi_decode`` (slow rows:
 the whole context; fast rows: sinks + selected + live tail), which also saves the queries and
 (for up to ``slow_logit_rows`` slow rows) the logits the Selector reads at the next step.
@@ -21,13 +22,14 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sfi_sglang.config import SFIConfig, SFIConfigError
 from sfi_sglang.kernels import kernel_set
-from sfi_sglang.kernels.plan_step import StepRows
+from sfi_sglang.kernels.plan_step import BOUNDARY, RUN_START, StepRows
 from sfi_sglang.memory import static_bytes
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape, attention_shape
-from sfi_sglang.policy import boundary_ids_from_tokenizer, boundary_table
+from sfi_sglang.policy import token_classes, token_texts
 from sfi_sglang.radix import SelectionReuse
 from sfi_sglang.refresher import Refresher
+from sfi_sglang.spans import Spans
 
 logger = logging.getLogger("sfi_sglang")
 
@@ -49,12 +51,18 @@ class SFIBackend(AttentionBackend):
         start_layer = getattr(self.token_to_kv_pool, "start_layer", 0) or 0
         self.start_layer = start_layer
         rows = self.req_to_token.shape[0]
-        self.is_boundary = boundary_table(cfg, runner.model_config.vocab_size, _derived_boundary_ids(runner, cfg),
-                                          self.device)
+        tok = _tokenizer(runner)
+        self.token_class = token_classes(cfg, runner.model_config.vocab_size, token_texts(tok) if tok else None,
+                                         self.device)
+        self.spans = None
+        if cfg.span_tokens and tok is not None:
+            self.spans = Spans(self.token_class & RUN_START != 0,
+                               self.token_to_kv_pool.get_key_buffer(start_layer).shape[0], cfg.span_tokens)
         self.stats = SFIStats(self.device, export=bool(getattr(runner.server_args, "enable_metrics", False)))
         self.reuse = SelectionReuse(cfg.reuse_records) if cfg.reuse_records > 0 else None
         self.refresher = Refresher(cfg, self.shape, self.kernels, self.token_to_kv_pool.get_key_buffer,
-                                   self.req_to_token, self.device, self.stats, self.reuse, start_layer, rows)
+                                   self.req_to_token, self.device, self.stats, self.reuse, start_layer, rows,
+                                   self.spans)
         self.store = self.refresher.store
         self._alloc_rows(rows)
         self.mixed_seen = False  # logged once: the first mixed prefill/decode batch
@@ -63,7 +71,7 @@ class SFIBackend(AttentionBackend):
             "(selections, saved queries, kept slow-step logits, up to %d records, the Selector's temporaries; "
             "taken from the KV-cache budget), config %s",
             type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,
-            int(self.is_boundary.sum()), rows,
+            int((self.token_class & BOUNDARY != 0).sum()), rows,
             static_bytes(cfg, self.shape, rows, self.refresher.dtype, self.req_to_token.shape[1]) / 2**20,
             cfg.reuse_records, cfg.to_dict(),
         )
@@ -88,6 +96,8 @@ class SFIBackend(AttentionBackend):
             logger.info("SFI: a prefill chunk shares a batch with running decodes (--enable-mixed-chunk): "
                         "those attend densely in it and rebuild their selection, as at a prefill")
         self.dense.init_forward_metadata(forward_batch)
+        if self.spans is not None:
+            self.spans.write(forward_batch.input_ids, forward_batch.out_cache_loc)
         if forward_batch.forward_mode.is_extend():
             self.refresher.plan_prefill(forward_batch)
 
@@ -98,8 +108,10 @@ class SFIBackend(AttentionBackend):
         fb, cfg, st = forward_batch, self.cfg, self.store
         bs = fb.batch_size
         real = bs - (getattr(fb, "num_padding", 0) or 0)
-        self.kernels.plan_step(fb.input_ids, fb.req_pool_indices, fb.seq_lens, real, bs, self.is_boundary, st.ready,
-                               st.steps, st.hi, st.count, self.rows, self.stats.acc, sinks=cfg.sinks,
+        if self.spans is not None:
+            self.spans.write(fb.input_ids, fb.out_cache_loc)
+        self.kernels.plan_step(fb.input_ids, fb.req_pool_indices, fb.seq_lens, real, bs, self.token_class, st.ready,
+                               st.steps, st.run, st.hi, st.count, self.rows, self.stats.acc, sinks=cfg.sinks,
                                recent=cfg.recent, topk=cfg.topk, max_fast=cfg.max_fast_steps,
                                min_gap=cfg.min_refresh_gap, logit_rows=cfg.slow_logit_rows)
         self.stats.decode_steps += 1
@@ -153,23 +165,20 @@ class SFIBackend(AttentionBackend):
         return self.dense.support_triton()
 
 
-def _derived_boundary_ids(runner, cfg: SFIConfig) -> list[int]:
-    """Boundary ids from the model's tokenizer; empty (with a warning) if it cannot be loaded."""
-    if not cfg.boundary or cfg.boundary_ids is not None:
-        return []
+def _tokenizer(runner):
+    """The model's tokenizer (the token classes); None, with a warning, if it cannot be loaded."""
     from sglang.srt.utils.hf_transformers_utils import get_tokenizer
 
     sa = runner.server_args
     try:
-        tok = get_tokenizer(
+        return get_tokenizer(
             sa.tokenizer_path or sa.model_path, tokenizer_mode=sa.tokenizer_mode,
             trust_remote_code=sa.trust_remote_code, tokenizer_revision=getattr(sa, "revision", None),
         )
-        return boundary_ids_from_tokenizer(tok)
     except Exception as e:  # noqa: BLE001 - any tokenizer failure means: no derived ids
         logger.warning("SFI: could not load the tokenizer (%s); slow steps follow max_fast_steps and "
-                       "SFI_CONFIG boundary_ids only", e)
-        return []
+                       "SFI_CONFIG boundary_ids only, and selections are not span-complete", e)
+        return None
 
 
 def create_sfi_backend(runner) -> SFIBackend:

@@ -25,7 +25,8 @@ class SFIConfigError(ValueError):
 @dataclass(frozen=True)
 class SFIConfig:
     """Knobs of Slow-Fast Inference. Defaults follow the reference implementation except where
-    measured otherwise (``topk``, ``recent``, ``neighbor_window``: benchmarks/RESULTS.md)."""
+    measured otherwise (``topk``, ``recent``, ``neighbor_window``) and the additions for exact copies
+    (``value_refresh``, ``span_tokens``): benchmarks/RESULTS.md."""
 
     sinks: int = 4
     """First tokens of every request that fast steps always attend to."""
@@ -43,6 +44,10 @@ class SFIConfig:
     """Replace the boundary token ids derived from the tokenizer."""
     extra_boundary_ids: tuple[int, ...] = ()
     """Add these ids to the derived boundary set."""
+    value_refresh: bool = True
+    """Make a step slow when the token it feeds holds a digit and no slow step fed the token before
+    its run of text: a number or an id being copied is read densely as it starts, and the refresh
+    after that step holds it whole (with ``span_tokens``; benchmarks/RESULTS.md, "Exact retrieval")."""
     prefill_queries: int = 2
     """Last prompt queries used to build the first selection at the end of a prefill (0: first decode step is slow)."""
     alpha: float = 0.5
@@ -50,6 +55,10 @@ class SFIConfig:
     neighbor_window: int = 2
     """Let a token's score be the best within +-this many positions, so selections keep
     whole neighbourhoods (spans) of strongly attended tokens (0: off, as the reference)."""
+    span_tokens: int = 32
+    """Selections keep whole runs of text (tokens with no whitespace between them: numbers, ids,
+    paths, identifiers), cut every this many tokens: a run scores as its best token, so a copied
+    value is held whole or not at all (``sfi_sglang.spans``; 0: off)."""
     dense_layers: int = 0
     """The first this many layers attend to the whole context at every step (no Selector there),
     as Quest leaves its first layers dense. Each costs a dense layer's attention per step."""
@@ -69,7 +78,7 @@ class SFIConfig:
 
     _positive = ("topk", "max_fast_steps")
     _non_negative = ("sinks", "recent", "min_refresh_gap", "prefill_queries", "neighbor_window", "log_interval",
-                     "reuse_records", "slow_logit_rows", "dense_layers")
+                     "reuse_records", "slow_logit_rows", "dense_layers", "span_tokens")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -32,8 +32,9 @@ from sfi_sglang.model_check import AttentionShape
 SELECTOR_SCRATCH = 64 * 2**20
 
 # Bytes the Selector allocates per candidate and KV head besides the logits: a score, a top-k key (and
-# under 1 byte of its chunks' histograms), a held flag and positions, rounded up.
-CANDIDATE_BYTES = 12
+# under 1 byte of its chunks' histograms), a held flag and positions, the run scores and run ids of
+# span completion (sfi_sglang.spans), rounded up.
+CANDIDATE_BYTES = 16
 
 # Candidate lists are padded to a multiple of this: the Selector's Triton kernels then always see
 # 16-divisible widths and strides, so one compiled specialization serves every context length
@@ -54,6 +55,7 @@ class SelectionStore:
         self.hi = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.count = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.steps = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.run = torch.zeros(num_slots, dtype=torch.int32, device=device)  # fed tokens since their run began
         self.ready = torch.zeros(num_slots, dtype=torch.bool, device=device)
         self.coverage = torch.full((num_slots,), -1.0, dtype=torch.float32, device=device)
         self.cov_stats = torch.zeros(num_slots, 3, dtype=torch.float32, device=device)
@@ -62,7 +64,7 @@ class SelectionStore:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.pos, self.hi, self.count, self.steps, self.ready, self.coverage,
+                   for t in (self.pos, self.hi, self.count, self.steps, self.run, self.ready, self.coverage,
                              self.cov_stats, self.layer_cov))
 
     def bounds(self, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,6 +90,7 @@ class SelectionStore:
     def _reset(self, slots: torch.Tensor) -> None:
         """A new request in these slots: no steps, no coverage yet."""
         self.steps[slots] = 0
+        self.run[slots] = 0
         self.coverage[slots] = -1.0
         self.cov_stats[slots] = torch.tensor([0.0, 1.0, 0.0], device=self.cov_stats.device)
         self.layer_cov[slots] = 0.0

@@ -1,9 +1,12 @@
-"""Boundary tokens: the ids whose text ends a sentence or a line, as a GPU lookup table.
+"""Token classes: what a fed token tells the slow/fast rule and the Selector, as a GPU lookup table.
 
-A decode row is slow when it has no selection yet, when ``max_fast_steps`` fast steps ran,
-or when the token it feeds (the previously generated one) is a boundary token and the last
-slow step is at least ``min_refresh_gap`` steps ago. The decision is made on the GPU from the
-fed token ids, with no host sync (``sfi_sglang.kernels.plan_step``).
+A decode row is slow when it has no selection yet, when ``max_fast_steps`` fast steps ran since
+the last slow step, when the token it feeds (the previously generated one) is a boundary token
+and the last slow step is at least ``min_refresh_gap`` steps ago, or (``value_refresh``) when
+the token it feeds holds a digit and no slow step fed the token before its run of text: a number
+or an id is then read densely as the model starts copying it, and the refresh after that step
+selects it whole (``sfi_sglang.spans``). The decision is made on the GPU from the fed token ids,
+with no host sync (``sfi_sglang.kernels.plan_step``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Iterable, Sequence
 import torch
 
 from sfi_sglang.config import SFIConfig
+from sfi_sglang.kernels.plan_step import BOUNDARY, DIGIT, RUN_START
 
 # Characters that end a sentence or a line (ASCII and CJK full-width forms).
 SENTENCE_END_CHARS = frozenset(".!?;:\n\r。！？；：…")
@@ -29,15 +33,18 @@ def boundary_ids_from_vocab(token_texts: Sequence[str]) -> list[int]:
     return [i for i, t in enumerate(token_texts) if is_boundary_text(t)]
 
 
-def boundary_ids_from_tokenizer(tokenizer) -> list[int]:
-    """Decode every id once (batched, fast tokenizers do this in Rust) and keep the boundary ones."""
-    n = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-    return boundary_ids_from_vocab(texts)
+def token_texts(tokenizer) -> list[str]:
+    """Every id's text as it reads after another token (batched; fast tokenizers decode in Rust).
+    Decoding after an anchor token keeps the leading space that SentencePiece tokenizers drop
+    when a token is decoded alone; special tokens read as empty."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+    head = tokenizer.decode(anchor)
+    texts = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    return [t[len(head):] if t.startswith(head) else " " + t for t in texts]
 
 
 def boundary_table(cfg: SFIConfig, vocab_size: int, derived: Iterable[int], device: torch.device | str) -> torch.Tensor:
-    """Lookup table ``is_boundary[token_id]`` (bool, GPU) built from the config and the derived ids."""
+    """Lookup table ``is_boundary[token_id]`` (bool) built from the config and the derived ids."""
     table = torch.zeros(vocab_size, dtype=torch.bool)
     if cfg.boundary:
         ids = list(cfg.boundary_ids) if cfg.boundary_ids is not None else list(derived)
@@ -46,3 +53,19 @@ def boundary_table(cfg: SFIConfig, vocab_size: int, derived: Iterable[int], devi
         if ids:
             table[torch.tensor(ids, dtype=torch.long)] = True
     return table.to(device)
+
+
+def token_classes(cfg: SFIConfig, vocab_size: int, texts: Sequence[str] | None,
+                  device: torch.device | str) -> torch.Tensor:
+    """``token_class[token_id]`` (uint8 bits ``BOUNDARY | RUN_START | DIGIT``) from the config and the
+    tokenizer's ``texts`` (:func:`token_texts`; None: no tokenizer, so no derived boundaries, every
+    token its own run and no digit). Ids past the tokenizer's start runs and are nothing else."""
+    table = boundary_table(cfg, vocab_size, boundary_ids_from_vocab(texts or ()), "cpu").to(torch.uint8) * BOUNDARY
+    run_start = torch.ones(vocab_size, dtype=torch.bool)
+    digit = torch.zeros(vocab_size, dtype=torch.bool)
+    if texts is not None:
+        n = min(len(texts), vocab_size)
+        run_start[:n] = torch.tensor([not t or t[0].isspace() for t in texts[:n]])
+        if cfg.value_refresh:
+            digit[:n] = torch.tensor([any(c.isdigit() for c in t) for t in texts[:n]])
+    return (table | run_start.to(torch.uint8) * RUN_START | digit.to(torch.uint8) * DIGIT).to(device)

@@ -35,6 +35,7 @@ from sfi_sglang.memory import (SelectionStore, aligned, saved_queries, selector_
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape
 from sfi_sglang.radix import SelectionRecord, SelectionReuse
+from sfi_sglang.spans import Spans
 
 logger = logging.getLogger("sfi_sglang")
 
@@ -110,12 +111,14 @@ class Refresher:
     host copies of the slow mask and of the coverage summaries.
 
     ``key_buffer``: layer id -> that layer's K pool ``[tokens, Hkv, D]``; ``req_to_token``: sglang's
-    req-pool rows; ``rows``: batch rows the decode buffers hold (grown by :meth:`alloc_rows`)."""
+    req-pool rows; ``rows``: batch rows the decode buffers hold (grown by :meth:`alloc_rows`);
+    ``spans``: where runs of text start (None: no span completion)."""
 
     def __init__(self, cfg: SFIConfig, shape: AttentionShape, kernels: KernelSet,
                  key_buffer: Callable[[int], torch.Tensor], req_to_token: torch.Tensor, device: torch.device,
-                 stats: SFIStats, reuse: SelectionReuse | None = None, start_layer: int = 0, rows: int = 1):
-        self.cfg, self.shape, self.k, self.stats, self.reuse = cfg, shape, kernels, stats, reuse
+                 stats: SFIStats, reuse: SelectionReuse | None = None, start_layer: int = 0, rows: int = 1,
+                 spans: Spans | None = None):
+        self.cfg, self.shape, self.k, self.stats, self.reuse, self.spans = cfg, shape, kernels, stats, reuse, spans
         self.key_buffer, self.req_to_token, self.device, self.start_layer = key_buffer, req_to_token, device, start_layer
         self.on_cuda = device.type == "cuda"
         self.dtype = key_buffer(start_layer).dtype
@@ -358,6 +361,9 @@ class Refresher:
         del logits, held  # the largest temporaries: gone before the top-k allocates its own
         if cover is not None:
             cover.add(part, cov, idx.view(-1))
+        if self.spans is not None:  # a run scores as its best token: kept or dropped whole
+            runs_at = r.positions(group[0])[part] if r.contiguous else pos.view(g, n_s, *pos.shape[1:])  # one for all
+            f = self.spans.complete(f.view(g, n_s, *f.shape[1:]), runs_at, slots, self.req_to_token).flatten(0, 1)
         sel = k.topk_select(f, pos, cfg.topk, cfg.neighbor_window, total, (lo_g, hi_g), r.contiguous)
         self.store.pos[idx, slots.view(1, -1), :, : sel.shape[-1]] = sel.view(g, n_s, sh.kv_heads, -1)
 

@@ -17,6 +17,7 @@ from sfi_sglang.kernels.sfi_decode import sfi_decode_ref
 from sfi_sglang.metrics import SFIStats
 from sfi_sglang.model_check import AttentionShape
 from sfi_sglang.refresher import Refresher, slow_step_refresh
+from sfi_sglang.spans import Spans
 
 LAYERS, HQ, HKV, D = 5, 4, 2, 16
 SHAPE = AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0)
@@ -25,18 +26,24 @@ SHAPE = AttentionShape(LAYERS, HQ, HKV, D, D, D ** -0.5, 0.0)
 def refresher(cfg: SFIConfig, keys, req_to_token, dev=torch.device("cpu"), kernels: bool = False,
               shape: AttentionShape = SHAPE, rows: int = 1) -> Refresher:
     """A Refresher over the K pools ``keys`` (one per layer); ``kernels``: the Triton kernels (interpreted
-    on CPU), else the torch references."""
-    return Refresher(cfg, shape, kernel_set(kernels), keys.__getitem__, req_to_token, dev, SFIStats(dev), rows=rows)
+    on CPU), else the torch references. With ``cfg.span_tokens``, about one token in three starts a run."""
+    spans = None
+    if cfg.span_tokens:
+        spans = Spans(torch.tensor([True, False, False], device=dev), keys[0].shape[0], cfg.span_tokens)
+        slots = torch.arange(keys[0].shape[0], device=dev)
+        spans.write(torch.randint(0, 3, slots.shape, generator=torch.Generator().manual_seed(1)).to(dev), slots)
+    return Refresher(cfg, shape, kernel_set(kernels), keys.__getitem__, req_to_token, dev, SFIStats(dev), rows=rows,
+                     spans=spans)
 
 
-def refresh(scratch: int, monkeypatch, align: int = memory.WIDTH_ALIGN,
-            from_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def refresh(scratch: int, monkeypatch, align: int = memory.WIDTH_ALIGN, from_logits: bool = False,
+            span_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Selections and coverage sums after a slow-step refresh of three requests of different lengths;
     ``from_logits``: scored from the logits their slow step kept instead of the keys."""
     monkeypatch.setattr(memory, "SELECTOR_SCRATCH", scratch)
     monkeypatch.setattr(memory, "WIDTH_ALIGN", align)
     g = torch.Generator().manual_seed(0)
-    cfg = SFIConfig(topk=24, sinks=2, recent=8, slow_logit_rows=3 if from_logits else 0)
+    cfg = SFIConfig(topk=24, sinks=2, recent=8, slow_logit_rows=3 if from_logits else 0, span_tokens=span_tokens)
     lens = torch.tensor([90, 61, 40], dtype=torch.int32)
     req_to_token = torch.randperm(3 * 96, generator=g).int().view(3, 96)
     keys = [torch.randn(3 * 96, HKV, D, generator=g) for _ in range(LAYERS)]
@@ -76,9 +83,9 @@ def test_padded_candidates_do_not_change_the_selection(monkeypatch):
 def test_kept_slow_step_logits_select_what_the_keys_select(monkeypatch):
     """Scoring from the slow step's kept logits (fp16) instead of re-reading the keys changes at
     most a few near-tied picks, and the coverage hardly at all."""
-    keys = refresh(2**30, monkeypatch)
+    keys = refresh(2**30, monkeypatch, span_tokens=0)  # whole runs would turn a near-tie into several picks
     for scratch in (2**30, 1500):  # all rows and layers at once (a view of the kept logits); a few per call
-        kept = refresh(scratch, monkeypatch, from_logits=True)
+        kept = refresh(scratch, monkeypatch, from_logits=True, span_tokens=0)
         assert (kept[0] == keys[0]).float().mean() >= 0.98
         torch.testing.assert_close(kept[1], keys[1], atol=1e-3, rtol=1e-3)
 
@@ -110,8 +117,8 @@ def decode_step_then_refresh(logit_rows: int, swap: bool = False) -> tuple[torch
     st.ready[:], st.steps[:] = True, cfg.max_fast_steps
     st.hi[slots], st.count[slots] = (lens - 20).int(), 20
     st.pos.copy_(torch.randint(2, 10, st.pos.shape, generator=g).cumsum(-1).int())  # previous selections
-    plan_step_ref(torch.zeros(5, dtype=torch.long), slots, lens, 5, 5, torch.zeros(100, dtype=torch.bool), st.ready,
-                  st.steps, st.hi, st.count, rows, b.stats.acc, sinks=cfg.sinks, recent=cfg.recent, topk=cfg.topk,
+    plan_step_ref(torch.zeros(5, dtype=torch.long), slots, lens, 5, 5, torch.zeros(100, dtype=torch.uint8), st.ready,
+                  st.steps, st.run, st.hi, st.count, rows, b.stats.acc, sinks=cfg.sinks, recent=cfg.recent, topk=cfg.topk,
                   max_fast=cfg.max_fast_steps, min_gap=cfg.min_refresh_gap, logit_rows=cfg.slow_logit_rows)
     assert rows.slow.all()
     for layer in range(LAYERS):

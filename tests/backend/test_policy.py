@@ -1,4 +1,5 @@
-"""Boundary tokens and the per-row slow/fast decision, against a plain-Python simulation."""
+"""Token classes (boundaries, runs of text, digits) and the per-row slow/fast decision, against a
+plain-Python simulation."""
 
 import random
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.kernels.plan_step import slow_rows
-from sfi_sglang.policy import SENTENCE_END_CHARS, boundary_ids_from_vocab, boundary_table, is_boundary_text
+from sfi_sglang.kernels.plan_step import BOUNDARY, DIGIT, RUN_START, slow_rows
+from sfi_sglang.policy import (SENTENCE_END_CHARS, boundary_ids_from_vocab, boundary_table, is_boundary_text,
+                               token_classes)
 
 
 @pytest.mark.parametrize("text", [".", " end.", "x\n", "!", "?", ";", ":", "\r", "…", "ok. \t ", "。", "中文！", "？", "；"])
@@ -51,6 +53,50 @@ def test_boundary_table():
     assert table_ids(boundary_table(SFIConfig(boundary_ids=()), 10, derived, "cpu")) == []
 
 
+def test_token_classes():
+    texts = ["a", " b", "7", " 12", "x.", "", "\n", " v2\n"]
+    got = token_classes(SFIConfig(), 10, texts, "cpu").tolist()
+    assert got == [0, RUN_START, DIGIT, RUN_START | DIGIT, BOUNDARY, RUN_START, RUN_START | BOUNDARY,
+                   RUN_START | DIGIT | BOUNDARY, RUN_START, RUN_START]  # ids 8, 9: past the tokenizer's
+    assert token_classes(SFIConfig(value_refresh=False), 10, texts, "cpu")[3] == RUN_START
+    assert token_classes(SFIConfig(boundary=False), 10, texts, "cpu")[4] == 0
+    assert token_classes(SFIConfig(), 4, None, "cpu").tolist() == [RUN_START] * 4  # no tokenizer
+
+
+def slow_plain(cfg: SFIConfig, stream: list[int], classes: list[int]) -> set[int]:
+    """Steps that are slow, by the rule as the docs state it: a request decoding ``stream`` after a prefill."""
+    slow, last_slow, run_began = set(), -1, 0  # last_slow: the step of the last slow one (-1: the prefill)
+    for t, tok in enumerate(stream):
+        c = classes[tok]
+        if c & RUN_START:
+            run_began = t
+        steps = t - last_slow - 1  # fast steps since the last slow one
+        if (steps >= cfg.max_fast_steps or (c & BOUNDARY and steps >= cfg.min_refresh_gap)
+                or (c & DIGIT and last_slow < run_began - 1)):  # no slow step fed the token before the run
+            slow.add(t)
+            last_slow = t
+    return slow
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_digits_make_a_run_slow_once(seed):
+    cfg = SFIConfig(max_fast_steps=40, min_refresh_gap=12)
+    rng = random.Random(seed)
+    classes = [rng.choice([0, RUN_START, RUN_START, BOUNDARY, DIGIT, RUN_START | DIGIT]) for _ in range(30)]
+    stream = [rng.randrange(30) for _ in range(300)]
+    table = torch.tensor(classes, dtype=torch.uint8)
+    ready, steps, run = torch.tensor([True]), torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    got = set()
+    for t, tok in enumerate(stream):
+        slow, run = slow_rows(torch.tensor([tok]), ready, steps, run, table, cfg.max_fast_steps, cfg.min_refresh_gap)
+        if slow[0]:
+            got.add(t)
+        steps = torch.where(slow, torch.zeros_like(steps), steps + 1)
+    assert got == slow_plain(cfg, stream, classes)
+    runs_with_digits = sum(1 for t, tok in enumerate(stream) if classes[tok] & DIGIT and classes[tok] & RUN_START)
+    assert len(got) >= min(runs_with_digits, 10)
+
+
 def expected_slow(cfg: SFIConfig, ready: bool, steps: int, token: int, boundaries: set[int]) -> bool:
     return (not ready) or steps >= cfg.max_fast_steps or (token in boundaries and steps >= cfg.min_refresh_gap)
 
@@ -59,17 +105,17 @@ def expected_slow(cfg: SFIConfig, ready: bool, steps: int, token: int, boundarie
 def test_single_request_simulation(max_fast, gap):
     cfg = SFIConfig(max_fast_steps=max_fast, min_refresh_gap=gap)
     vocab, boundaries = 50, {3, 17, 42}
-    table = boundary_table(cfg, vocab, sorted(boundaries), "cpu")
+    table = boundary_table(cfg, vocab, sorted(boundaries), "cpu").to(torch.uint8)  # BOUNDARY bits only
     rng = random.Random(max_fast * 100 + gap)
     stream = [rng.randrange(vocab) for _ in range(200)]
     for p in (5, 6, 7, 30, 31, 60, 99, 100, 150, 151, 152, 199):  # boundaries at known positions
         stream[p] = rng.choice(sorted(boundaries))
 
     # The backend: ready after prefill, steps starts at 0, steps = 0 if slow else steps + 1.
-    ready, steps = torch.tensor([True]), torch.tensor([0], dtype=torch.int32)
+    ready, steps, run = torch.tensor([True]), torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
     got = set()
     for t, tok in enumerate(stream):
-        slow = slow_rows(torch.tensor([tok]), ready, steps, table, max_fast, gap)
+        slow, run = slow_rows(torch.tensor([tok]), ready, steps, run, table, max_fast, gap)
         assert slow.dtype == torch.bool and slow.shape == (1,)
         if slow[0]:
             got.add(t)
@@ -90,15 +136,15 @@ def test_single_request_simulation(max_fast, gap):
 
 def test_not_ready_is_slow_and_no_prefill_selection():
     cfg = SFIConfig(max_fast_steps=4, min_refresh_gap=2)
-    table = boundary_table(cfg, 8, [], "cpu")
-    slow = slow_rows(torch.tensor([1]), torch.tensor([False]), torch.tensor([0]), table, 4, 2)
+    table = token_classes(cfg, 8, None, "cpu")
+    slow, _ = slow_rows(torch.tensor([1]), torch.tensor([False]), torch.tensor([0]), torch.tensor([0]), table, 4, 2)
     assert slow.tolist() == [True]
 
 
 def test_batched_rows_decide_per_row():
     cfg = SFIConfig(max_fast_steps=10, min_refresh_gap=4)
     boundaries = {2, 5}
-    table = boundary_table(cfg, 8, sorted(boundaries), "cpu")
+    table = boundary_table(cfg, 8, sorted(boundaries), "cpu").to(torch.uint8)
     rows = [  # (fed token, ready, steps)
         (1, True, 0),
         (1, False, 3),
@@ -113,7 +159,7 @@ def test_batched_rows_decide_per_row():
     fed = torch.tensor([r[0] for r in rows])
     ready = torch.tensor([r[1] for r in rows])
     steps = torch.tensor([r[2] for r in rows], dtype=torch.int32)
-    got = slow_rows(fed, ready, steps, table, cfg.max_fast_steps, cfg.min_refresh_gap).tolist()
+    got = slow_rows(fed, ready, steps, torch.zeros_like(steps), table, cfg.max_fast_steps, cfg.min_refresh_gap)[0].tolist()
     want = [expected_slow(cfg, r, s, min(t, 7), boundaries) for t, r, s in rows]
     assert got == want == [False, True, False, True, False, True, True, False, False]
     # the lookup table is not modified by the in-place masking

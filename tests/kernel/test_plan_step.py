@@ -16,10 +16,11 @@ def state(seed: int, dev: str):
     store = SelectionStore(CFG, 2, SLOTS, 2, dev)
     store.ready.copy_(torch.rand(SLOTS, generator=g) < 0.8)
     store.steps.copy_(torch.randint(0, 8, (SLOTS,), generator=g))
+    store.run.copy_(torch.randint(0, 8, (SLOTS,), generator=g))
     hi = torch.randint(0, 30, (SLOTS,), generator=g)
     store.hi.copy_(hi)
     store.count.copy_(torch.minimum(hi, torch.randint(0, 20, (SLOTS,), generator=g)))
-    table = (torch.rand(VOCAB, generator=g) < 0.3).to(dev)
+    table = torch.randint(0, 8, (VOCAB,), generator=g, dtype=torch.uint8).to(dev)  # token classes: all bit mixes
     return store, torch.zeros(5, dtype=torch.int64, device=dev), table
 
 
@@ -34,11 +35,11 @@ def test_triton_plan_matches_reference(bs, real):
     for fn in (plan_step_ref, plan_step):
         store, acc, table = state(bs, dev)
         rows = StepRows.zeros(bs + 3, dev)  # longer than the batch: rows past bs stay untouched
-        fn(ids.to(dev), slots.to(dev), seq_lens.to(dev), real, bs, table, store.ready, store.steps, store.hi,
-           store.count, rows, acc, sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk, max_fast=CFG.max_fast_steps,
+        fn(ids.to(dev), slots.to(dev), seq_lens.to(dev), real, bs, table, store.ready, store.steps, store.run,
+           store.hi, store.count, rows, acc, sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk, max_fast=CFG.max_fast_steps,
            min_gap=CFG.min_refresh_gap, logit_rows=CFG.slow_logit_rows)
         outs.append([rows.slow, rows.slots[:real], rows.hi[:real], rows.count[:real], store.hi, store.count,
-                     store.steps, store.ready, acc, rows.logit_row])
+                     store.steps, store.run, store.ready, acc, rows.logit_row])
     for a, b in zip(*outs):
         assert torch.equal(a.cpu(), b.cpu())
     assert outs[0][0][real:bs].all() and not outs[0][0][bs:].any()  # padding rows are slow

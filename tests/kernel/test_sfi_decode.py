@@ -190,7 +190,7 @@ def test_plan_moves_slow_rows_to_a_new_selection():
     before = {name: getattr(store, name)[slots].clone() for name in ("hi", "count", "steps")}
     rows = StepRows.zeros(len(slots), "cpu")
     plan_step_ref(torch.zeros(len(slots), dtype=torch.long), slots, seq_lens, len(slots), len(slots),
-                  torch.zeros(4, dtype=torch.bool), store.ready, store.steps, store.hi, store.count, rows,
+                  torch.zeros(4, dtype=torch.uint8), store.ready, store.steps, store.run, store.hi, store.count, rows,
                   torch.zeros(5, dtype=torch.int64), sinks=CFG.sinks, recent=CFG.recent, topk=CFG.topk,
                   max_fast=CFG.max_fast_steps, min_gap=CFG.min_refresh_gap, logit_rows=0)
     assert torch.equal(rows.slow, slow)
@@ -221,7 +221,7 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
     bs = rng.randint(1, slots_n)
     slots = torch.tensor(rng.sample(range(slots_n), bs))
     seq_lens = torch.tensor([rng.randint(1, max_len - 12) for _ in range(bs)], dtype=torch.int32)
-    is_boundary = torch.rand(vocab, generator=g) < 0.3
+    token_class = torch.randint(0, 8, (vocab,), generator=g, dtype=torch.uint8)  # boundary, run start, digit
     req_to_token = torch.randperm(slots_n * max_len, generator=g).view(slots_n, max_len).to(torch.int32)
     k, v = torch.randn(2, slots_n * max_len, hkv, d, generator=g)
     stale = torch.randint(0, max_len, (1, slots_n, hkv, cfg.topk), generator=g, dtype=torch.int32)
@@ -236,11 +236,12 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
         ids = torch.randint(0, vocab, (bs,), generator=g)
         limits = dict(sinks=cfg.sinks, recent=cfg.recent, topk=cfg.topk, max_fast=cfg.max_fast_steps,
                       min_gap=cfg.min_refresh_gap, logit_rows=0)
-        for fn, (st, acc, rows), args in ((plan_step_ref, states["ref"], (ids, slots, seq_lens, is_boundary)),
-                                          (plan_step, states["triton"], to(ids, slots, seq_lens, is_boundary))):
-            fn(*args[:3], bs, bs, args[3], st.ready, st.steps, st.hi, st.count, rows, acc, **limits)
+        for fn, (st, acc, rows), args in ((plan_step_ref, states["ref"], (ids, slots, seq_lens, token_class)),
+                                          (plan_step, states["triton"], to(ids, slots, seq_lens, token_class))):
+            fn(*args[:3], bs, bs, args[3], st.ready, st.steps, st.run, st.hi, st.count, rows, acc, **limits)
         (store, _, rows), (store_t, _, rows_t) = states["ref"], states["triton"]
-        for a, b in ((rows.slow, rows_t.slow), (store.hi, store_t.hi), (store.count, store_t.count)):
+        for a, b in ((rows.slow, rows_t.slow), (store.hi, store_t.hi), (store.count, store_t.count),
+                     (store.run, store_t.run), (store.steps, store_t.steps)):
             assert torch.equal(a, b.cpu())
         # the Selector's stand-in: new positions for slow rows (sorted, unique, in the region)
         for b in rows.slow.nonzero().flatten().tolist():
