@@ -33,6 +33,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
+from sfi_sglang.cpu_env import engine_env
 from sfi_sglang.weights import SMOLLM2_DIR, SMOLLM2_NAME, WeightsMissing, smollm2
 
 if TYPE_CHECKING:
@@ -235,12 +236,7 @@ def main() -> None:
     if need > len(ids):
         sys.exit(f"corpus has {len(ids)} tokens, the offset and contexts need {need}")
 
-    if args.device == "cpu":
-        from sfi_sglang.cpu_env import cpu_engine_env
-
-        env = cpu_engine_env()
-    else:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = engine_env(args.device)
     dense_backend = "torch_native" if args.device == "cpu" else "flashinfer"
     dense_logp = os.path.join(tempfile.gettempdir(), f"sfi_fidelity_dense_{os.getpid()}.pt")
     spec = {"model": model, "device": args.device, "contexts": args.contexts, "steps": args.steps,

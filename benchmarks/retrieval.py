@@ -219,15 +219,12 @@ def run_backend(backend: str, config: dict | None, trials: list[dict], args) -> 
     from openai import OpenAI
 
     from sfi_sglang.agents import LocalServer
+    from sfi_sglang.cpu_env import engine_env
 
+    env, extra = engine_env(args.device), []
     if args.device == "cpu":
-        from sfi_sglang.cpu_env import cpu_engine_env
-
-        env = cpu_engine_env()
         extra = ["--device", "cpu", "--cuda-graph-backend-decode", "disabled", "--grammar-backend", "outlines",
                  "--max-total-tokens", "16384", "--skip-server-warmup"]  # the first trial warms it up
-    else:
-        env, extra = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), []
     if config is not None:
         env["SFI_CONFIG"] = json.dumps(config)
     extra += ["--cuda-graph-backend-prefill", "disabled", "--random-seed", "0", *args.server_args.split()]

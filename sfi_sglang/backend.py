@@ -175,7 +175,7 @@ def _tokenizer(runner):
             sa.tokenizer_path or sa.model_path, tokenizer_mode=sa.tokenizer_mode,
             trust_remote_code=sa.trust_remote_code, tokenizer_revision=getattr(sa, "revision", None),
         )
-    except Exception as e:  # noqa: BLE001 - any tokenizer failure means: no derived ids
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure means: no token classes from it
         logger.warning("SFI: could not load the tokenizer (%s); slow steps follow max_fast_steps and "
                        "SFI_CONFIG boundary_ids only, and selections are not span-complete", e)
         return None

@@ -1,4 +1,5 @@
-"""Environment for running sglang on a CPU from a source checkout (tests, CPU benchmarks, demos).
+"""Environment for running sglang engines and servers offline; on a CPU, from a source checkout
+(tests, CPU benchmarks, demos).
 
 PyPI has no CPU build of sgl-kernel; the checkout's ``tests/stubs/sgl_kernel`` stands in
 (test-only: enough for the small models the tests and CPU benchmarks use).
@@ -20,3 +21,9 @@ def cpu_engine_env(env: dict | None = None) -> dict:
     out.update(SGLANG_USE_CPU_ENGINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [STUBS, out.get("PYTHONPATH")])))
     return out
+
+
+def engine_env(device: str) -> dict:
+    """This process's environment for an sglang engine or server on ``device`` ("cpu" or "cuda"),
+    offline: :func:`cpu_engine_env` on a CPU."""
+    return cpu_engine_env() if device == "cpu" else dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
