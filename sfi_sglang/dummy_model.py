@@ -35,6 +35,36 @@ PRESETS = {
               "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 1024, "vocab_size": 320,
               "max_position_embeddings": 32768, "max_window_layers": 2, "tie_word_embeddings": False},
 }
+
+
+def _gemma3(layers: int, every: int = 6, **shape) -> dict:
+    """A Gemma 3 text config: sliding-window layers with every ``every``-th layer full attention."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6, "attention_bias": False, "attention_dropout": 0.0, "attn_logit_softcapping": None,
+        "final_logit_softcapping": None, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16",
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        "bos_token_id": 256, "eos_token_id": 258, "pad_token_id": 257, "tie_word_embeddings": True,
+        "num_hidden_layers": layers,
+        "layer_types": ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)],
+        "query_pre_attn_scalar": shape["head_dim"], **shape,
+    }
+
+
+PRESETS |= {
+    # Sliding-window hybrids: Gemma 3 shapes (window 1024, one full-attention layer in six).
+    "gemma3-4b": _gemma3(34, hidden_size=2560, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                         intermediate_size=10240, vocab_size=262208, sliding_window=1024,
+                         max_position_embeddings=131072),
+    "gemma3-12b": _gemma3(48, hidden_size=3840, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                          intermediate_size=15360, vocab_size=262208, sliding_window=1024,
+                          max_position_embeddings=131072),
+    # Tiny: CPU tests. 6 layers, full attention at layers 2 and 5, a 32-token window, fp32.
+    "tiny-gemma3": {**_gemma3(6, every=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              intermediate_size=128, vocab_size=320, sliding_window=32, max_position_embeddings=4096),
+                    "torch_dtype": "float32"},
+}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -96,8 +126,12 @@ def write_random_weights(out: str, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.normal_(0.0, 0.6)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Gemma normalises q and k: scale (1 + w)
+                p.fill_(2.0)
             elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                p.normal_(0.0, 1.0)
+                # Gemma scales its (tied) embeddings by sqrt(hidden): smaller ones keep the output from
+                # echoing the input token
+                p.normal_(0.0, 0.4 * config.hidden_size ** -0.5 if config.model_type.startswith("gemma") else 1.0)
     model.save_pretrained(out)
 
 

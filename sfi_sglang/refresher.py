@@ -110,18 +110,18 @@ class Refresher:
     (``q_hist``), the slow steps' kept logits (``slow_logits``), a prefill's saved queries, the
     host copies of the slow mask and of the coverage summaries.
 
-    ``key_buffer``: layer id -> that layer's K pool ``[tokens, Hkv, D]``; ``req_to_token``: sglang's
+    Layers are counted over the ones sfi makes sparse (``shape.layer_ids``, the model's full-attention
+    layers); ``key_buffer``: model layer id -> that layer's K pool ``[tokens, Hkv, D]``; ``req_to_token``: sglang's
     req-pool rows; ``rows``: batch rows the decode buffers hold (grown by :meth:`alloc_rows`);
     ``spans``: where runs of text start (None: no span completion)."""
 
     def __init__(self, cfg: SFIConfig, shape: AttentionShape, kernels: KernelSet,
                  key_buffer: Callable[[int], torch.Tensor], req_to_token: torch.Tensor, device: torch.device,
-                 stats: SFIStats, reuse: SelectionReuse | None = None, start_layer: int = 0, rows: int = 1,
-                 spans: Spans | None = None):
+                 stats: SFIStats, reuse: SelectionReuse | None = None, rows: int = 1, spans: Spans | None = None):
         self.cfg, self.shape, self.k, self.stats, self.reuse, self.spans = cfg, shape, kernels, stats, reuse, spans
-        self.key_buffer, self.req_to_token, self.device, self.start_layer = key_buffer, req_to_token, device, start_layer
+        self.key_buffer, self.req_to_token, self.device = key_buffer, req_to_token, device
         self.on_cuda = device.type == "cuda"
-        self.dtype = key_buffer(start_layer).dtype
+        self.dtype = key_buffer(shape.layer_ids[0]).dtype
         self.store = SelectionStore(cfg, shape.num_layers, req_to_token.shape[0], shape.kv_heads, device)
         self.slow_logits = slow_logits(cfg, shape, req_to_token.shape[1], device)
         self.cov_host = torch.zeros_like(self.store.cov_stats, device="cpu", pin_memory=self.on_cuda)
@@ -348,7 +348,7 @@ class Refresher:
         if r.from_logits:  # the slow step's own logits: a view (token-major, strided), no keys read
             logits = self.slow_logits[group[0]:group[-1] + 1, part, :, :r.width].flatten(0, 1).transpose(2, 3)
         else:
-            k_bufs = [self.key_buffer(l + self.start_layer) for l in group]
+            k_bufs = [self.key_buffer(sh.layer_ids[l]) for l in group]
             logits = k.candidate_logits(q[idx.view(-1, 1, 1), q_rows.unsqueeze(0)], k_bufs, self.req_to_token, slots,
                                         pos, sh.sm_scale, sh.logit_cap)
         lo_g, hi_g = lo.repeat(g), hi.repeat(g)

@@ -134,16 +134,16 @@ def gemma3_tokenizer(vocab: dict, max_length: int):
     return tok
 
 
-MODELS = {"smollm2": (smollm2, SMOLLM2_DIR), "gemma3": (gemma3, GEMMA3_DIR)}
+MODELS = {"smollm2": (smollm2, SMOLLM2_DIR, SMOLLM2_NAME), "gemma3": (gemma3, GEMMA3_DIR, GEMMA3_NAME)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", choices=sorted(MODELS))
     p.add_argument("out", nargs="?", help="folder to write (default: " + ", ".join(
-        f"{d} for {m}" for m, (_, d) in MODELS.items()) + ")")
+        f"{d} for {m}" for m, (_, d, _) in MODELS.items()) + ")")
     args = p.parse_args()
-    convert, default = MODELS[args.model]
+    convert, default, _ = MODELS[args.model]
     try:
         print(convert(args.out or default))
     except WeightsMissing as e:

@@ -37,6 +37,16 @@ def tiny_model(tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> str:
+    """A 6-layer Gemma 3 (full attention at layers 2 and 5, a 32-token window elsewhere), peaked random weights."""
+    from sfi_sglang.dummy_model import write_dummy_model, write_random_weights
+
+    out = write_dummy_model(str(tmp_path_factory.mktemp("tiny_gemma3")), "tiny-gemma3")
+    write_random_weights(out)
+    return out
+
+
 def engine_env(sfi_config: str) -> dict:
     from sfi_sglang.cpu_env import cpu_engine_env
 

@@ -229,11 +229,9 @@ def test_selector_temporaries_stay_within_what_sfi_reserves(from_logits, monkeyp
     assert live.now == 0
 
 
-@pytest.mark.parametrize("kernels", [False, True])
-def test_decode_saves_each_rows_query_for_the_selector(kernels):
-    """``forward_decode`` leaves each batch row's query in ``q_hist[layer]`` (the decode kernel saves it:
-    Triton, compiled on a GPU or interpreted on CPU, or the torch reference), where the refresh after a
-    slow row reads it."""
+def bare_backend(kernels: bool, shape: AttentionShape = SHAPE):
+    """An ``SFIBackend`` with the parts ``forward_decode`` reads, without a model runner, over random K/V
+    pools (K and V the same tensors): the backend, its pools, the batch (3 rows) and the device."""
     from types import SimpleNamespace
 
     from sfi_sglang.backend import SFIBackend
@@ -242,19 +240,50 @@ def test_decode_saves_each_rows_query_for_the_selector(kernels):
     g = torch.Generator().manual_seed(3)
     req_to_token = torch.randperm(4 * 32, generator=g).int().view(4, 32).to(dev)
     keys = [torch.randn(4 * 32, HKV, D, generator=g).to(dev) for _ in range(LAYERS)]
-    b = SFIBackend.__new__(SFIBackend)  # the parts forward_decode reads, without a model runner
-    b.cfg, b.shape, b.device, b.req_to_token, b.start_layer = SFIConfig(topk=8, sinks=2, recent=4), SHAPE, dev, \
-        req_to_token, 0
+    b = SFIBackend.__new__(SFIBackend)
+    b.cfg, b.shape, b.device, b.req_to_token = SFIConfig(topk=8, sinks=2, recent=4), shape, dev, req_to_token
     b.kernels = kernel_set(kernels)  # on CPU: the Triton kernel in the interpreter
     b.token_to_kv_pool = SimpleNamespace(get_key_buffer=keys.__getitem__, get_value_buffer=keys.__getitem__)
-    b.refresher = refresher(b.cfg, keys, req_to_token, dev)
+    b.refresher = refresher(b.cfg, keys, req_to_token, dev, shape=shape)
     b.store = b.refresher.store
     b._alloc_rows(5)  # the per-row buffers, q_hist among them (zeros)
-    b.rows.slow[:] = True  # dense rows: no selection needed
     fb = SimpleNamespace(batch_size=3, req_pool_indices=torch.tensor([2, 0, 3], device=dev),
-                         seq_lens=torch.tensor([30, 17, 25], dtype=torch.int32, device=dev))
-    q = torch.randn(3, HQ * D, generator=g).to(dev)
+                         seq_lens=torch.tensor([30, 17, 5], dtype=torch.int32, device=dev))
+    return b, keys, fb, dev
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_decode_saves_each_rows_query_for_the_selector(kernels):
+    """``forward_decode`` leaves each batch row's query in ``q_hist[layer]`` (the decode kernel saves it:
+    Triton, compiled on a GPU or interpreted on CPU, or the torch reference), where the refresh after a
+    slow row reads it."""
+    from types import SimpleNamespace
+
+    b, _, fb, dev = bare_backend(kernels)
+    b.rows.slow[:] = True  # dense rows: no selection needed
+    q = torch.randn(3, HQ * D, generator=torch.Generator().manual_seed(4)).to(dev)
     b.forward_decode(q, None, None, SimpleNamespace(layer_id=1), fb)
     q_hist = b.refresher.q_hist
     assert torch.equal(q_hist[1, :3], q.view(3, HQ, D))
     assert not q_hist[1, 3:].any() and not q_hist[[0, 2, 3, 4]].any()
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_sliding_window_layer_attends_to_its_window(kernels):
+    """In a hybrid (window layers 0 and 2 of 5, window 6: 7 tokens), a window layer's decode is dense
+    attention over the row's last 7 tokens (all of them in a 5-token row), whatever the selection state;
+    the Selector's layers are the others, in order, and no query is saved for a window layer."""
+    from types import SimpleNamespace
+
+    shape = AttentionShape(3, HQ, HKV, D, D, D ** -0.5, 0.0, layer_ids=(1, 3, 4), windows={0: 6, 2: 6})
+    b, keys, fb, dev = bare_backend(kernels, shape)
+    b.rows.count[:] = 3  # a fast row's selection state: not what a window layer reads
+    b._plan_windows(fb.seq_lens, 3)
+    q = torch.randn(3, HQ, D, generator=torch.Generator().manual_seed(4)).to(dev)
+    out = b.forward_decode(q.view(3, -1), None, None, SimpleNamespace(layer_id=2), fb).view(3, HQ, D)
+    for row, (slot, n) in enumerate(zip(fb.req_pool_indices.tolist(), fb.seq_lens.tolist())):
+        kv = keys[2][b.req_to_token[slot, max(0, n - 7):n].long()].repeat_interleave(HQ // HKV, 1)  # [t, HQ, D]
+        p = torch.einsum("hd,thd->ht", q[row], kv).mul(D ** -0.5).softmax(-1)
+        torch.testing.assert_close(out[row], torch.einsum("ht,thd->hd", p, kv), atol=1e-4, rtol=1e-4)
+    assert not b.refresher.q_hist.any()
+    assert shape.sfi_layer == {1: 0, 3: 1, 4: 2}

@@ -70,10 +70,10 @@ def test_incompatible_flags(flags, message, monkeypatch):
         check_server_args(server_args(**flags))
 
 
-def runner_with(*layers, use_mla: bool = False):
+def runner_with(*layers, use_mla: bool = False, swa_pool: bool = False):
     model = torch.nn.ModuleList(layers)
     return SimpleNamespace(use_mla_backend=use_mla, model=model,
-                           model_config=SimpleNamespace(is_encoder_decoder=False))
+                           model_config=SimpleNamespace(is_encoder_decoder=False, is_hybrid_swa=swa_pool))
 
 
 def attn(layer_id=0, **kw):
@@ -97,11 +97,37 @@ def sinks_module():
 def test_supported_model_shape():
     shape = attention_shape(runner_with(attn(0), attn(1)))
     assert (shape.num_layers, shape.q_heads, shape.kv_heads, shape.head_dim) == (2, 8, 2, 64)
+    assert shape.layer_ids == (0, 1) and shape.windows == {}
+
+
+def test_sliding_window_hybrid_shape():
+    """Gemma 3's layout: sfi serves the full-attention layers; window layers are listed with their window
+    (sglang gives full layers a window of None or -1)."""
+    shape = attention_shape(runner_with(attn(0, sliding_window_size=511), attn(1, sliding_window_size=-1),
+                                        attn(2, sliding_window_size=511), attn(3, sliding_window_size=None)))
+    assert (shape.num_layers, shape.layer_ids, shape.windows) == (2, (1, 3), {0: 511, 2: 511})
+
+
+def test_window_start_matches_sglangs_window_mask():
+    """The tail a window layer's decode query attends to, ``[window_start, n)``, is exactly what sglang's
+    torch_native backend masks in (its sliding-window convention), at, below and above the window."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from sfi_sglang.backend import window_start
+
+    w = 7
+    for n in (1, 5, w, w + 1, w + 2, 40):
+        mask = TorchNativeAttnBackend._make_sliding_window_mask(q_len=n, kv_len=n, sliding_window_size=w, device="cpu")
+        seen = mask[-1].nonzero().flatten().tolist()  # the last query's row: the decode query
+        start = int(window_start(torch.tensor([n]), w))
+        assert seen == list(range(start, n)), n
 
 
 @pytest.mark.parametrize("runner, message", [
     (lambda: runner_with(attn(), use_mla=True), "MLA"),
-    (lambda: runner_with(attn(0), attn(1, sliding_window_size=128)), "sliding-window"),
+    (lambda: runner_with(attn(0, sliding_window_size=128), attn(1, sliding_window_size=128)),
+     "every attention layer of this model is sliding-window"),
+    (lambda: runner_with(attn(0), attn(1, sliding_window_size=128), swa_pool=True), "--disable-hybrid-swa-memory"),
     (lambda: runner_with(attn(is_cross_attention=True)), "causal decoder self-attention"),
     (lambda: runner_with(), "no attention layers"),
     (lambda: runner_with(attn(3), attn(7)), "every layer to be an attention layer"),
@@ -120,5 +146,5 @@ def test_dense_layers_beyond_the_model():
     from sfi_sglang.backend import SFIBackend
     from sfi_sglang.config import SFIConfig, SFIConfigError
 
-    with pytest.raises(SFIConfigError, match="'dense_layers' \\(3\\) exceeds the model's 2 attention layers"):
+    with pytest.raises(SFIConfigError, match="'dense_layers' \\(3\\) exceeds the model's 2 full-attention layers"):
         SFIBackend(runner_with(attn(0), attn(1)), None, SFIConfig(dense_layers=3))

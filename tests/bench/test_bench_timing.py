@@ -1,4 +1,4 @@
-"""The decode benchmarks' step timing (``benchmarks/engine_decode.py``): a step time comes from the
+"""The decode benchmarks' step timing (``benchmarks/engine_decode.py``) and byte model: a step time comes from the
 first and last streamed chunk of one send, and implausible step times are refused or flagged."""
 
 import math
@@ -44,3 +44,21 @@ def test_a_step_faster_than_its_bytes_is_flagged():
     assert check_step_times([0.00512], floor_s) == []
     (warning,) = check_step_times([0.0030], floor_s)
     assert "under the 3.355 ms its bytes take" in warning
+
+
+def test_bytes_model_reads_a_window_layer_over_its_window():
+    """The byte ideal of a sliding-window hybrid: a window layer reads its window, a full layer the
+    context (sfi: the memory on fast steps); short contexts read themselves everywhere."""
+    from bench_decode import tokens_read
+
+    from sfi_sglang.config import SFIConfig
+    from sfi_sglang.dummy_model import PRESETS
+
+    qwen, gemma = PRESETS["qwen3-4b"], PRESETS["gemma3-4b"]
+    assert tokens_read(qwen, 32768, 512) == 32768 + 256
+    assert tokens_read(gemma, 32768, 512) == pytest.approx((5 * (32768 + 256) + 29 * 1024) / 34)  # 5 full of 34
+    assert tokens_read(gemma, 512, 0) == 512
+    sfi = SFIConfig().to_dict()
+    kept = 4 + 3072 + 1024 + 16  # sinks + topk + recent + half a refresh interval
+    fast = (32768 / 32 + kept * 31 / 32 + 256)
+    assert tokens_read(gemma, 32768, 512, sfi, 32) == pytest.approx((5 * fast + 29 * 1024) / 34)

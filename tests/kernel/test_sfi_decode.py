@@ -147,7 +147,7 @@ def test_slow_rows_and_covering_selections_equal_plain_dense_attention():
 ])
 def test_triton_kernel_matches_reference(hkv, ratio, block, min_chunk, slow_chunk, cap, dtype, monkeypatch):
     launch = sfi_decode_mod.Launch(block=block, min_chunk=min_chunk, min_chunk_slow=slow_chunk)
-    monkeypatch.setattr(sfi_decode_mod, "launch_for", lambda _: launch)
+    monkeypatch.setattr(sfi_decode_mod, "launch_for", lambda *_: launch)
     store, req_to_token, slots, seq_lens, slow = make_state(hkv=hkv, seed=30 + ratio)
     k, v = pool(hkv, 16, seed=ratio, dtype=dtype)
     q = torch.randn(len(REQUESTS), hkv * ratio, 16, generator=torch.Generator().manual_seed(5)).to(dtype)

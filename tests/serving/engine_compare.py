@@ -5,7 +5,7 @@ the GPU machine. Prints one JSON line: the greedy tokens per backend, where they
 logprob difference of the sampled tokens over the common prefix. ``--across-tp N`` instead
 compares each backend with itself at tp 1 and tp N (the dense backend's gap is the tolerance).
 
-usage: python tests/serving/engine_compare.py MODEL_DIR DENSE_BACKEND [--device cpu] [--load-format dummy] [--prompts N] ...
+usage: python tests/serving/engine_compare.py MODEL_DIR DENSE_BACKEND [--device cpu] [--load-format dummy] [--dtype auto] [--prompts N] ...
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def generate(model: str, backend: str, args, input_ids: list[list[int]], *more: 
         random_seed=0, mem_fraction_static=args.mem_fraction, max_total_tokens=args.max_total_tokens,
         cuda_graph_backend_prefill="disabled", log_level=args.log_level,
         disable_overlap_schedule=args.disable_overlap, max_running_requests=args.max_running_requests,
-        tp_size=tp,
+        tp_size=tp, dtype=args.dtype,
     )
     if args.mixed_chunk:  # prefill chunks share batches with running decodes (sglang skips it with logprobs)
         kw.update(enable_mixed_chunk=True, chunked_prefill_size=64)
@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("dense")
     p.add_argument("--device", default="cuda")
     p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=200)
     p.add_argument("--new-tokens", type=int, default=40)

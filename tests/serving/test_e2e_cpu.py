@@ -1,5 +1,5 @@
 """End to end on the CPU: a real sglang Engine with --attention-backend sfi on a tiny
-random-weight Qwen3, against the dense torch_native backend.
+random-weight Qwen3 (and a Gemma 3 layout), against the dense torch_native backend.
 
 sglang has no CPU build of sgl_kernel on PyPI; tests/stubs/sgl_kernel stands in (test only).
 """
@@ -68,11 +68,28 @@ def test_mixed_chunks_keep_dense_tokens_at_full_budget(tiny_model):
     assert fast > 0 and slow > 0
 
 
-def test_small_budget_is_sparse(tiny_model):
-    """A small budget really drops tokens: fast rows keep far fewer tokens than the context."""
+def test_sliding_window_hybrid_equals_dense_at_full_budget(tiny_gemma3):
+    """A Gemma 3 layout (full attention at layers 2 and 5, a 32-token window elsewhere), prompts past the
+    window: sfi's full layers at a full budget and its window layers give dense's tokens and log-probs.
+    The saved peaked weights, in float32 (sglang would run Gemma in bf16, where the two backends' sums
+    round apart): a window one token too short diverges within two tokens."""
+    cfg = json.dumps({"topk": 4096, "recent": 64, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10})
+    res, stats, out = run_compare(tiny_gemma3, cfg, "--prompts", "3", "--prompt-len", "150", "--new-tokens", "16",
+                                  "--load-format", "auto", "--dtype", "float32")
+    assert "2 sparse layers (+4 sliding-window layers" in out
+    assert res["sfi"] == res["dense"] and res["max_logprob_diff"] < 1e-4
+    assert len(set(res["dense"][0])) > 8, "outputs should depend on the context"
+    slow, fast, _, _ = stats[-1]
+    assert fast > 0 and slow > 0
+
+
+def test_small_budget_is_sparse(tiny_gemma3):
+    """A small budget really drops tokens: fast rows keep far fewer tokens than the context (on a
+    sliding-window hybrid: the Selector serves its full-attention layers)."""
     cfg = json.dumps({"topk": 16, "recent": 16, "sinks": 4, "max_fast_steps": 16, "min_refresh_gap": 4,
                       "log_interval": 10})
-    res, stats, out = run_compare(tiny_model, cfg, "--prompts", "2", "--prompt-len", "300", "--new-tokens", "24")
+    res, stats, out = run_compare(tiny_gemma3, cfg, "--prompts", "2", "--prompt-len", "300", "--new-tokens", "24",
+                                  "--load-format", "auto")
     assert [len(o) for o in res["sfi"]] == [24, 32]
     slow, fast, _, kept = stats[-1]
     assert fast > slow > 0
