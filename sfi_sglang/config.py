@@ -60,8 +60,9 @@ class SFIConfig:
     paths, identifiers), cut every this many tokens: a run scores as its best token, so a copied
     value is held whole or not at all (``sfi_sglang.spans``; 0: off)."""
     dense_layers: int = 0
-    """The first this many layers attend to the whole context at every step (no Selector there),
-    as Quest leaves its first layers dense. Each costs a dense layer's attention per step."""
+    """The first this many full-attention layers attend to the whole context at every step (no
+    Selector there), as Quest leaves its first layers dense. Each costs a dense layer's attention per
+    step. Sliding-window layers are not counted: they always attend over their window."""
     slow_logit_rows: int = 4
     """Slow rows per decode step whose dense attention also keeps its logits (fp16) for the
     Selector, which then reads them instead of the keys: the slow step reads K once, not twice.

@@ -34,18 +34,23 @@ def run_compare(model: str, sfi_config: str, *extra: str) -> tuple[dict, list[tu
     return json.loads(lines[-1][len("RESULT "):]), stats, out
 
 
-def test_full_budget_equals_dense(tiny_model):
+def test_full_budget_equals_dense(tiny_gemma3):
     """Budget >= context: fast steps attend to every token, so greedy tokens equal dense.
 
-    Five requests of different lengths, at most two running at once: requests leave
-    and join a running batch, and later ones reuse earlier ones' req-pool slots.
+    A sliding-window hybrid (Gemma 3's layout: full attention at layers 2 and 5, a 32-token window
+    elsewhere), prompts past the window: sfi's full layers and its window layers give dense's tokens and
+    log-probs. The saved peaked weights, in float32 (sglang would run Gemma in bf16, where the two
+    backends' sums round apart): a window one token too short diverges within two tokens. Five requests
+    of different lengths, at most two running at once: requests leave and join a running batch, and
+    later ones reuse earlier ones' req-pool slots. (Models without window layers: the mixed-chunk test.)
     """
     # recent 64: a Selector region exists in these short prompts, so refreshes run (and keep it whole)
     cfg = json.dumps({"topk": 4096, "recent": 64, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10})
-    res, stats, out = run_compare(tiny_model, cfg, "--prompts", "5", "--prompt-len", "150", "--new-tokens", "16",
-                             "--max-running-requests", "2")
+    res, stats, out = run_compare(tiny_gemma3, cfg, "--prompts", "5", "--prompt-len", "150", "--new-tokens", "16",
+                                  "--max-running-requests", "2", "--load-format", "auto", "--dtype", "float32")
+    assert "2 sparse layers (+4 sliding-window layers" in out
     assert res["sfi"] == res["dense"]
-    assert res["max_logprob_diff"] < 1e-3
+    assert res["max_logprob_diff"] < 1e-4
     assert [len(o) for o in res["sfi"]] == [16, 24, 32, 40, 48]
     assert len(set(tuple(o[:16]) for o in res["dense"])) == 5, "outputs should depend on the prompt"
     slow, fast, refreshes, _ = stats[-1]
@@ -64,21 +69,6 @@ def test_mixed_chunks_keep_dense_tokens_at_full_budget(tiny_model):
                                   "--max-running-requests", "2", "--mixed-chunk")
     assert "shares a batch with running decodes" in out  # mixing happened
     assert res["sfi"] == res["dense"] and [len(o) for o in res["sfi"]] == [16, 24, 32]
-    slow, fast, _, _ = stats[-1]
-    assert fast > 0 and slow > 0
-
-
-def test_sliding_window_hybrid_equals_dense_at_full_budget(tiny_gemma3):
-    """A Gemma 3 layout (full attention at layers 2 and 5, a 32-token window elsewhere), prompts past the
-    window: sfi's full layers at a full budget and its window layers give dense's tokens and log-probs.
-    The saved peaked weights, in float32 (sglang would run Gemma in bf16, where the two backends' sums
-    round apart): a window one token too short diverges within two tokens."""
-    cfg = json.dumps({"topk": 4096, "recent": 64, "max_fast_steps": 8, "min_refresh_gap": 4, "log_interval": 10})
-    res, stats, out = run_compare(tiny_gemma3, cfg, "--prompts", "3", "--prompt-len", "150", "--new-tokens", "16",
-                                  "--load-format", "auto", "--dtype", "float32")
-    assert "2 sparse layers (+4 sliding-window layers" in out
-    assert res["sfi"] == res["dense"] and res["max_logprob_diff"] < 1e-4
-    assert len(set(res["dense"][0])) > 8, "outputs should depend on the context"
     slow, fast, _, _ = stats[-1]
     assert fast > 0 and slow > 0
 
