@@ -11,6 +11,8 @@ counters, the selection state: ``kernels.plan_step``). Inside
 the graph, per layer: write this step's K/V and attend with ``kernels.sfi_decode`` (slow rows:
 the whole context; fast rows: sinks + selected + live tail), which also saves the queries and
 (for up to ``slow_logit_rows`` slow rows) the logits the Selector reads at the next step.
+Sliding-window layers of hybrid models (Gemma 3) decode in the same kernel, every row attending to
+its window and nothing else; the Selector and its state serve only the full-attention layers.
 """
 
 from __future__ import annotations
