@@ -15,8 +15,8 @@ and worst text of its contexts.
     python benchmarks/fidelity.py --contexts 256 --steps 24 --budgets 32 --refresh 8
     python benchmarks/fidelity.py --contexts 7900 7900 7900 --corpus-offset 48936 --steps 256 \
         --budgets 3072 --recent 1024 --refresh 96 --out heldout.json   # the default memory
-    python benchmarks/fidelity.py --model gemma3 --device cuda --contexts 32000 16000 16000 --steps 256 \
-        --budgets 3072 --recent 1024 --refresh 96 --out long.json
+    python benchmarks/fidelity.py --model gemma3 --device cuda --contexts 32000 16000 8000 8000 --steps 256 \
+        --budgets 3072 1024 --recent 1024 --refresh 96 --out long.json
 
 Needs the model's packages (``python -m sfi_sglang.weights MODEL`` names them) and ``accelerate``; the
 GGUF is converted once into the model's folder. Each backend config runs in its own process (sglang

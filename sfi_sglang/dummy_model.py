@@ -38,8 +38,10 @@ PRESETS = {
 
 
 def _gemma3(layers: int, every: int = 6, **shape) -> dict:
-    """A Gemma 3 text config: sliding-window layers with every ``every``-th layer full attention."""
+    """A Gemma 3 text config: sliding-window layers with every ``every``-th layer full attention; Gemma 3's
+    vocabulary, 1024-token window and 128K context unless ``shape`` says otherwise."""
     return {
+        "vocab_size": 262208, "sliding_window": 1024, "max_position_embeddings": 131072,
         "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": 1e-6, "attention_bias": False, "attention_dropout": 0.0, "attn_logit_softcapping": None,
         "final_logit_softcapping": None, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "bfloat16",
@@ -55,11 +57,9 @@ def _gemma3(layers: int, every: int = 6, **shape) -> dict:
 PRESETS |= {
     # Sliding-window hybrids: Gemma 3 shapes (window 1024, one full-attention layer in six).
     "gemma3-4b": _gemma3(34, hidden_size=2560, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                         intermediate_size=10240, vocab_size=262208, sliding_window=1024,
-                         max_position_embeddings=131072),
+                         intermediate_size=10240),
     "gemma3-12b": _gemma3(48, hidden_size=3840, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-                          intermediate_size=15360, vocab_size=262208, sliding_window=1024,
-                          max_position_embeddings=131072),
+                          intermediate_size=15360),
     # Tiny: CPU tests. 6 layers, full attention at layers 2 and 5, a 32-token window, fp32.
     "tiny-gemma3": {**_gemma3(6, every=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                               intermediate_size=128, vocab_size=320, sliding_window=32, max_position_embeddings=4096),
