@@ -1,8 +1,9 @@
 """Weight-less model folders for ``--load-format dummy`` runs, offline.
 
 ``python -m sfi_sglang.dummy_model OUT --preset qwen3-4b`` writes config.json with the
-preset's shapes and a byte-level tokenizer (one token per byte; ids mean nothing
-beyond that), enough for sglang to start, for timing and for plumbing tests.
+preset's shapes and a byte-level tokenizer (a token per byte, then a placeholder word for every
+further id, and a ChatML template), enough for sglang to start, for timing, serving benchmarks and
+plumbing tests.
 ``--random-weights`` also saves random weights (small presets) for output checks.
 """
 
@@ -75,13 +76,27 @@ def _byte_symbols() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def tokenizer_json() -> dict:
+def _placeholder(i: int) -> str:
+    """Text of token ``i`` beyond the bytes and specials: a space, then letters (so sfi's token classes
+    read it as a word of its own: no boundary, no number, the start of a run)."""
+    letters = ""
+    while True:
+        i, r = divmod(i, 26)
+        letters += chr(ord("a") + r)
+        if not i:
+            return f" <{letters}>"
+
+
+def tokenizer_json(vocab_size: int) -> dict:
+    """Byte-level tokenizer with a token for every id below ``vocab_size``: bytes, specials, then
+    placeholders (added tokens, so a decoded placeholder encodes back to its one id: random prompts
+    and random outputs round-trip at their length, as serving benchmarks need)."""
     vocab = {s: i for i, s in enumerate(_byte_symbols())}
     added = []
-    for i, s in enumerate(SPECIALS, start=256):
+    for i, s in enumerate(SPECIALS + [_placeholder(i) for i in range(256 + len(SPECIALS), vocab_size)], start=256):
         vocab[s] = i
         added.append({"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": True})
+                      "normalized": False, "special": i < 256 + len(SPECIALS)})
     level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
@@ -93,6 +108,11 @@ def tokenizer_json() -> dict:
     }
 
 
+# ChatML, so the OpenAI chat endpoint serves dummy models too (multi-turn serving loads)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def write_dummy_model(out: str, preset: str = "qwen3-4b", **overrides) -> str:
     """Write config + tokenizer for ``preset`` (with config ``overrides``) into ``out``; returns ``out``."""
     config = {**PRESETS[preset], **overrides}
@@ -100,11 +120,11 @@ def write_dummy_model(out: str, preset: str = "qwen3-4b", **overrides) -> str:
     files = {
         "config.json": config,
         "generation_config.json": {"bos_token_id": 256, "eos_token_id": 258},
-        "tokenizer.json": tokenizer_json(),
+        "tokenizer.json": tokenizer_json(config["vocab_size"]),
         "tokenizer_config.json": {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config["max_position_embeddings"],
             "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-            "clean_up_tokenization_spaces": False,
+            "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
         },
     }
     for name, data in files.items():
