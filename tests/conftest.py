@@ -2,19 +2,18 @@ import os
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = os.path.join(os.path.dirname(HERE), "benchmarks")  # the benchmark scripts, importable in tests
 
 # Triton kernels run in the interpreter without a GPU; it is chosen when a kernel is
 # defined, so this must precede any import of sfi_sglang.kernels.
-if not __import__("torch").cuda.is_available():
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def has_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -56,10 +55,25 @@ def gemma3_dir(tmp_path_factory) -> str:
     return gemma3(str(tmp_path_factory.mktemp("gemma3") / "gemma3-270m"))
 
 
+# For every engine and benchmark process the tests start. One CPU thread: the tests' ops are small, and on
+# 2 shared cores a second OpenMP thread mostly waits for a core another process holds (a decode step then
+# takes up to 20x longer). No torch.compile: sglang compiles Gemma 3's rotary embedding at an engine's
+# first forward (about 15 s a process); eager runs the same arithmetic, and sfi compiles nothing.
+CPU_SETTINGS = {"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+
+
+def script_env() -> dict:
+    """This process's environment with ``CPU_SETTINGS``, for benchmark scripts that set up their own engines."""
+    return {**os.environ, **CPU_SETTINGS}
+
+
 def engine_env(sfi_config: str) -> dict:
     from sfi_sglang.cpu_env import cpu_engine_env
 
-    return {**cpu_engine_env(), "SFI_CONFIG": sfi_config}
+    return {**cpu_engine_env(), **CPU_SETTINGS, "SFI_CONFIG": sfi_config}
+
+
+torch.set_num_threads(1)  # the tests run in this process, for the same reason
 
 
 sys.path[:0] = [HERE, BENCHMARKS]

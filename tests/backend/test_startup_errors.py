@@ -21,23 +21,36 @@ PARSE = (
 )
 
 
-def parse_server_args(model: str, sfi_config: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; " + PARSE, model, *flags], env=engine_env(sfi_config),
-                          capture_output=True, text=True, timeout=600)
+LAUNCHES = {  # name: SFI_CONFIG and launcher flags
+    "sfi": ("", ()),
+    "bad topk": ('{"topk": -3}', ()),
+    "speculative": ("", ("--speculative-algorithm", "EAGLE")),
+}
 
 
-def test_launch_parses_sfi_keeping_decode_graphs(tiny_model):
-    proc = parse_server_args(tiny_model, "")
+@pytest.fixture(scope="module")
+def launches(tiny_model) -> dict[str, subprocess.CompletedProcess]:
+    """The launcher's argument parsing for each of ``LAUNCHES``, in processes run side by side (each spends
+    its time importing sglang)."""
+    procs = {name: subprocess.Popen([sys.executable, "-c", "import sys; " + PARSE, tiny_model, *flags],
+                                    env=engine_env(sfi_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (sfi_config, flags) in LAUNCHES.items()}
+    outs = {name: p.communicate(timeout=600) for name, p in procs.items()}
+    return {name: subprocess.CompletedProcess(p.args, p.returncode, *outs[name]) for name, p in procs.items()}
+
+
+def test_launch_parses_sfi_keeping_decode_graphs(launches):
+    proc = launches["sfi"]
     assert "PARSED full 256" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("sfi_config, flags, message", [
-    ('{"topk": -3}', (), "SFI config field 'topk' must be > 0, got -3"),
-    ("", ("--speculative-algorithm", "EAGLE"), "sfi does not support speculative decoding (--speculative-algorithm)"),
+@pytest.mark.parametrize("launch, message", [
+    ("bad topk", "SFI config field 'topk' must be > 0, got -3"),
+    ("speculative", "sfi does not support speculative decoding (--speculative-algorithm)"),
 ])
-def test_launch_refusal_is_one_line_and_exit_code_1(tiny_model, sfi_config, flags, message):
+def test_launch_refusal_is_one_line_and_exit_code_1(launches, launch, message):
     """The launcher's argument parsing ends with the refusal's message as its last stderr line, no traceback."""
-    proc = parse_server_args(tiny_model, sfi_config, *flags)
+    proc = launches[launch]
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"sfi-sglang: {message}", proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.count(message) == 1

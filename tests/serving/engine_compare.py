@@ -99,6 +99,7 @@ def main() -> None:
                    help="--enable-mixed-chunk, 64-token prefill chunks (no logprobs: sglang does not mix with them)")
     p.add_argument("--repeat-in-batch", action="store_true",
                    help="sfi only: the first prompt alone, then all prompts in one batch (the first one again)")
+    p.add_argument("--sfi-only", action="store_true", help="no dense run (for checks on sfi's own counters)")
     p.add_argument("--across-tp", type=int, default=None,
                    help="each backend at tp 1 and at this tp: how far the greedy tokens agree")
     args = p.parse_args()
@@ -115,13 +116,15 @@ def main() -> None:
         outs = generate(args.model, "sfi", args, ids[:1], ids)
         print("RESULT " + json.dumps({"alone": outs[0]["ids"], "busy": [o["ids"] for o in outs[1:]]}))
         return
-    dense = generate(args.model, args.dense, args, ids)
+    dense = None if args.sfi_only else generate(args.model, args.dense, args, ids)
     sfi = generate(args.model, "sfi", args, ids)
-    print("RESULT " + json.dumps({
-        "dense": [d["ids"] for d in dense], "sfi": [s["ids"] for s in sfi], "sfi_coverage": [s["coverage"] for s in sfi],
-        "first_divergence": [first_divergence(d["ids"], s["ids"]) for d, s in zip(dense, sfi)],
-        "max_logprob_diff": max_logprob_diff(dense, sfi), "sfi_config": os.environ.get("SFI_CONFIG", ""),
-    }))
+    out = {"sfi": [s["ids"] for s in sfi], "sfi_coverage": [s["coverage"] for s in sfi],
+           "sfi_config": os.environ.get("SFI_CONFIG", "")}
+    if dense is not None:
+        out.update(dense=[d["ids"] for d in dense],
+                   first_divergence=[first_divergence(d["ids"], s["ids"]) for d, s in zip(dense, sfi)],
+                   max_logprob_diff=max_logprob_diff(dense, sfi))
+    print("RESULT " + json.dumps(out))
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

@@ -79,7 +79,7 @@ def test_small_budget_is_sparse(tiny_gemma3):
     cfg = json.dumps({"topk": 16, "recent": 16, "sinks": 4, "max_fast_steps": 16, "min_refresh_gap": 4,
                       "log_interval": 10})
     res, stats, out = run_compare(tiny_gemma3, cfg, "--prompts", "2", "--prompt-len", "300", "--new-tokens", "24",
-                                  "--load-format", "auto")
+                                  "--load-format", "auto", "--sfi-only")
     assert [len(o) for o in res["sfi"]] == [24, 32]
     slow, fast, _, kept = stats[-1]
     assert fast > slow > 0

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import BENCHMARKS
+from conftest import BENCHMARKS, script_env
 
 pytestmark = pytest.mark.e2e
 
@@ -17,7 +17,7 @@ def test_short_soak_on_cpu(tmp_path):
     out = tmp_path / "soak.json"
     cmd = [sys.executable, os.path.join(BENCHMARKS, "soak.py"), "--tiny", "--minutes", "0.5",
            "--sessions", "4", "--abort-frac", "0.3", "--max-new", "16", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["failed"] == 0, res["errors"]
