@@ -3,8 +3,8 @@
 For each batch row ``r`` (req-pool slot ``s = slots[r]``, context length ``n``): the row is slow
 when its slot has no selection yet, when ``max_fast`` fast steps ran since its last slow step,
 when the token it feeds ends a sentence or a line and the last slow step is at least ``min_gap``
-steps ago, or when the token it feeds holds a digit and no slow step fed the token before its run
-of text (:func:`slow_rows`; the token classes come from ``token_class``). Then:
+steps ago, or when the token it feeds holds a value character (a digit, or a symbol of paths and code
+names) and no slow step fed the token before its run of text (:func:`slow_rows`; the token classes come from ``token_class``). Then:
 
 - the counters ``acc`` (int64: slow rows, fast rows, -, kept tokens, context tokens) grow;
 - ``rows`` (:class:`StepRows`) get each row's slot and its selection state before the step
@@ -29,7 +29,7 @@ import triton.language as tl
 # Bits of a token's class (``token_class[token_id]``, uint8)
 BOUNDARY = 1  # its text ends a sentence or a line
 RUN_START = 2  # it starts a run of text (its text, after another token's, begins with whitespace)
-DIGIT = 4  # its text holds a digit
+VALUE = 4  # its text holds a digit or a symbol of paths and code names (``sfi_sglang.policy.VALUE_SYMBOLS``)
 
 
 class StepRows(NamedTuple):
@@ -54,12 +54,12 @@ def slow_rows(fed_tokens: torch.Tensor, ready: torch.Tensor, steps: torch.Tensor
     """Per-row slow/fast decision (bool) and the fed token's place in its run (int32: 0 at a run's
     first token, else ``run + 1``). Slow: no selection yet (``~ready``), ``steps`` (fast steps since
     the last slow one) at ``max_fast``, a boundary token fed at least ``min_gap`` steps after it, or
-    a token with a digit fed when the last slow step fed a token before its run's first (``steps``
-    past its place in the run): a number or an id being copied is read densely as it starts."""
+    a value token fed when the last slow step fed a token before its run's first (``steps`` past its
+    place in the run): a number, an id or a path being copied is read densely as it starts."""
     cls = token_class[fed_tokens.clamp(0, token_class.numel() - 1).long()].int()
     place = torch.where(cls & RUN_START != 0, 0, run + 1).int()
     boundary = (cls & BOUNDARY != 0) & (steps >= min_gap)
-    value = (cls & DIGIT != 0) & (steps > place)
+    value = (cls & VALUE != 0) & (steps > place)
     return ~ready | (steps >= max_fast) | boundary | value, place
 
 
@@ -112,7 +112,7 @@ def _plan_step(InputIds, Slots, SeqLens, Ready, Steps, Run, Hi, Cnt, TokenClass,
     cls = tl.load(TokenClass + tok, mask=live, other=0).to(tl.int32)
     place = tl.where((cls & 2) != 0, 0, tl.load(Run + slot, mask=live, other=0) + 1)  # RUN_START
     boundary = ((cls & 1) != 0) & (steps >= MIN_GAP)  # BOUNDARY
-    value = ((cls & 4) != 0) & (steps > place)  # DIGIT
+    value = ((cls & 4) != 0) & (steps > place)  # VALUE
     slow = not_ready | (steps >= MAX_FAST) | boundary | value
     fast = live & (slow == 0)
     kept = tl.where(slow, n, tl.minimum(hi, SINKS) + cnt + n - hi)

@@ -45,9 +45,11 @@ class SFIConfig:
     extra_boundary_ids: tuple[int, ...] = ()
     """Add these ids to the derived boundary set."""
     value_refresh: bool = True
-    """Make a step slow when the token it feeds holds a digit and no slow step fed the token before
-    its run of text: a number or an id being copied is read densely as it starts, and the refresh
-    after that step holds it whole (with ``span_tokens``; benchmarks/RESULTS.md, "Exact retrieval")."""
+    """Make a step slow when the token it feeds holds a digit or a symbol of paths and code names
+    (``/ \\ _``: ``sfi_sglang.policy.VALUE_SYMBOLS``) and no slow step fed the token before its run of
+    text: a value being copied (a number, an id, a path, a snake_case name) is read densely as it
+    starts, and the refresh after that step holds it whole (with ``span_tokens``;
+    benchmarks/RESULTS.md, "Exact retrieval")."""
     prefill_queries: int = 2
     """Last prompt queries used to build the first selection at the end of a prefill (0: first decode step is slow)."""
     alpha: float = 0.5

@@ -1,4 +1,4 @@
-"""Token classes (boundaries, runs of text, digits) and the per-row slow/fast decision, against a
+"""Token classes (boundaries, runs of text, value tokens) and the per-row slow/fast decision, against a
 plain-Python simulation."""
 
 import random
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sfi_sglang.config import SFIConfig
-from sfi_sglang.kernels.plan_step import BOUNDARY, DIGIT, RUN_START, slow_rows
+from sfi_sglang.kernels.plan_step import BOUNDARY, VALUE, RUN_START, slow_rows
 from sfi_sglang.policy import (SENTENCE_END_CHARS, boundary_ids_from_vocab, boundary_table, is_boundary_text,
                                token_classes)
 
@@ -54,10 +54,11 @@ def test_boundary_table():
 
 
 def test_token_classes():
-    texts = ["a", " b", "7", " 12", "x.", "", "\n", " v2\n"]
-    got = token_classes(SFIConfig(), 10, texts, "cpu").tolist()
-    assert got == [0, RUN_START, DIGIT, RUN_START | DIGIT, BOUNDARY, RUN_START, RUN_START | BOUNDARY,
-                   RUN_START | DIGIT | BOUNDARY, RUN_START, RUN_START]  # ids 8, 9: past the tokenizer's
+    texts = ["a", " b", "7", " 12", "x.", "", "\n", " v2\n", " /", "_id", "\\", " well-known", "(x),"]
+    got = token_classes(SFIConfig(), 15, texts, "cpu").tolist()
+    assert got == [0, RUN_START, VALUE, RUN_START | VALUE, BOUNDARY, RUN_START, RUN_START | BOUNDARY,
+                   RUN_START | VALUE | BOUNDARY, RUN_START | VALUE, VALUE, VALUE, RUN_START, 0,
+                   RUN_START, RUN_START]  # ids 13, 14: past the tokenizer's
     assert token_classes(SFIConfig(value_refresh=False), 10, texts, "cpu")[3] == RUN_START
     assert token_classes(SFIConfig(boundary=False), 10, texts, "cpu")[4] == 0
     assert token_classes(SFIConfig(), 4, None, "cpu").tolist() == [RUN_START] * 4  # no tokenizer
@@ -72,17 +73,17 @@ def slow_plain(cfg: SFIConfig, stream: list[int], classes: list[int]) -> set[int
             run_began = t
         steps = t - last_slow - 1  # fast steps since the last slow one
         if (steps >= cfg.max_fast_steps or (c & BOUNDARY and steps >= cfg.min_refresh_gap)
-                or (c & DIGIT and last_slow < run_began - 1)):  # no slow step fed the token before the run
+                or (c & VALUE and last_slow < run_began - 1)):  # no slow step fed the token before the run
             slow.add(t)
             last_slow = t
     return slow
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_digits_make_a_run_slow_once(seed):
+def test_value_tokens_make_a_run_slow_once(seed):
     cfg = SFIConfig(max_fast_steps=40, min_refresh_gap=12)
     rng = random.Random(seed)
-    classes = [rng.choice([0, RUN_START, RUN_START, BOUNDARY, DIGIT, RUN_START | DIGIT]) for _ in range(30)]
+    classes = [rng.choice([0, RUN_START, RUN_START, BOUNDARY, VALUE, RUN_START | VALUE]) for _ in range(30)]
     stream = [rng.randrange(30) for _ in range(300)]
     table = torch.tensor(classes, dtype=torch.uint8)
     ready, steps, run = torch.tensor([True]), torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
@@ -93,8 +94,8 @@ def test_digits_make_a_run_slow_once(seed):
             got.add(t)
         steps = torch.where(slow, torch.zeros_like(steps), steps + 1)
     assert got == slow_plain(cfg, stream, classes)
-    runs_with_digits = sum(1 for t, tok in enumerate(stream) if classes[tok] & DIGIT and classes[tok] & RUN_START)
-    assert len(got) >= min(runs_with_digits, 10)
+    runs_with_values = sum(1 for t, tok in enumerate(stream) if classes[tok] & VALUE and classes[tok] & RUN_START)
+    assert len(got) >= min(runs_with_values, 10)
 
 
 def expected_slow(cfg: SFIConfig, ready: bool, steps: int, token: int, boundaries: set[int]) -> bool:

@@ -1,6 +1,6 @@
 """Dummy models' tokenizer (``sfi_sglang.dummy_model``): serving benchmarks send random ids and time the
 text they get back, so every id must decode to text that encodes back to that id, and the chat endpoint
-must have a template; sfi must read random output as plain words (no boundary, no number)."""
+must have a template; sfi must read random output as plain words (no boundary, no value token)."""
 
 import random
 
@@ -8,7 +8,7 @@ import pytest
 
 from sfi_sglang.config import SFIConfig
 from sfi_sglang.dummy_model import write_dummy_model
-from sfi_sglang.policy import BOUNDARY, DIGIT, RUN_START, token_classes, token_texts
+from sfi_sglang.policy import BOUNDARY, VALUE, RUN_START, token_classes, token_texts
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_every_id_decodes_and_round_trips(tokenizer):
 
 def test_random_output_reads_as_words(tokenizer):
     classes = token_classes(SFIConfig(), 320, token_texts(tokenizer), "cpu")[259:]
-    assert (classes == RUN_START).all() and not (classes & (BOUNDARY | DIGIT)).any()
+    assert (classes == RUN_START).all() and not (classes & (BOUNDARY | VALUE)).any()
 
 
 def test_chat_template(tokenizer):

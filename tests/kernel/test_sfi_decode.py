@@ -221,7 +221,7 @@ def test_fuzz_decode_steps_stay_inside_each_request(seed):
     bs = rng.randint(1, slots_n)
     slots = torch.tensor(rng.sample(range(slots_n), bs))
     seq_lens = torch.tensor([rng.randint(1, max_len - 12) for _ in range(bs)], dtype=torch.int32)
-    token_class = torch.randint(0, 8, (vocab,), generator=g, dtype=torch.uint8)  # boundary, run start, digit
+    token_class = torch.randint(0, 8, (vocab,), generator=g, dtype=torch.uint8)  # boundary, run start, value
     req_to_token = torch.randperm(slots_n * max_len, generator=g).view(slots_n, max_len).to(torch.int32)
     k, v = torch.randn(2, slots_n * max_len, hkv, d, generator=g)
     stale = torch.randint(0, max_len, (1, slots_n, hkv, cfg.topk), generator=g, dtype=torch.int32)

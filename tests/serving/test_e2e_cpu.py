@@ -89,7 +89,9 @@ def test_small_budget_is_sparse(tiny_gemma3):
     # each response carries its own summary (meta_info["sfi_coverage"], last token)
     per_request = res["sfi_coverage"]
     assert all(c is not None and c["slow_steps"] >= 1 and 0 < c["worst_layer"] <= c["mean"] < 1 for c in per_request)
-    assert sum(c["slow_steps"] for c in per_request) == measured
+    # the server's count may also hold one step per request run after its last token (the overlap
+    # scheduler launches the next step before it reads that a request finished)
+    assert measured - len(per_request) <= sum(c["slow_steps"] for c in per_request) <= measured
 
 
 def test_selection_reuse_across_turns(tiny_model):
