@@ -125,8 +125,8 @@ def count_reuse(ctx: int, layers: int, new: int = 256) -> collections.Counter:
     start = ctx - new - bk.CFG.recent  # where the record's candidates ended
     kept = (torch.randperm(start - bk.CFG.sinks)[:bk.CFG.topk].sort().values + bk.CFG.sinks).int()
     record = SelectionRecord(start, kept.numel(), kept.expand(layers, bk.HKV, -1).contiguous())
-    q = c.q.expand(layers, 2, -1, -1)  # two prompt query rows (prefill_queries)
-    rows = torch.arange(2).view(1, -1)
+    q = c.q.expand(layers, bk.CFG.prefill_queries, -1, -1)  # the last prompt query rows
+    rows = torch.arange(bk.CFG.prefill_queries).view(1, -1)
     return _counted(b, [lo, hi, rows], lambda: b.select(range(layers), q, reuse_refresh(
         c.slots, rows, lo.int(), hi.int(), [record], b._to_device)))
 

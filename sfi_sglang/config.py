@@ -50,8 +50,10 @@ class SFIConfig:
     text: a value being copied (a number, an id, a path, a snake_case name) is read densely as it
     starts, and the refresh after that step holds it whole (with ``span_tokens``;
     benchmarks/RESULTS.md, "Exact retrieval")."""
-    prefill_queries: int = 2
-    """Last prompt queries used to build the first selection at the end of a prefill (0: first decode step is slow)."""
+    prefill_queries: int = 16
+    """Last prompt queries that build the first selection at the end of a prefill (0: the first decode
+    step is slow). They span the question and the chat template's tail, so the first fast steps hold
+    what the question points at, not only what the template's last tokens attend to."""
     alpha: float = 0.5
     """Power-mean order used to aggregate attention over a KV head's query group."""
     neighbor_window: int = 2

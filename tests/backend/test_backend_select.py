@@ -208,7 +208,7 @@ def test_selector_temporaries_stay_within_what_sfi_reserves(from_logits, monkeyp
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(memory, "SELECTOR_SCRATCH", 2 * HKV * (hq // HKV) * n)  # from keys: 6 passes
     g = torch.Generator().manual_seed(0)
-    cfg = SFIConfig(topk=64, sinks=2, recent=8, slow_logit_rows=2 if from_logits else 0)
+    cfg = SFIConfig(topk=64, sinks=2, recent=8, slow_logit_rows=2 if from_logits else 0, prefill_queries=2)
     shape = AttentionShape(layers, hq, HKV, D, D, D ** -0.5, 0.0)
     lens = torch.tensor([n, n - 100], dtype=torch.int32)
     keys = [torch.randn(2 * n, HKV, D, generator=g, dtype=torch.float16).to(dev) for _ in range(layers)]
