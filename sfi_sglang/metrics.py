@@ -34,8 +34,8 @@ HELP = {
                     "summed over measured slow rows.",
     "coverage_min_sum": "Coverage of each measured slow row's worst layer, summed.",
     "coverage_measured": "Slow rows whose coverage was measured.",
-    "reuse_hits": "Prefills over a cached prefix that started from its selection record.",
-    "reuse_misses": "Prefills over a cached prefix with no usable selection record.",
+    "reuse_hits": "Requests over a cached prefix whose prefill started from its selection record.",
+    "reuse_misses": "Requests over a cached prefix with no usable selection record.",
     "reuse_records": "Selection records held on radix-tree nodes.",
     "reuse_bytes": "GPU bytes held by selection records.",
 }

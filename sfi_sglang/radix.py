@@ -1,6 +1,9 @@
 """Selections kept on radix-tree prefix nodes, so a request that re-sends a cached
-prefix (the next turn of an agent loop, the next chunk of a chunked prefill)
-starts from the selection made for that prefix instead of re-scoring all of it.
+prefix (the next turn of an agent loop) starts from the selection made for that
+prefix instead of re-scoring all of it. The next chunk of a chunked prefill does
+not: it scores its whole context, since a chain of records, each made from one
+chunk's last queries, would keep only what those queries attended to, and the
+prompt's question, in its last chunk, could not bring back what they dropped.
 
 A :class:`SelectionRecord` made at the end of a prefill of ``n`` tokens holds, per
 layer and KV head, the selected positions in ``[sinks, hi)`` with ``hi = n - recent``.
@@ -71,7 +74,7 @@ class SelectionReuse:
 
     backend -> cache: ``fresh[rid]``, the record a prefill just made, attached when the
     scheduler inserts the request's tokens into the tree. cache -> backend: the
-    record found when the request's prefix was matched, taken at its prefill.
+    record found when a new request's prefix was matched, taken at its prefill.
     """
 
     def __init__(self, max_records: int):
@@ -143,13 +146,15 @@ class SelectionReuse:
         req.sfi_offer = _Offer(rec)
         self._offers[req.rid] = req.sfi_offer
 
-    def take(self, rid: str) -> SelectionRecord | None:
-        """Backend side, at a prefill: the record offered to request ``rid``, once."""
+    def take(self, rid: str) -> tuple[bool, SelectionRecord | None]:
+        """Backend side, at a prefill: whether request ``rid`` was offered a record (its prefix
+        was matched: a new request, not the next chunk of one), and that record (None: none
+        found); once."""
         offer = self._offers.pop(rid, None)
         if offer is None:
-            return None
+            return False, None
         rec, offer.record = offer.record, None
-        return rec
+        return True, rec
 
     def made(self, rid: str, rec: SelectionRecord) -> None:
         """Backend side: a prefill of ``rid`` made ``rec`` (kept until the cache inserts it)."""
@@ -160,11 +165,10 @@ class SelectionReuse:
 
     def settle(self, req, last: TreeNode | None) -> None:
         """Cache side, after inserting ``req``'s tokens up to ``last``: attach its fresh
-        record and offer it to the request's next prefill chunk."""
+        record, for later requests (not offered to the request's own next chunk)."""
         rec = self.fresh.pop(req.rid, None)
         if rec is not None and last is not None:
             self.attach(last, rec)
-            self.offer(req, rec)
 
     def metrics(self) -> dict[str, float]:
         """Totals and sizes for ``SFIStats.log`` (Prometheus)."""

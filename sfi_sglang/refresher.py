@@ -294,19 +294,20 @@ class Refresher:
         self.prefill, self.prefill_q = [], None
 
     def _take_records(self, fb, rows: list[int], hi: torch.Tensor) -> dict[int, SelectionRecord]:
-        """Records offered by the radix cache to this prefill's requests, where they still apply
-        (made for at most the cached prefix, as the radix cache guarantees when nothing changed)."""
+        """Records offered by the radix cache to this prefill's new requests, where they still apply
+        (made for at most the cached prefix, as the radix cache guarantees when nothing changed). A
+        request's next prefill chunk is offered none: it scores its whole context."""
         if self.reuse is None or fb.rids is None:
             return {}
-        offered = [self.reuse.take(rid) for rid in fb.rids]
+        offers = [self.reuse.take(rid) for rid in fb.rids]  # (offered, record)
         prefix = fb.extend_prefix_lens_cpu
         out = {}
         for i in rows:
-            rec = offered[i]
+            rec = offers[i][1]
             if prefix[i] > 0 and rec is not None and rec.hi <= min(prefix[i], int(hi[i])):
                 out[i] = rec
         self.reuse.hits += len(out)
-        self.reuse.misses += sum(1 for i in rows if prefix[i] > 0) - len(out)
+        self.reuse.misses += sum(1 for i in rows if prefix[i] > 0 and offers[i][0]) - len(out)
         self.stats.export(self.reuse.metrics())
         return out
 

@@ -70,13 +70,16 @@ def check(cache: SFIRadixCache, reuse: SelectionReuse, made_for: dict) -> None:
         assert path_tokens(n)[: rec.hi] == made_for[id(rec)]  # made for the tokens it sits on
 
 
+def new_cache(reuse: SelectionReuse) -> SFIRadixCache:
+    return SFIRadixCache.adopt(RadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
+                                                          token_to_kv_pool_allocator=Allocator(), page_size=1)), reuse)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_record_lifecycle_fuzz(seed):
     rng = random.Random(seed)
     reuse = SelectionReuse(max_records=4)
-    alloc = Allocator()
-    cache = SFIRadixCache.adopt(RadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
-                                                           token_to_kv_pool_allocator=alloc, page_size=1)), reuse)
+    cache = new_cache(reuse)
     made_for: dict[int, tuple[int, ...]] = {}
     locked, next_slot, hits = [], 0, 0
     base = [rng.randrange(4) for _ in range(40)]
@@ -94,8 +97,8 @@ def test_record_lifecycle_fuzz(seed):
         elif op < 0.7:  # a new request matches its prefix and takes the offered record
             req = Req(f"m{step}")
             res = cache.match_prefix(MatchPrefixParams(key=radix.RadixKey(list(seq)), req=req))
-            rec = reuse.take(req.rid)
-            assert reuse.take(req.rid) is None  # offered once
+            offered, rec = reuse.take(req.rid)
+            assert offered and reuse.take(req.rid) == (False, None)  # offered once
             matched = len(res.device_indices)
             if rec is not None:
                 hits += 1
@@ -134,7 +137,7 @@ def test_offer_dies_with_its_request():
     req = Req("a")
     reuse.offer(req, SelectionRecord(5, 1, torch.zeros(1, 1, 1, dtype=torch.int32)))
     del req
-    assert reuse.take("a") is None
+    assert reuse.take("a") == (False, None)
 
 
 def test_fresh_records_are_bounded():
@@ -142,3 +145,19 @@ def test_fresh_records_are_bounded():
     for i in range(5):
         reuse.made(str(i), SelectionRecord(5, 1, torch.zeros(1, 1, 1, dtype=torch.int32)))
     assert list(reuse.fresh) == ["3", "4"]
+
+
+def test_next_chunk_is_offered_no_record():
+    """A chunk's record serves later requests that match its prefix; the request's own next chunk
+    scores its whole context (the prompt's last queries choose from all of it)."""
+    reuse = SelectionReuse(max_records=2)
+    cache = new_cache(reuse)
+    seq, req = list(range(20)), Req("a")
+    cache.insert(InsertParams(key=radix.RadixKey(seq), value=torch.arange(20)))
+    rec = make_record(tuple(seq), 12, {})
+    reuse.made("a", rec)
+    reuse.settle(req, cache.match_prefix(MatchPrefixParams(key=radix.RadixKey(seq))).last_device_node)
+    assert reuse.take("a") == (False, None)
+    later = Req("b")
+    cache.match_prefix(MatchPrefixParams(key=radix.RadixKey(seq + [99]), req=later))
+    assert reuse.take("b") == (True, rec)
