@@ -4,7 +4,8 @@ For each batch row ``r`` (req-pool slot ``s = slots[r]``, context length ``n``):
 when its slot has no selection yet, when ``max_fast`` fast steps ran since its last slow step,
 when the token it feeds ends a sentence or a line and the last slow step is at least ``min_gap``
 steps ago, or when the token it feeds holds a value character (a digit, or a symbol of paths and code
-names) and no slow step fed the token before its run of text (:func:`slow_rows`; the token classes come from ``token_class``). Then:
+names) and no slow step fed the token before its run of text (:func:`slow_rows`; the token classes
+come from ``token_class``). Then:
 
 - the counters ``acc`` (int64: slow rows, fast rows, -, kept tokens, context tokens) grow;
 - ``rows`` (:class:`StepRows`) get each row's slot and its selection state before the step

@@ -299,15 +299,15 @@ class Refresher:
         request's next prefill chunk is offered none: it scores its whole context."""
         if self.reuse is None or fb.rids is None:
             return {}
-        offers = [self.reuse.take(rid) for rid in fb.rids]  # (offered, record)
+        offered, records = zip(*(self.reuse.take(rid) for rid in fb.rids))
         prefix = fb.extend_prefix_lens_cpu
         out = {}
         for i in rows:
-            rec = offers[i][1]
+            rec = records[i]
             if prefix[i] > 0 and rec is not None and rec.hi <= min(prefix[i], int(hi[i])):
                 out[i] = rec
         self.reuse.hits += len(out)
-        self.reuse.misses += sum(1 for i in rows if prefix[i] > 0 and offers[i][0]) - len(out)
+        self.reuse.misses += sum(1 for i in rows if prefix[i] > 0 and offered[i]) - len(out)
         self.stats.export(self.reuse.metrics())
         return out
 
